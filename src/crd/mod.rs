@@ -1,0 +1,247 @@
+//! Custom resources of ec2-kubelet (group `ec2-kubelet.io`, version `v1alpha1`) and the
+//! well-known names (labels, annotations, EC2 tags) the operator writes and reads.
+
+mod conditions;
+mod pool;
+mod template;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::CustomResourceExt;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+pub use conditions::{ConditionStatus, set_condition};
+pub use pool::{
+    AgentSettings, BindingPhase, Ec2NodePool, Ec2NodePoolSpec, Ec2NodePoolStatus, NodeCapacity, NodeTaint,
+    PodBinding, PoolNodeStatus, SecretRef, TaintEffect, TemplateRef, WarmPool, default_agent_port,
+    default_node_taints,
+};
+pub use template::{
+    BlockDeviceMapping, EbsVolume, EbsVolumeType, Ec2PodTemplate, Ec2PodTemplateSpec, Ec2PodTemplateStatus,
+    ImageSelector,
+};
+
+/// API group of every ec2-kubelet resource.
+pub const GROUP: &str = "ec2-kubelet.io";
+/// The one served and stored version.
+pub const VERSION: &str = "v1alpha1";
+
+/// EC2 tags (key -> value), as written on ENIs and instances.
+pub type TagMap = BTreeMap<String, String>;
+
+/// Namespace and name of a namespaced object.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl std::fmt::Display for ObjectRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// Operating system of a pool's instances (the `kubernetes.io/os` node label).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum OperatingSystem {
+    #[default]
+    Linux,
+    Darwin,
+    Windows,
+}
+
+impl OperatingSystem {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OperatingSystem::Linux => "linux",
+            OperatingSystem::Darwin => "darwin",
+            OperatingSystem::Windows => "windows",
+        }
+    }
+}
+
+/// CPU architecture of a pool's instances (the `kubernetes.io/arch` node label).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Architecture {
+    #[default]
+    Amd64,
+    Arm64,
+}
+
+impl Architecture {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Architecture::Amd64 => "amd64",
+            Architecture::Arm64 => "arm64",
+        }
+    }
+
+    /// The name EC2 uses for this architecture (`x86_64`, `arm64`).
+    pub fn ec2_name(self) -> &'static str {
+        match self {
+            Architecture::Amd64 => "x86_64",
+            Architecture::Arm64 => "arm64",
+        }
+    }
+}
+
+/// Pod annotations a user sets to steer a pod's instance (prefix `ec2-kubelet.io/`).
+pub mod annotations {
+    pub const INSTANCE_TYPE: &str = "ec2-kubelet.io/instance-type";
+    pub const TEMPLATE: &str = "ec2-kubelet.io/template";
+    pub const IMAGE_ID: &str = "ec2-kubelet.io/image-id";
+    pub const SUBNET_ID: &str = "ec2-kubelet.io/subnet-id";
+    pub const SECURITY_GROUPS: &str = "ec2-kubelet.io/security-groups";
+    pub const IAM_INSTANCE_PROFILE: &str = "ec2-kubelet.io/iam-instance-profile";
+    pub const USER_DATA: &str = "ec2-kubelet.io/user-data";
+    pub const TAGS: &str = "ec2-kubelet.io/tags";
+    pub const SPOT: &str = "ec2-kubelet.io/spot";
+    /// Written by the operator: the instance that runs the pod.
+    pub const INSTANCE_ID: &str = "ec2-kubelet.io/instance-id";
+}
+
+/// Labels the operator puts on its virtual nodes.
+pub mod labels {
+    pub const POOL: &str = "ec2-kubelet.io/pool";
+    pub const NODE_INDEX: &str = "ec2-kubelet.io/node-index";
+}
+
+/// EC2 tags the operator writes on every ENI and instance it creates, and reads back after a restart.
+pub mod tags {
+    /// The operator's cluster name: nothing without it is ever touched.
+    pub const CLUSTER: &str = "ec2-kubelet.io/cluster";
+    pub const POOL: &str = "ec2-kubelet.io/pool";
+    pub const NODE: &str = "ec2-kubelet.io/node";
+    pub const NODE_INDEX: &str = "ec2-kubelet.io/node-index";
+    pub const POD_UID: &str = "ec2-kubelet.io/pod-uid";
+    pub const POD: &str = "ec2-kubelet.io/pod";
+    pub const WARM: &str = "ec2-kubelet.io/warm";
+    pub const NAME: &str = "Name";
+}
+
+/// The CRDs of this crate, as installed in a cluster.
+pub fn crds() -> Vec<CustomResourceDefinition> {
+    vec![Ec2NodePool::crd(), Ec2PodTemplate::crd()]
+}
+
+/// File name of a CRD under `crds/`: `<plural>.<group>.yaml`.
+pub fn crd_file_name(crd: &CustomResourceDefinition) -> String {
+    format!("{}.yaml", crd.metadata.name.as_deref().unwrap_or("unnamed"))
+}
+
+/// The YAML document of a CRD as written under `crds/`.
+pub fn crd_yaml(crd: &CustomResourceDefinition) -> Result<String, serde_yaml::Error> {
+    let body = serde_yaml::to_string(crd)?;
+    Ok(format!(
+        "# Generated by `ec2-kubelet crdgen` from src/crd/: do not edit by hand.\n{body}"
+    ))
+}
+
+/// `crds/kustomization.yaml`, so that `kubectl apply -k crds/` installs every CRD.
+pub fn kustomization_yaml() -> String {
+    let mut text = String::from(
+        "# Generated by `ec2-kubelet crdgen`: `kubectl apply -k crds/` installs every CRD.\n\
+         apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n",
+    );
+    for crd in crds() {
+        text.push_str(&format!("  - {}\n", crd_file_name(&crd)));
+    }
+    text
+}
+
+/// Writes every CRD into `dir` and returns the paths written.
+pub fn write_crds(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut written = write_crd_files(dir)?;
+    let kustomization = dir.join("kustomization.yaml");
+    std::fs::write(&kustomization, kustomization_yaml())?;
+    written.push(kustomization);
+    Ok(written)
+}
+
+/// Writes only the CRD documents into `dir` (a Helm chart's `crds/`, where every file is installed).
+pub fn write_crd_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    std::fs::create_dir_all(dir)?;
+    let mut written = Vec::new();
+    for crd in crds() {
+        let path = dir.join(crd_file_name(&crd));
+        let yaml = crd_yaml(&crd).map_err(std::io::Error::other)?;
+        std::fs::write(&path, yaml)?;
+        written.push(path);
+    }
+    Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crds_carry_group_version_scope_and_short_names() {
+        let pool = Ec2NodePool::crd();
+        assert_eq!(pool.spec.group, GROUP);
+        assert_eq!(pool.spec.scope, "Cluster");
+        assert_eq!(
+            pool.spec.names.short_names.as_deref(),
+            Some(&["ecnp".to_string()][..])
+        );
+        let template = Ec2PodTemplate::crd();
+        assert_eq!(template.spec.scope, "Namespaced");
+        assert_eq!(
+            template.spec.names.short_names.as_deref(),
+            Some(&["ecpt".to_string()][..])
+        );
+        assert_eq!(template.spec.versions[0].name, VERSION);
+    }
+
+    #[test]
+    fn pool_printer_columns_are_nodes_ready_pods_age() {
+        let crd = Ec2NodePool::crd();
+        let columns: Vec<_> = crd.spec.versions[0]
+            .additional_printer_columns
+            .iter()
+            .flatten()
+            .map(|c| c.name.to_uppercase())
+            .collect();
+        assert_eq!(columns, ["NODES", "READY", "PODS", "AGE"]);
+    }
+
+    #[test]
+    fn pool_defaults_fill_taints_max_pods_and_agent_port() {
+        let pool: Ec2NodePoolSpec = serde_json::from_value(serde_json::json!({
+            "nodes": 2, "subnetIds": ["subnet-0abc"]
+        }))
+        .expect("minimal pool parses");
+        assert_eq!(pool.node_taints, default_node_taints());
+        assert_eq!(pool.max_pods_per_node, 110);
+        assert_eq!(pool.agent.port, 8484);
+        assert_eq!(pool.os, OperatingSystem::Linux);
+    }
+
+    #[test]
+    fn status_bindings_round_trip_keyed_by_node_then_uid() {
+        let mut status = Ec2NodePoolStatus::default();
+        status.bindings.entry("node-a".into()).or_default().insert(
+            "uid-1".into(),
+            PodBinding {
+                namespace: "default".into(),
+                name: "web".into(),
+                instance_id: Some("i-0123".into()),
+                instance_type: Some("t3.micro".into()),
+                private_ip: None,
+                phase: BindingPhase::Booting,
+                launch_time: None,
+            },
+        );
+        let json = serde_json::to_value(&status).unwrap();
+        assert_eq!(json["bindings"]["node-a"]["uid-1"]["instanceId"], "i-0123");
+        assert_eq!(json["bindings"]["node-a"]["uid-1"]["phase"], "Booting");
+        let back: Ec2NodePoolStatus = serde_json::from_value(json).unwrap();
+        assert_eq!(back, status);
+    }
+}

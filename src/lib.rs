@@ -1,0 +1,10 @@
+//! ec2-kubelet: a Kubernetes operator that makes EC2 instances look like pods.
+//!
+//! Layout follows responsibilities: `crd` (custom resource types), `config` (operator
+//! configuration), `schema` (validation of objects against CRD schemas, as the API server does),
+//! `telemetry` (logs).
+
+pub mod config;
+pub mod crd;
+pub mod schema;
+pub mod telemetry;

@@ -1,0 +1,98 @@
+//! The `ec2-kubelet` binary as a user runs it: config checking and manifest validation.
+
+mod common;
+
+use std::process::{Command, Output};
+
+fn ec2_kubelet(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ec2-kubelet"))
+        .args(args)
+        .current_dir(common::repo_root())
+        .output()
+        .expect("run ec2-kubelet")
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[test]
+fn config_file_is_read_and_flags_override_it() {
+    let output = ec2_kubelet(&[
+        "config",
+        "--config",
+        "config/operator.yaml",
+        "--region",
+        "eu-west-3",
+        "--compute",
+        "aws",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let effective: serde_yaml::Value = serde_yaml::from_slice(&output.stdout).unwrap();
+    assert_eq!(effective["region"], "eu-west-3");
+    assert_eq!(effective["compute"], "aws");
+    assert_eq!(
+        effective["clusterName"], "ec2-kubelet",
+        "unset flags keep the file's values"
+    );
+}
+
+#[test]
+fn bad_config_exits_non_zero_naming_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        ("lease:\n  durationSeconds: 5\n", "lease.durationSeconds"),
+        ("sync:\n  nodeStatusSecs: 5\n", "unknown field `nodeStatusSecs`"),
+        ("compute: gcp\n", "unknown variant `gcp`"),
+    ];
+    for (yaml, field) in cases {
+        let path = dir.path().join("operator.yaml");
+        std::fs::write(&path, yaml).unwrap();
+        let output = ec2_kubelet(&["config", "--config", path.to_str().unwrap()]);
+        assert!(!output.status.success(), "{yaml} was accepted");
+        assert!(
+            stderr(&output).contains(field),
+            "{yaml}: stderr {:?} does not name {field}",
+            stderr(&output)
+        );
+    }
+    let output = ec2_kubelet(&["config", "--cluster-name", "Not_Valid"]);
+    assert!(!output.status.success());
+    assert!(stderr(&output).contains("clusterName"), "{}", stderr(&output));
+    let output = ec2_kubelet(&["config", "--config", "/nonexistent/operator.yaml"]);
+    assert!(!output.status.success());
+    assert!(stderr(&output).contains("/nonexistent/operator.yaml"));
+}
+
+#[test]
+fn validate_passes_the_samples_and_fails_a_bad_pool_with_its_fields() {
+    let output = ec2_kubelet(&["validate", "-f", "config/samples"]);
+    assert!(
+        output.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        stderr(&output)
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(
+        &bad,
+        "apiVersion: ec2-kubelet.io/v1alpha1\nkind: Ec2NodePool\nmetadata: {name: bad}\nspec:\n  nodes: -2\n  subnetIds: [subnet-01]\n  nodeTaintz: []\n",
+    )
+    .unwrap();
+    let output = ec2_kubelet(&["validate", "-f", bad.to_str().unwrap()]);
+    assert!(!output.status.success());
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("spec.nodes: Invalid value: -2"), "{stdout}");
+    assert!(stdout.contains("spec.nodeTaintz: unknown field"), "{stdout}");
+}
+
+#[test]
+fn crdgen_stdout_matches_the_files() {
+    let output = ec2_kubelet(&["crdgen", "--stdout"]);
+    assert!(output.status.success());
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    for crd in ec2_kubelet::crd::crds() {
+        assert!(stdout.contains(&ec2_kubelet::crd::crd_yaml(&crd).unwrap()));
+    }
+}

@@ -1,0 +1,116 @@
+//! Shared test fixtures: the project's tools (installed by `e2e/tools.sh`) and a local EC2
+//! emulator (moto's server) on a free loopback port.
+#![allow(dead_code)]
+
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A tool installed by `e2e/tools.sh` (`kubectl`, `helm`, or `venv/bin/moto_server`).
+/// A missing tool fails the test with the command that installs it: tests never skip.
+pub fn tool(relative: &str) -> PathBuf {
+    let path = repo_root().join(".tools").join(relative);
+    assert!(
+        path.exists(),
+        "{} is missing: run `bash e2e/tools.sh` (`make test` does it first)",
+        path.display()
+    );
+    path
+}
+
+/// A free TCP port on 127.0.0.1 (the OS picks it; a race with another process is retried by callers).
+pub fn free_port() -> u16 {
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind a free loopback port")
+}
+
+/// Waits until something accepts TCP connections on `address`, or the deadline passes.
+pub fn wait_for_port(address: SocketAddr, deadline: Duration) -> bool {
+    let until = Instant::now() + deadline;
+    while Instant::now() < until {
+        if TcpStream::connect_timeout(&address, Duration::from_millis(200)).is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+/// moto's EC2 emulator, running for the life of this value.
+pub struct Moto {
+    child: Child,
+    pub endpoint: String,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Moto {
+    /// Starts `moto_server` on a free loopback port and waits until it answers.
+    pub fn start() -> Moto {
+        let moto_server = tool("venv/bin/moto_server");
+        let dir = tempfile::tempdir().expect("temp dir");
+        for _attempt in 0..3 {
+            let port = free_port();
+            let log = dir.path().join(format!("moto-{port}.log"));
+            let log_file = std::fs::File::create(&log).expect("moto log file");
+            let mut child = Command::new(&moto_server)
+                .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+                .stdin(Stdio::null())
+                .stdout(log_file.try_clone().expect("log handle"))
+                .stderr(log_file)
+                .spawn()
+                .expect("spawn moto_server");
+            let address = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+            if wait_for_port(address, Duration::from_secs(60)) {
+                return Moto {
+                    child,
+                    endpoint: format!("http://127.0.0.1:{port}"),
+                    log,
+                    _dir: dir,
+                };
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        panic!(
+            "moto_server did not start on 127.0.0.1; see its logs in {}",
+            dir.path().display()
+        );
+    }
+
+    /// An EC2 client of the real aws-sdk-ec2, pointed at this emulator with dummy static credentials.
+    pub fn ec2_client(&self) -> aws_sdk_ec2::Client {
+        let credentials = aws_sdk_ec2::config::Credentials::new("testing", "testing", None, None, "static");
+        let config = aws_sdk_ec2::Config::builder()
+            .behavior_version(aws_sdk_ec2::config::BehaviorVersion::latest())
+            .region(aws_sdk_ec2::config::Region::new("us-east-1"))
+            .endpoint_url(&self.endpoint)
+            .credentials_provider(credentials)
+            .build();
+        aws_sdk_ec2::Client::from_conf(config)
+    }
+
+    /// What moto printed so far (for failure messages).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
