@@ -4,6 +4,7 @@
 //! configuration), `schema` (validation of objects against CRD schemas, as the API server does),
 //! `telemetry` (logs).
 
+pub mod agent;
 pub mod config;
 pub mod crd;
 pub mod schema;

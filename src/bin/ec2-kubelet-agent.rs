@@ -1,1 +1,155 @@
-fn main() {}
+//! `ec2-kubelet-agent`: runs one pod's containers on an instance, for the ec2-kubelet operator.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use ec2_kubelet::agent::runtime::{Runtime, RuntimeConfig};
+use ec2_kubelet::agent::server::{self, TlsFiles};
+use ec2_kubelet::agent::shim::{self, ShimArgs};
+use ec2_kubelet::config::LogFormat;
+use ec2_kubelet::telemetry;
+
+#[derive(Parser)]
+#[command(
+    name = "ec2-kubelet-agent",
+    version,
+    about = "Runs a pod's containers on an instance for ec2-kubelet"
+)]
+struct Cli {
+    #[command(subcommand)]
+    shim: Option<ShimCommand>,
+    #[command(flatten)]
+    agent: AgentArgs,
+}
+
+#[derive(Args)]
+struct AgentArgs {
+    /// gRPC listen address (port 0: any free port, printed at start).
+    #[arg(long, default_value = "0.0.0.0:8484", env = "EC2_KUBELET_AGENT_LISTEN")]
+    listen: SocketAddr,
+    /// Where the agent records what it runs (pods, container runs, logs). Keep it across restarts.
+    #[arg(long, default_value = "/var/lib/ec2-kubelet-agent")]
+    state_dir: PathBuf,
+    /// Absolute paths a pod names (volume mount paths, working dirs) are placed under this root.
+    #[arg(long, default_value = "/")]
+    root_dir: PathBuf,
+    /// A container log is rotated when it reaches this size (one rotated file is kept).
+    #[arg(long, default_value_t = 10 * 1024 * 1024)]
+    log_max_bytes: u64,
+    /// First restart delay of a crashing container (doubles up to --restart-backoff-max-ms).
+    #[arg(long, default_value_t = 10_000)]
+    restart_backoff_initial_ms: u64,
+    #[arg(long, default_value_t = 300_000)]
+    restart_backoff_max_ms: u64,
+    /// Serve TLS with this certificate (PEM) ...
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// ... and this key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this CA (mutual TLS).
+    #[arg(long, requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormat,
+}
+
+#[derive(Subcommand)]
+enum ShimCommand {
+    /// (internal) Runs one container run and records its logs and exit status.
+    #[command(hide = true)]
+    Shim {
+        #[arg(long)]
+        run_dir: PathBuf,
+        #[arg(long)]
+        log_file: PathBuf,
+        #[arg(long)]
+        log_max_bytes: u64,
+        #[arg(long)]
+        working_dir: Option<PathBuf>,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Some(ShimCommand::Shim {
+        run_dir,
+        log_file,
+        log_max_bytes,
+        working_dir,
+        command,
+    }) = cli.shim
+    {
+        let code = shim::run(ShimArgs {
+            run_dir,
+            log_file,
+            log_max_bytes,
+            working_dir,
+            command,
+        });
+        return ExitCode::from(code as u8);
+    }
+    let args = cli.agent;
+    telemetry::init(args.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: tokio runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: AgentArgs) -> Result<(), String> {
+    let shim_program = std::env::current_exe().map_err(|e| format!("locating the agent binary: {e}"))?;
+    let config = RuntimeConfig {
+        state_dir: args.state_dir.clone(),
+        root_dir: args.root_dir,
+        shim_program,
+        log_max_bytes: args.log_max_bytes,
+        restart_backoff_initial: Duration::from_millis(args.restart_backoff_initial_ms),
+        restart_backoff_max: Duration::from_millis(args.restart_backoff_max_ms),
+    };
+    let runtime = Runtime::new(config).map_err(|e| format!("state dir {}: {e}", args.state_dir.display()))?;
+    let recovered = runtime.recover();
+    let (listener, address) = server::bind(args.listen)
+        .await
+        .map_err(|e| format!("listen {}: {e}", args.listen))?;
+    let tls = args.tls_cert.map(|cert| TlsFiles {
+        cert,
+        key: args.tls_key.unwrap_or_default(),
+        client_ca: args.tls_client_ca,
+    });
+    // The operator's local backend and the tests read this line to learn a port-0 address.
+    println!("ec2-kubelet-agent listening on {address}");
+    tracing::info!(%address, recovered_pods = recovered, tls = tls.is_some(), "agent serving");
+    server::serve(runtime, listener, tls, shutdown_signal())
+        .await
+        .map_err(|e| e.to_string())?;
+    tracing::info!("agent stopped; containers keep running under their shims");
+    Ok(())
+}
+
+/// SIGTERM or SIGINT. Containers keep running: a restarted agent re-adopts them.
+async fn shutdown_signal() {
+    let mut terminate = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(signal) => signal,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = terminate.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

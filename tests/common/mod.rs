@@ -114,3 +114,81 @@ impl Drop for Moto {
         let _ = self.child.wait();
     }
 }
+
+/// A real `ec2-kubelet-agent` process on a free loopback port, in its own process group so
+/// that dropping it kills the agent, its shims and (through them) its containers.
+pub struct AgentProcess {
+    child: Child,
+    pub address: SocketAddr,
+    pub state_dir: PathBuf,
+    pub root_dir: PathBuf,
+}
+
+impl AgentProcess {
+    /// Starts an agent on `state_dir` with fast restart backoff (200 ms doubling to 2 s).
+    pub fn start(state_dir: &Path, root_dir: &Path) -> AgentProcess {
+        use std::io::BufRead;
+        use std::os::unix::process::CommandExt;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ec2-kubelet-agent"))
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--restart-backoff-initial-ms",
+                "200",
+                "--restart-backoff-max-ms",
+                "2000",
+            ])
+            .arg("--state-dir")
+            .arg(state_dir)
+            .arg("--root-dir")
+            .arg(root_dir)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .process_group(0)
+            .spawn()
+            .expect("spawn ec2-kubelet-agent");
+        let stdout = child.stdout.take().expect("agent stdout");
+        let mut line = String::new();
+        std::io::BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("agent prints its address");
+        let address = line
+            .trim()
+            .rsplit(' ')
+            .next()
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("agent said {line:?}"));
+        AgentProcess {
+            child,
+            address,
+            state_dir: state_dir.to_path_buf(),
+            root_dir: root_dir.to_path_buf(),
+        }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.address)
+    }
+
+    /// SIGKILLs the agent process only: its shims and containers keep running.
+    pub fn kill_agent_only(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// The pid of the agent process.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        // SAFETY: killing the process group this fixture created.
+        unsafe { libc::kill(-(self.child.id() as i32), libc::SIGKILL) };
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,85 @@
+//! CPU and memory of a container: the sum over the processes of its process group, from /proc.
+
+use std::sync::OnceLock;
+
+/// CPU time (nanoseconds), resident memory (bytes) and process count of process group `pgid`.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct GroupUsage {
+    pub cpu_nanoseconds: u64,
+    pub memory_bytes: u64,
+    pub processes: u32,
+}
+
+fn clock_ticks_per_second() -> u64 {
+    static TICKS: OnceLock<u64> = OnceLock::new();
+    // SAFETY: sysconf has no preconditions.
+    *TICKS.get_or_init(|| match unsafe { libc::sysconf(libc::_SC_CLK_TCK) } {
+        n if n > 0 => n as u64,
+        _ => 100,
+    })
+}
+
+fn page_size() -> u64 {
+    static PAGE: OnceLock<u64> = OnceLock::new();
+    // SAFETY: sysconf has no preconditions.
+    *PAGE.get_or_init(|| match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
+        n if n > 0 => n as u64,
+        _ => 4096,
+    })
+}
+
+/// Fields after the command name of /proc/<pid>/stat (the name may contain spaces).
+fn stat_fields(stat: &str) -> Option<Vec<&str>> {
+    let rest = stat.rsplit_once(')')?.1;
+    Some(rest.split_whitespace().collect())
+}
+
+/// Usage of every process whose process group is `pgid`.
+pub fn group_usage(pgid: i32) -> GroupUsage {
+    let mut usage = GroupUsage::default();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return usage;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let Some(fields) = stat_fields(&stat) else {
+            continue;
+        };
+        // After the name: state(0) ppid(1) pgrp(2) ... utime(11) stime(12) ... rss(21)
+        if fields.get(2).and_then(|g| g.parse::<i32>().ok()) != Some(pgid) || fields.first() == Some(&"Z") {
+            continue;
+        }
+        let number = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+        let ticks = number(11) + number(12);
+        usage.cpu_nanoseconds += ticks * 1_000_000_000 / clock_ticks_per_second();
+        usage.memory_bytes += number(21) * page_size();
+        usage.processes += 1;
+    }
+    usage
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_process_group_is_measured() {
+        // SAFETY: getpgrp has no preconditions.
+        let pgid = unsafe { libc::getpgrp() };
+        let usage = group_usage(pgid);
+        assert!(usage.processes >= 1);
+        assert!(usage.memory_bytes > 0);
+    }
+
+    #[test]
+    fn command_names_with_spaces_parse() {
+        let fields = stat_fields("42 (my prog) S 1 42 42 0").unwrap();
+        assert_eq!(fields[2], "42");
+    }
+}

@@ -1,0 +1,663 @@
+//! The agent as the operator uses it: the real `ec2-kubelet-agent` binary on loopback, driven
+//! through the generated gRPC client.
+
+mod common;
+
+use std::time::Duration;
+
+use ec2_kubelet::agent::proto::agent_client::AgentClient;
+use ec2_kubelet::agent::proto::{
+    ContainerSpec, ContainerStatus, EnvVar, ExecAction, ExecInput, ExecStart, File, FilesVolume,
+    GetLogsRequest, GetStatsRequest, HttpGetAction, LaunchPodRequest, PingRequest, PodPhase, PodSpec,
+    PodStatus, Probe, RestartPolicy, TerminatePodRequest, Volume, VolumeMount, WatchPodStatusRequest,
+    container_state, exec_input, exec_output, probe, volume,
+};
+use tonic::transport::Channel;
+
+const DEADLINE: Duration = Duration::from_secs(30);
+
+struct Fixture {
+    agent: common::AgentProcess,
+    client: AgentClient<Channel>,
+    _dirs: tempfile::TempDir,
+}
+
+async fn connect(agent: &common::AgentProcess) -> AgentClient<Channel> {
+    AgentClient::connect(agent.endpoint())
+        .await
+        .expect("connect to agent")
+}
+
+async fn start_agent() -> Fixture {
+    let dirs = tempfile::tempdir().unwrap();
+    let agent = common::AgentProcess::start(&dirs.path().join("state"), &dirs.path().join("root"));
+    let client = connect(&agent).await;
+    Fixture {
+        agent,
+        client,
+        _dirs: dirs,
+    }
+}
+
+fn shell(name: &str, script: &str) -> ContainerSpec {
+    ContainerSpec {
+        name: name.into(),
+        command: vec!["/bin/sh".into(), "-c".into(), script.into()],
+        ..Default::default()
+    }
+}
+
+fn pod(uid: &str, policy: RestartPolicy, containers: Vec<ContainerSpec>) -> PodSpec {
+    PodSpec {
+        uid: uid.into(),
+        namespace: "default".into(),
+        name: format!("pod-{uid}"),
+        containers,
+        restart_policy: policy as i32,
+        termination_grace_period_seconds: 30,
+        ..Default::default()
+    }
+}
+
+async fn launch(client: &mut AgentClient<Channel>, spec: PodSpec) -> bool {
+    client
+        .launch_pod(LaunchPodRequest { pod: Some(spec) })
+        .await
+        .expect("LaunchPod")
+        .into_inner()
+        .already_known
+}
+
+/// Watches one pod until `done` accepts a status; returns every status seen.
+async fn watch_until(
+    client: &mut AgentClient<Channel>,
+    uid: &str,
+    done: impl Fn(&PodStatus) -> bool,
+) -> Vec<PodStatus> {
+    let mut stream = client
+        .watch_pod_status(WatchPodStatusRequest { pod_uid: uid.into() })
+        .await
+        .expect("WatchPodStatus")
+        .into_inner();
+    let mut seen = Vec::new();
+    let result = tokio::time::timeout(DEADLINE, async {
+        while let Some(status) = stream.message().await.expect("status stream") {
+            let finished = done(&status);
+            seen.push(status);
+            if finished {
+                return;
+            }
+        }
+        panic!("status stream ended");
+    })
+    .await;
+    assert!(
+        result.is_ok(),
+        "condition not reached; last status: {:#?}",
+        seen.last()
+    );
+    seen
+}
+
+fn container<'a>(status: &'a PodStatus, name: &str) -> &'a ContainerStatus {
+    status
+        .containers
+        .iter()
+        .find(|c| c.name == name)
+        .expect("container status")
+}
+
+fn state(status: &ContainerStatus) -> Option<&container_state::State> {
+    status.state.as_ref().and_then(|s| s.state.as_ref())
+}
+
+fn terminated(status: &ContainerStatus) -> Option<&ec2_kubelet::agent::proto::Terminated> {
+    match state(status) {
+        Some(container_state::State::Terminated(t)) => Some(t),
+        _ => None,
+    }
+}
+
+fn is_running(status: &ContainerStatus) -> bool {
+    matches!(state(status), Some(container_state::State::Running(_)))
+}
+
+async fn read_logs(client: &mut AgentClient<Channel>, request: GetLogsRequest) -> String {
+    let mut stream = client.get_logs(request).await.expect("GetLogs").into_inner();
+    let mut text = Vec::new();
+    let read = tokio::time::timeout(DEADLINE, async {
+        while let Some(chunk) = stream.message().await.expect("log stream") {
+            text.extend_from_slice(&chunk.data);
+        }
+    })
+    .await;
+    assert!(
+        read.is_ok(),
+        "log stream did not end; got {:?}",
+        String::from_utf8_lossy(&text)
+    );
+    String::from_utf8(text).expect("utf-8 logs")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_stream_shows_running_then_terminated_with_the_exit_code() {
+    let mut f = start_agent().await;
+    let ping = f.client.ping(PingRequest {}).await.unwrap().into_inner();
+    assert_eq!(ping.agent_version, env!("CARGO_PKG_VERSION"));
+    assert!(
+        !launch(
+            &mut f.client,
+            pod(
+                "p1",
+                RestartPolicy::Never,
+                vec![shell("main", "sleep 0.5; exit 3")]
+            )
+        )
+        .await
+    );
+    let seen = watch_until(&mut f.client, "p1", |s| s.phase == PodPhase::Failed as i32).await;
+    assert!(
+        seen.iter().any(|s| is_running(container(s, "main"))),
+        "never seen Running: {seen:#?}"
+    );
+    let last = seen.last().unwrap();
+    let exit = terminated(container(last, "main")).expect("terminated");
+    assert_eq!(exit.exit_code, 3);
+    assert_eq!(exit.reason, "Error");
+    assert!(exit.finished_at_unix_ms >= exit.started_at_unix_ms);
+    assert_eq!(container(last, "main").restart_count, 0, "Never does not restart");
+
+    // A pod whose containers exit 0 under Never ends Succeeded.
+    launch(
+        &mut f.client,
+        pod(
+            "p2",
+            RestartPolicy::Never,
+            vec![shell("a", "exit 0"), shell("b", "sleep 0.2")],
+        ),
+    )
+    .await;
+    let seen = watch_until(&mut f.client, "p2", |s| s.phase >= PodPhase::Succeeded as i32).await;
+    assert_eq!(seen.last().unwrap().phase, PodPhase::Succeeded as i32);
+
+    // LaunchPod is idempotent per UID.
+    assert!(
+        launch(
+            &mut f.client,
+            pod("p2", RestartPolicy::Never, vec![shell("a", "exit 9")])
+        )
+        .await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_stream_with_follow_tail_timestamps_and_previous() {
+    let mut f = start_agent().await;
+    let script = "for i in 1 2 3 4 5 6; do echo line $i; sleep 0.3; done; echo oops >&2; exit 1";
+    launch(
+        &mut f.client,
+        pod("logs", RestartPolicy::OnFailure, vec![shell("main", script)]),
+    )
+    .await;
+    watch_until(&mut f.client, "logs", |s| is_running(container(s, "main"))).await;
+
+    // Follow from the start of a live run: every line arrives, then the stream ends with the run.
+    let followed = read_logs(
+        &mut f.client,
+        GetLogsRequest {
+            pod_uid: "logs".into(),
+            container: "main".into(),
+            follow: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(followed, "line 1\nline 2\nline 3\nline 4\nline 5\nline 6\noops\n");
+
+    // The container restarted (OnFailure); `previous` reads the finished run.
+    watch_until(&mut f.client, "logs", |s| container(s, "main").restart_count >= 1).await;
+    let previous = read_logs(
+        &mut f.client,
+        GetLogsRequest {
+            pod_uid: "logs".into(),
+            container: "main".into(),
+            previous: true,
+            tail_lines: Some(2),
+            timestamps: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let lines: Vec<&str> = previous.lines().collect();
+    assert_eq!(lines.len(), 2, "{previous}");
+    let (time, text) = lines[1].split_once(' ').unwrap();
+    assert!(time.parse::<jiff::Timestamp>().is_ok(), "{time}");
+    assert_eq!(text, "oops");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_streams_stdin_stdout_stderr_and_the_exit_code() {
+    let mut f = start_agent().await;
+    let mut main = shell("main", "sleep 60");
+    main.env.push(EnvVar {
+        name: "GREETING".into(),
+        value: "from-env".into(),
+    });
+    launch(&mut f.client, pod("exec", RestartPolicy::Always, vec![main])).await;
+    watch_until(&mut f.client, "exec", |s| is_running(container(s, "main"))).await;
+
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let input = |i| ExecInput { input: Some(i) };
+    tx.send(input(exec_input::Input::Start(ExecStart {
+        pod_uid: "exec".into(),
+        container: "main".into(),
+        command: vec![
+            "/bin/sh".into(),
+            "-c".into(),
+            "cat; echo $GREETING; echo bad >&2; exit 7".into(),
+        ],
+        stdin: true,
+        tty: false,
+    })))
+    .await
+    .unwrap();
+    tx.send(input(exec_input::Input::Stdin(b"hello stdin\n".to_vec())))
+        .await
+        .unwrap();
+    tx.send(input(exec_input::Input::CloseStdin(true))).await.unwrap();
+    let mut outputs = f
+        .client
+        .exec(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect("Exec")
+        .into_inner();
+    let (mut stdout, mut stderr, mut exit) = (Vec::new(), Vec::new(), None);
+    tokio::time::timeout(DEADLINE, async {
+        while let Some(message) = outputs.message().await.expect("exec stream") {
+            match message.output {
+                Some(exec_output::Output::Stdout(data)) => stdout.extend(data),
+                Some(exec_output::Output::Stderr(data)) => stderr.extend(data),
+                Some(exec_output::Output::Exit(e)) => exit = Some(e),
+                None => {}
+            }
+        }
+    })
+    .await
+    .expect("exec finishes");
+    drop(tx);
+    assert_eq!(String::from_utf8_lossy(&stdout), "hello stdin\nfrom-env\n");
+    assert_eq!(String::from_utf8_lossy(&stderr), "bad\n");
+    assert_eq!(exit.expect("exit message").exit_code, 7);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminate_sends_sigterm_then_sigkill_after_the_grace_period() {
+    let mut f = start_agent().await;
+    // One container exits cleanly on SIGTERM; the other ignores it and must be killed.
+    let polite = shell(
+        "polite",
+        "trap 'echo got TERM; exit 0' TERM; while true; do sleep 0.1; done",
+    );
+    let stubborn = shell("stubborn", "trap '' TERM; while true; do sleep 0.1; done");
+    launch(
+        &mut f.client,
+        pod("term", RestartPolicy::Always, vec![polite, stubborn]),
+    )
+    .await;
+    watch_until(&mut f.client, "term", |s| s.containers.iter().all(is_running)).await;
+
+    let status = f
+        .client
+        .terminate_pod(TerminatePodRequest {
+            pod_uid: "term".into(),
+            grace_period_seconds: Some(1),
+        })
+        .await
+        .expect("TerminatePod")
+        .into_inner()
+        .status
+        .unwrap();
+    let polite = terminated(container(&status, "polite")).expect("polite terminated");
+    assert_eq!(
+        (polite.exit_code, polite.signal),
+        (0, 0),
+        "handled SIGTERM itself"
+    );
+    let stubborn = terminated(container(&status, "stubborn")).expect("stubborn terminated");
+    assert_eq!(
+        stubborn.signal,
+        libc::SIGKILL,
+        "killed after the grace period: {stubborn:?}"
+    );
+    assert_eq!(status.reason, "Terminated");
+    let logs = read_logs(
+        &mut f.client,
+        GetLogsRequest {
+            pod_uid: "term".into(),
+            container: "polite".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert!(logs.contains("got TERM"), "{logs}");
+    // Nothing restarts after termination.
+    let again = watch_until(&mut f.client, "term", |_| true).await;
+    assert!(again[0].containers.iter().all(|c| terminated(c).is_some()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crashing_container_restarts_under_always_with_backoff() {
+    let mut f = start_agent().await;
+    launch(
+        &mut f.client,
+        pod(
+            "crash",
+            RestartPolicy::Always,
+            vec![shell("main", "echo start; exit 1")],
+        ),
+    )
+    .await;
+    let seen = watch_until(&mut f.client, "crash", |s| {
+        container(s, "main").restart_count >= 3
+    })
+    .await;
+    let backoffs: Vec<String> = seen
+        .iter()
+        .filter_map(|s| match state(container(s, "main")) {
+            Some(container_state::State::Waiting(w)) if w.reason == "CrashLoopBackOff" => {
+                Some(w.message.clone())
+            }
+            _ => None,
+        })
+        .collect();
+    assert!(
+        backoffs.len() >= 2,
+        "CrashLoopBackOff seen between restarts: {seen:#?}"
+    );
+    assert!(backoffs[0].contains("back-off 200ms"), "{backoffs:?}");
+    assert!(
+        backoffs[1].contains("back-off 400ms"),
+        "backoff doubles: {backoffs:?}"
+    );
+    let last = seen.last().unwrap();
+    assert_eq!(
+        last.phase,
+        PodPhase::Running as i32,
+        "a crash-looping pod stays Running"
+    );
+    let previous = container(last, "main")
+        .last_state
+        .as_ref()
+        .and_then(|s| s.state.as_ref());
+    assert!(
+        matches!(previous, Some(container_state::State::Terminated(t)) if t.exit_code == 1),
+        "{previous:?}"
+    );
+}
+
+/// A test HTTP server answering 200 while `healthy` holds, else 500.
+async fn health_server(healthy: std::sync::Arc<std::sync::atomic::AtomicBool>) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let healthy = healthy.load(std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buffer = [0u8; 1024];
+                let _ = socket.read(&mut buffer).await;
+                let status = if healthy {
+                    "200 OK"
+                } else {
+                    "500 Internal Server Error"
+                };
+                let _ = socket
+                    .write_all(
+                        format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                            .as_bytes(),
+                    )
+                    .await;
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_flip_readiness_and_liveness_restarts() {
+    let mut f = start_agent().await;
+    let flags = tempfile::tempdir().unwrap();
+    let ready_flag = flags.path().join("ready");
+    let healthy = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let port = health_server(healthy.clone()).await;
+
+    let mut main = shell("main", "sleep 600");
+    main.readiness_probe = Some(Probe {
+        handler: Some(probe::Handler::Exec(ExecAction {
+            command: vec!["test".into(), "-f".into(), ready_flag.display().to_string()],
+        })),
+        period_seconds: 1,
+        failure_threshold: 1,
+        ..Default::default()
+    });
+    main.liveness_probe = Some(Probe {
+        handler: Some(probe::Handler::HttpGet(HttpGetAction {
+            port: port.into(),
+            path: "/healthz".into(),
+            ..Default::default()
+        })),
+        period_seconds: 1,
+        failure_threshold: 2,
+        ..Default::default()
+    });
+    let mut spec = pod("probes", RestartPolicy::Always, vec![main]);
+    spec.termination_grace_period_seconds = 1;
+    launch(&mut f.client, spec).await;
+
+    let seen = watch_until(&mut f.client, "probes", |s| is_running(container(s, "main"))).await;
+    assert!(
+        !container(seen.last().unwrap(), "main").ready,
+        "not ready before the probe passes"
+    );
+    std::fs::write(&ready_flag, b"").unwrap();
+    watch_until(&mut f.client, "probes", |s| container(s, "main").ready).await;
+    std::fs::remove_file(&ready_flag).unwrap();
+    watch_until(&mut f.client, "probes", |s| !container(s, "main").ready).await;
+
+    // Liveness: the HTTP endpoint fails -> the container is killed and restarted.
+    healthy.store(false, std::sync::atomic::Ordering::SeqCst);
+    let seen = watch_until(&mut f.client, "probes", |s| {
+        container(s, "main").restart_count >= 1
+    })
+    .await;
+    let last = container(seen.last().unwrap(), "main");
+    let killed = last
+        .last_state
+        .as_ref()
+        .and_then(|s| s.state.as_ref())
+        .or(state(last));
+    match killed {
+        Some(container_state::State::Terminated(t)) => {
+            assert!(t.message.contains("Liveness probe failed"), "{t:?}")
+        }
+        other => panic!("expected the killed run's termination, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn volumes_env_and_stats() {
+    let mut f = start_agent().await;
+    let mut main = shell(
+        "main",
+        "cat /etc/app/config.txt; cat /etc/app/nested/x; echo $MODE; sleep 600",
+    );
+    main.env.push(EnvVar {
+        name: "MODE".into(),
+        value: "production".into(),
+    });
+    main.volume_mounts.push(VolumeMount {
+        name: "config".into(),
+        mount_path: "/etc/app".into(),
+        ..Default::default()
+    });
+    let mut spec = pod("vol", RestartPolicy::Always, vec![main]);
+    spec.volumes.push(Volume {
+        name: "config".into(),
+        source: Some(volume::Source::Files(FilesVolume {
+            files: vec![
+                File {
+                    path: "config.txt".into(),
+                    content: b"key=value\n".to_vec(),
+                    mode: 0,
+                },
+                File {
+                    path: "nested/x".into(),
+                    content: b"deep\n".to_vec(),
+                    mode: 0o600,
+                },
+            ],
+            default_mode: 0o644,
+        })),
+    });
+    // Mount paths are under the agent's --root-dir, so the container reads them there.
+    let root = f.agent.root_dir.display().to_string();
+    spec.containers[0].command[2] =
+        spec.containers[0].command[2].replace("/etc/app", &format!("{root}/etc/app"));
+    launch(&mut f.client, spec).await;
+    watch_until(&mut f.client, "vol", |s| is_running(container(s, "main"))).await;
+
+    let request = GetLogsRequest {
+        pod_uid: "vol".into(),
+        container: "main".into(),
+        ..Default::default()
+    };
+    let mut logs = String::new();
+    for _ in 0..100 {
+        logs = read_logs(&mut f.client, request.clone()).await;
+        if logs.lines().count() >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(logs, "key=value\ndeep\nproduction\n");
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(f.agent.root_dir.join("etc/app/nested/x"))
+            .unwrap()
+            .permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
+
+    let stats = f
+        .client
+        .get_stats(GetStatsRequest {
+            pod_uid: "vol".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let main_stats = &stats.containers[0];
+    assert_eq!(main_stats.name, "main");
+    assert!(main_stats.processes >= 1, "{main_stats:?}");
+    assert!(main_stats.memory_working_set_bytes > 0, "{main_stats:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_restart_readopts_running_containers_without_relaunching() {
+    let mut f = start_agent().await;
+    let script = "i=0; while true; do i=$((i+1)); echo tick $i; sleep 0.2; done";
+    launch(
+        &mut f.client,
+        pod("keep", RestartPolicy::Always, vec![shell("main", script)]),
+    )
+    .await;
+    let before = watch_until(&mut f.client, "keep", |s| is_running(container(s, "main"))).await;
+    let started_before = match state(container(before.last().unwrap(), "main")) {
+        Some(container_state::State::Running(r)) => r.started_at_unix_ms,
+        other => panic!("{other:?}"),
+    };
+    let container_pid = std::fs::read_to_string(
+        f.agent
+            .state_dir
+            .join("pods/keep/containers/main/0/container.pid"),
+    )
+    .unwrap();
+
+    f.agent.kill_agent_only();
+    let second = common::AgentProcess::start(&f.agent.state_dir, &f.agent.root_dir);
+    let mut client = connect(&second).await;
+    let ping = client.ping(PingRequest {}).await.unwrap().into_inner();
+    assert_eq!(ping.pod_uids, ["keep"]);
+
+    let after = watch_until(&mut client, "keep", |s| is_running(container(s, "main"))).await;
+    let main = container(after.last().unwrap(), "main");
+    assert_eq!(main.restart_count, 0, "re-adopted, not relaunched");
+    assert!(
+        matches!(state(main), Some(container_state::State::Running(r)) if r.started_at_unix_ms == started_before)
+    );
+    let pid_after =
+        std::fs::read_to_string(second.state_dir.join("pods/keep/containers/main/0/container.pid")).unwrap();
+    assert_eq!(pid_after, container_pid, "the same process keeps running");
+    assert!(
+        !second.state_dir.join("pods/keep/containers/main/1").exists(),
+        "no second run was started"
+    );
+
+    // Logs kept flowing while the agent was away, and still flow.
+    let request = GetLogsRequest {
+        pod_uid: "keep".into(),
+        container: "main".into(),
+        ..Default::default()
+    };
+    let first = read_logs(&mut client, request.clone()).await.lines().count();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let later = read_logs(&mut client, request).await.lines().count();
+    assert!(later > first, "log grew from {first} to {later} lines");
+
+    // Terminate through the new agent stops the adopted container.
+    let status = client
+        .terminate_pod(TerminatePodRequest {
+            pod_uid: "keep".into(),
+            grace_period_seconds: Some(2),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+        .unwrap();
+    assert!(terminated(container(&status, "main")).is_some());
+    drop(second);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_pod_is_refused_with_the_field() {
+    let mut f = start_agent().await;
+    let error = f
+        .client
+        .launch_pod(LaunchPodRequest {
+            pod: Some(pod(
+                "bad",
+                RestartPolicy::Always,
+                vec![ContainerSpec {
+                    name: "Main".into(),
+                    command: vec!["true".into()],
+                    ..Default::default()
+                }],
+            )),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), tonic::Code::InvalidArgument);
+    assert!(
+        error.message().contains("containers[0].name"),
+        "{}",
+        error.message()
+    );
+    let missing = f
+        .client
+        .get_stats(GetStatsRequest {
+            pod_uid: "nope".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), tonic::Code::NotFound);
+}
