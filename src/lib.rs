@@ -5,6 +5,7 @@
 //! `telemetry` (logs).
 
 pub mod agent;
+pub mod cloud;
 pub mod config;
 pub mod crd;
 pub mod schema;

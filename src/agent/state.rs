@@ -92,6 +92,46 @@ impl StateDir {
     }
 }
 
+impl StateDir {
+    /// Process groups of container runs that have not recorded an exit: what must be killed,
+    /// besides the agent and its shims, for an instance to leave no process behind.
+    pub fn live_container_groups(&self) -> Vec<i32> {
+        let mut groups = Vec::new();
+        for uid in self.pod_uids() {
+            let Ok(pod) = self.pod(&uid) else { continue };
+            let Ok(containers) = std::fs::read_dir(pod.root.join("containers")) else {
+                continue;
+            };
+            for container in containers.flatten() {
+                let Ok(runs) = std::fs::read_dir(container.path()) else {
+                    continue;
+                };
+                for run in runs.flatten() {
+                    let dir = RunDir {
+                        root: run.path(),
+                        log: PathBuf::new(),
+                        run: 0,
+                    };
+                    if dir.exit().is_none()
+                        && let Some(pid) = dir.container_pid()
+                    {
+                        groups.push(pid);
+                    }
+                }
+            }
+        }
+        groups
+    }
+
+    /// SIGKILLs every live container process group (the processes a killed shim orphaned).
+    pub fn kill_container_groups(&self) {
+        for group in self.live_container_groups() {
+            // SAFETY: signalling a process group the agent created for a container.
+            unsafe { libc::kill(-group, libc::SIGKILL) };
+        }
+    }
+}
+
 /// One pod's directory.
 #[derive(Clone, Debug)]
 pub struct PodDir {
@@ -233,6 +273,13 @@ mod tests {
         assert_eq!(pod.load_spec().unwrap(), spec);
         assert_eq!(pod.latest_run("main"), Some(2));
         assert_eq!(pod.run("main", 2).exit().unwrap().exit_code, 3);
+        pod.run("main", 0).set_container_pid(4242).unwrap();
+        pod.run("main", 2).set_container_pid(4343).unwrap();
+        assert_eq!(
+            again.live_container_groups(),
+            [4242],
+            "runs with an exit record are not live"
+        );
         assert!(pod.latest_run("other").is_none());
     }
 

@@ -190,5 +190,10 @@ impl Drop for AgentProcess {
         unsafe { libc::kill(-(self.child.id() as i32), libc::SIGKILL) };
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // What the containers forked outlives their shims; kill it by process group, as
+        // terminating an instance would.
+        if let Ok(state) = ec2_kubelet::agent::state::StateDir::new(&self.state_dir) {
+            state.kill_container_groups();
+        }
     }
 }

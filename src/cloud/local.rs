@@ -1,0 +1,358 @@
+//! The `local` backend: a small cloud on this machine. Every "instance" is an
+//! `ec2-kubelet-agent` process (in its own process group) listening on a loopback address of its
+//! own (`127.1.x.y`), so the agent endpoint is `private_ip:port` exactly as on EC2. ENIs are
+//! loopback addresses (`127.0.x.y`). Like EC2, this cloud outlives the operator: its ENIs and
+//! instances are recorded in a directory, and a new `LocalCompute` on that directory sees them.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::Mutex;
+
+use super::{
+    Compute, Eni, EniRequest, Error, Instance, InstanceFilter, InstanceState, InstanceTypeInfo,
+    LaunchRequest, Result, owned_tags,
+};
+use crate::crd::tags;
+
+/// Where the local cloud lives and what it runs.
+#[derive(Debug, Clone)]
+pub struct LocalOptions {
+    pub cluster: String,
+    /// Records of ENIs and instances, and each instance's agent state.
+    pub dir: PathBuf,
+    /// The `ec2-kubelet-agent` binary started for every instance.
+    pub agent_binary: PathBuf,
+}
+
+/// The built-in instance type catalogue: (name, vCPUs, memory MiB, GPUs, architecture).
+const CATALOGUE: &[(&str, u32, u64, u32, &str)] = &[
+    ("t3.micro", 2, 1024, 0, "x86_64"),
+    ("t3.small", 2, 2048, 0, "x86_64"),
+    ("t3.medium", 2, 4096, 0, "x86_64"),
+    ("t3.large", 2, 8192, 0, "x86_64"),
+    ("m5.large", 2, 8192, 0, "x86_64"),
+    ("m5.xlarge", 4, 16384, 0, "x86_64"),
+    ("m5.2xlarge", 8, 32768, 0, "x86_64"),
+    ("c5.xlarge", 4, 8192, 0, "x86_64"),
+    ("t4g.small", 2, 2048, 0, "arm64"),
+    ("m7g.large", 2, 8192, 0, "arm64"),
+    ("g5.xlarge", 4, 16384, 1, "x86_64"),
+    ("g5.2xlarge", 8, 32768, 1, "x86_64"),
+    ("mac2.metal", 12, 32768, 0, "arm64_mac"),
+];
+
+/// An instance record: what EC2 would report, plus the agent process behind it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct InstanceRecord {
+    instance: Instance,
+    agent_pid: Option<i32>,
+}
+
+pub struct LocalCompute {
+    options: LocalOptions,
+    /// Serialises changes to the records (allocation of ids and addresses).
+    lock: Mutex<()>,
+}
+
+fn random_hex(len: usize) -> String {
+    let value: u128 = rand::random();
+    format!("{value:032x}")[..len].to_string()
+}
+
+/// Alive and not a zombie.
+fn process_alive(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks for existence.
+    if unsafe { libc::kill(pid, 0) } != 0 {
+        return false;
+    }
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    !stat
+        .rsplit(')')
+        .next()
+        .is_some_and(|rest| rest.trim_start().starts_with('Z'))
+}
+
+fn io_error(context: &str, e: impl std::fmt::Display) -> Error {
+    Error::Internal(format!("local cloud: {context}: {e}"))
+}
+
+fn read_records<T: for<'de> Deserialize<'de>>(dir: &Path) -> Result<Vec<T>> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io_error("read records", e)),
+    };
+    let mut records = Vec::new();
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.extension().is_some_and(|e| e == "json") {
+            let text = std::fs::read(&path).map_err(|e| io_error("read record", e))?;
+            records
+                .push(serde_json::from_slice(&text).map_err(|e| io_error(&path.display().to_string(), e))?);
+        }
+    }
+    Ok(records)
+}
+
+fn write_record(path: &Path, record: &impl Serialize) -> Result<()> {
+    let text = serde_json::to_vec_pretty(record).map_err(|e| io_error("encode record", e))?;
+    crate::agent::state::write_atomic(path, &text).map_err(|e| io_error("write record", e))
+}
+
+/// The first free address `prefix.x.y` (x, y in 1..=254) not in `used`.
+fn allocate_address(prefix: &str, used: &[String]) -> Result<String> {
+    for x in 0..=255u32 {
+        for y in 1..=254u32 {
+            let candidate = format!("{prefix}.{x}.{y}");
+            if !used.contains(&candidate) {
+                return Ok(candidate);
+            }
+        }
+    }
+    Err(Error::Internal(format!(
+        "local cloud: no free address in {prefix}.0.0/16"
+    )))
+}
+
+impl LocalCompute {
+    pub fn new(options: LocalOptions) -> Result<Self> {
+        for sub in ["enis", "instances"] {
+            std::fs::create_dir_all(options.dir.join(sub)).map_err(|e| io_error("create dir", e))?;
+        }
+        Ok(LocalCompute {
+            options,
+            lock: Mutex::new(()),
+        })
+    }
+
+    fn eni_path(&self, eni_id: &str) -> PathBuf {
+        self.options.dir.join("enis").join(format!("{eni_id}.json"))
+    }
+
+    fn instance_path(&self, instance_id: &str) -> PathBuf {
+        self.options
+            .dir
+            .join("instances")
+            .join(format!("{instance_id}.json"))
+    }
+
+    fn instance_dir(&self, instance_id: &str) -> PathBuf {
+        self.options.dir.join("instances").join(instance_id)
+    }
+
+    fn enis(&self) -> Result<Vec<Eni>> {
+        read_records(&self.options.dir.join("enis"))
+    }
+
+    /// Instance records with their state refreshed from the agent processes.
+    fn instances(&self) -> Result<Vec<InstanceRecord>> {
+        let mut records: Vec<InstanceRecord> = read_records(&self.options.dir.join("instances"))?;
+        for record in &mut records {
+            let alive = record.agent_pid.is_some_and(process_alive);
+            record.instance.state = match (record.instance.state, alive) {
+                (InstanceState::Pending | InstanceState::Running, true) => InstanceState::Running,
+                // The agent process died without being terminated: the instance stopped.
+                (InstanceState::Pending | InstanceState::Running, false) => InstanceState::Stopped,
+                (other, _) => other,
+            };
+        }
+        records.sort_by(|a, b| a.instance.instance_id.cmp(&b.instance.instance_id));
+        Ok(records)
+    }
+
+    fn start_agent(&self, instance_id: &str, address: &str, port: u16) -> Result<i32> {
+        use std::os::unix::process::CommandExt;
+        let dir = self.instance_dir(instance_id);
+        std::fs::create_dir_all(&dir).map_err(|e| io_error("instance dir", e))?;
+        let log = std::fs::File::create(dir.join("agent.log")).map_err(|e| io_error("agent log", e))?;
+        let log_err = log.try_clone().map_err(|e| io_error("agent log", e))?;
+        let mut child = std::process::Command::new(&self.options.agent_binary)
+            .arg("--listen")
+            .arg(format!("{address}:{port}"))
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .arg("--root-dir")
+            .arg(dir.join("root"))
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err)
+            .process_group(0)
+            .spawn()
+            .map_err(|e| io_error(&format!("start {}", self.options.agent_binary.display()), e))?;
+        let pid = child.id() as i32;
+        // Reap the agent when it exits, so a dead agent never looks alive.
+        std::thread::spawn(move || {
+            let _ = child.wait();
+        });
+        Ok(pid)
+    }
+}
+
+#[async_trait::async_trait]
+impl Compute for LocalCompute {
+    fn backend(&self) -> &'static str {
+        "local"
+    }
+
+    async fn ensure_eni(&self, request: &EniRequest) -> Result<Eni> {
+        let _guard = self.lock.lock().await;
+        let enis = self.enis()?;
+        if let Some(existing) = enis
+            .iter()
+            .find(|e| e.pool == request.pool && e.index == request.index)
+        {
+            return Ok(existing.clone());
+        }
+        let used: Vec<String> = enis.iter().map(|e| e.private_ip.clone()).collect();
+        let mut eni_tags = owned_tags(&self.options.cluster, &request.pool, &request.tags);
+        eni_tags.insert(tags::NODE_INDEX.into(), request.index.to_string());
+        let eni = Eni {
+            eni_id: format!("eni-{}", random_hex(17)),
+            private_ip: allocate_address("127.0", &used)?,
+            subnet_id: request.subnet_id.clone(),
+            pool: request.pool.clone(),
+            index: request.index,
+            tags: eni_tags,
+        };
+        write_record(&self.eni_path(&eni.eni_id), &eni)?;
+        Ok(eni)
+    }
+
+    async fn delete_eni(&self, eni_id: &str) -> Result<()> {
+        let _guard = self.lock.lock().await;
+        match std::fs::remove_file(self.eni_path(eni_id)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io_error("delete eni", e)),
+            _ => Ok(()),
+        }
+    }
+
+    async fn describe_enis(&self, pool: &str) -> Result<Vec<Eni>> {
+        let mut enis: Vec<Eni> = self.enis()?.into_iter().filter(|e| e.pool == pool).collect();
+        enis.sort_by_key(|e| e.index);
+        Ok(enis)
+    }
+
+    async fn instance_types(&self, names: &[String]) -> Result<Vec<InstanceTypeInfo>> {
+        Ok(CATALOGUE
+            .iter()
+            .filter(|(name, ..)| names.iter().any(|n| n == name))
+            .map(|(name, vcpus, memory_mib, gpus, arch)| InstanceTypeInfo {
+                name: (*name).into(),
+                vcpus: *vcpus,
+                memory_mib: *memory_mib,
+                gpus: *gpus,
+                architectures: vec![(*arch).into()],
+            })
+            .collect())
+    }
+
+    async fn launch_instance(&self, request: &LaunchRequest) -> Result<Instance> {
+        if !CATALOGUE.iter().any(|(name, ..)| *name == request.instance_type) {
+            return Err(Error::InstanceTypeNotFound {
+                instance_type: request.instance_type.clone(),
+            });
+        }
+        let _guard = self.lock.lock().await;
+        let records = self.instances()?;
+        if let Some(existing) = records.iter().find(|r| {
+            r.instance.tag(tags::POD_UID) == Some(request.pod_uid.as_str()) && r.instance.state.is_alive()
+        }) {
+            return Ok(existing.instance.clone());
+        }
+        let used: Vec<String> = records
+            .iter()
+            .filter_map(|r| r.instance.private_ip.clone())
+            .collect();
+        let address = allocate_address("127.1", &used)?;
+        let instance_id = format!("i-{}", random_hex(17));
+        let mut instance_tags = owned_tags(&self.options.cluster, &request.pool, &request.tags);
+        instance_tags.insert(tags::NODE.into(), request.node.clone());
+        instance_tags.insert(tags::POD_UID.into(), request.pod_uid.clone());
+        instance_tags.insert(
+            tags::POD.into(),
+            format!("{}/{}", request.namespace, request.name),
+        );
+        instance_tags.insert(
+            tags::NAME.into(),
+            format!("{}/{}", request.namespace, request.name),
+        );
+        let mut record = InstanceRecord {
+            instance: Instance {
+                instance_id: instance_id.clone(),
+                state: InstanceState::Pending,
+                instance_type: request.instance_type.clone(),
+                private_ip: Some(address.clone()),
+                launch_time: crate::agent::state::now_ms(),
+                tags: instance_tags,
+            },
+            agent_pid: None,
+        };
+        // Recorded before the process starts: a crash in between leaves a record, not a stray process.
+        write_record(&self.instance_path(&instance_id), &record)?;
+        let pid = self.start_agent(&instance_id, &address, request.agent_port)?;
+        record.agent_pid = Some(pid);
+        write_record(&self.instance_path(&instance_id), &record)?;
+        Ok(record.instance)
+    }
+
+    async fn describe_instances(&self, filter: &InstanceFilter) -> Result<Vec<Instance>> {
+        let cluster = self.options.cluster.as_str();
+        Ok(self
+            .instances()?
+            .into_iter()
+            .map(|r| r.instance)
+            .filter(|i| match filter {
+                InstanceFilter::Ids(ids) => ids.contains(&i.instance_id),
+                InstanceFilter::Pool(pool) => {
+                    i.tag(tags::POOL) == Some(pool.as_str()) && i.tag(tags::CLUSTER) == Some(cluster)
+                }
+                InstanceFilter::Cluster => i.tag(tags::CLUSTER) == Some(cluster),
+            })
+            .collect())
+    }
+
+    async fn terminate_instances(&self, instance_ids: &[String]) -> Result<()> {
+        let _guard = self.lock.lock().await;
+        for mut record in self
+            .instances()?
+            .into_iter()
+            .filter(|r| instance_ids.contains(&r.instance.instance_id))
+        {
+            if let Some(pid) = record.agent_pid.filter(|pid| process_alive(*pid)) {
+                // The agent's process group holds the agent and its shims; containers die with their shims.
+                // SAFETY: signalling the process group this backend created for the instance.
+                unsafe { libc::kill(-pid, libc::SIGKILL) };
+            }
+            // Processes the containers forked outlive their shims unless killed by group.
+            if let Ok(state) = crate::agent::state::StateDir::new(
+                self.instance_dir(&record.instance.instance_id).join("state"),
+            ) {
+                state.kill_container_groups();
+            }
+            record.instance.state = InstanceState::Terminated;
+            write_record(&self.instance_path(&record.instance.instance_id), &record)?;
+        }
+        Ok(())
+    }
+
+    fn agent_endpoint(&self, instance: &Instance, port: u16) -> Result<String> {
+        let ip = instance.private_ip.as_deref().ok_or_else(|| Error::NotFound {
+            resource: format!("private IP of {}", instance.instance_id),
+        })?;
+        Ok(format!("http://{ip}:{port}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_are_allocated_first_free() {
+        assert_eq!(allocate_address("127.1", &[]).unwrap(), "127.1.0.1");
+        let used = vec!["127.1.0.1".to_string(), "127.1.0.2".to_string()];
+        assert_eq!(allocate_address("127.1", &used).unwrap(), "127.1.0.3");
+    }
+}

@@ -1,0 +1,246 @@
+//! `Compute`: the operator's only door to the cloud. Controllers never import `aws_sdk_ec2`;
+//! they talk to this trait, implemented by `aws` (real EC2) and `local` (agent processes on
+//! loopback, the embedded default).
+
+pub mod local;
+
+use std::collections::BTreeMap;
+
+use crate::crd::TagMap;
+
+/// What went wrong in the cloud, classified so callers know whether to retry.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    #[error("{action} throttled by EC2 (RequestLimitExceeded)")]
+    Throttled { action: String },
+    #[error("insufficient capacity for instance type {instance_type}")]
+    InsufficientCapacity { instance_type: String },
+    #[error("EC2 unavailable during {action}: {message}")]
+    Unavailable { action: String, message: String },
+    #[error("image {image_id} not found")]
+    ImageNotFound { image_id: String },
+    #[error("instance type {instance_type} not offered")]
+    InstanceTypeNotFound { instance_type: String },
+    #[error("subnet {subnet_id} not found")]
+    SubnetNotFound { subnet_id: String },
+    #[error("security group {group_id} not found")]
+    SecurityGroupNotFound { group_id: String },
+    #[error("invalid parameter for {action}: {message}")]
+    InvalidParameter { action: String, message: String },
+    #[error("{resource} not found")]
+    NotFound { resource: String },
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl Error {
+    /// Throttling, capacity and 5xx/timeouts pass; a retry with backoff may succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            Error::Throttled { .. } | Error::InsufficientCapacity { .. } | Error::Unavailable { .. }
+        )
+    }
+
+    /// A short name for metrics labels and event reasons.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Error::Throttled { .. } => "Throttled",
+            Error::InsufficientCapacity { .. } => "InsufficientInstanceCapacity",
+            Error::Unavailable { .. } => "Unavailable",
+            Error::ImageNotFound { .. } => "ImageNotFound",
+            Error::InstanceTypeNotFound { .. } => "InstanceTypeNotFound",
+            Error::SubnetNotFound { .. } => "SubnetNotFound",
+            Error::SecurityGroupNotFound { .. } => "SecurityGroupNotFound",
+            Error::InvalidParameter { .. } => "InvalidParameter",
+            Error::NotFound { .. } => "NotFound",
+            Error::Internal(_) => "Internal",
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The ENI that backs virtual node `index` of `pool`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EniRequest {
+    pub pool: String,
+    pub index: u32,
+    pub subnet_id: String,
+    pub security_group_ids: Vec<String>,
+    /// Tags beyond the ones the backend writes itself (cluster, pool, node index).
+    pub tags: TagMap,
+}
+
+/// A node ENI as the cloud reports it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Eni {
+    pub eni_id: String,
+    pub private_ip: String,
+    pub subnet_id: String,
+    pub pool: String,
+    pub index: u32,
+    pub tags: TagMap,
+}
+
+/// What the operator needs to know of an instance type to size pods.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct InstanceTypeInfo {
+    pub name: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub gpus: u32,
+    /// EC2 architecture names (`x86_64`, `arm64`).
+    pub architectures: Vec<String>,
+}
+
+/// Everything needed to launch the instance of one pod.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct LaunchRequest {
+    /// The pod's UID: the idempotency key (`ClientToken`, and the `pod-uid` tag looked up first).
+    pub pod_uid: String,
+    pub pool: String,
+    pub node: String,
+    pub namespace: String,
+    pub name: String,
+    pub instance_type: String,
+    pub image_id: String,
+    pub subnet_id: String,
+    pub security_group_ids: Vec<String>,
+    pub iam_instance_profile: Option<String>,
+    pub user_data: Option<String>,
+    pub key_name: Option<String>,
+    pub spot: bool,
+    pub agent_port: u16,
+    /// Tags beyond the ones the backend writes itself.
+    pub tags: TagMap,
+}
+
+/// EC2 instance states.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum InstanceState {
+    Pending,
+    Running,
+    ShuttingDown,
+    Terminated,
+    Stopping,
+    Stopped,
+}
+
+impl InstanceState {
+    /// Still exists as far as pods are concerned (not terminated, stopping or stopped).
+    pub fn is_alive(self) -> bool {
+        matches!(self, InstanceState::Pending | InstanceState::Running)
+    }
+}
+
+/// An instance as the cloud reports it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Instance {
+    pub instance_id: String,
+    pub state: InstanceState,
+    pub instance_type: String,
+    pub private_ip: Option<String>,
+    /// Unix milliseconds.
+    pub launch_time: i64,
+    pub tags: TagMap,
+}
+
+impl Instance {
+    pub fn tag(&self, key: &str) -> Option<&str> {
+        self.tags.get(key).map(String::as_str)
+    }
+}
+
+/// Which instances to describe: by id, or every instance of a pool (one tag filter).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InstanceFilter {
+    Ids(Vec<String>),
+    Pool(String),
+    /// Every instance carrying the operator's cluster tag.
+    Cluster,
+}
+
+/// The operator's only door to the cloud.
+#[async_trait::async_trait]
+pub trait Compute: Send + Sync {
+    /// `aws` or `local`.
+    fn backend(&self) -> &'static str;
+
+    /// Creates the ENI of node `index` of a pool, or returns it if it exists (found by tags).
+    async fn ensure_eni(&self, request: &EniRequest) -> Result<Eni>;
+
+    /// Deletes an ENI; deleting one that is gone is not an error.
+    async fn delete_eni(&self, eni_id: &str) -> Result<()>;
+
+    /// Every ENI of a pool (one tag-filtered call, paginated).
+    async fn describe_enis(&self, pool: &str) -> Result<Vec<Eni>>;
+
+    /// Facts about instance types; unknown names are left out. Cached by the backend.
+    async fn instance_types(&self, names: &[String]) -> Result<Vec<InstanceTypeInfo>>;
+
+    /// Launches the instance of a pod, idempotently: an instance already tagged with the pod's
+    /// UID is returned instead of launching another.
+    async fn launch_instance(&self, request: &LaunchRequest) -> Result<Instance>;
+
+    /// Instances matching the filter, in as few calls as the cloud allows.
+    async fn describe_instances(&self, filter: &InstanceFilter) -> Result<Vec<Instance>>;
+
+    /// Terminates instances; terminating one that is gone is not an error.
+    async fn terminate_instances(&self, instance_ids: &[String]) -> Result<()>;
+
+    /// The `http://host:port` at which the instance's agent answers.
+    fn agent_endpoint(&self, instance: &Instance, port: u16) -> Result<String>;
+}
+
+/// The tags every ENI and instance of the operator carries, plus the caller's.
+pub fn owned_tags(cluster: &str, pool: &str, extra: &TagMap) -> TagMap {
+    let mut tags: BTreeMap<String, String> = extra.clone();
+    tags.insert(crate::crd::tags::CLUSTER.into(), cluster.into());
+    tags.insert(crate::crd::tags::POOL.into(), pool.into());
+    tags
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retryable_errors_are_the_transient_ones() {
+        assert!(
+            Error::Throttled {
+                action: "RunInstances".into()
+            }
+            .is_retryable()
+        );
+        assert!(
+            Error::InsufficientCapacity {
+                instance_type: "p5.48xlarge".into()
+            }
+            .is_retryable()
+        );
+        assert!(
+            !Error::ImageNotFound {
+                image_id: "ami-1".into()
+            }
+            .is_retryable()
+        );
+        assert_eq!(
+            Error::InsufficientCapacity {
+                instance_type: "x".into()
+            }
+            .reason(),
+            "InsufficientInstanceCapacity"
+        );
+    }
+
+    #[test]
+    fn operator_tags_win_over_user_tags() {
+        let mut extra = TagMap::new();
+        extra.insert(crate::crd::tags::CLUSTER.into(), "spoofed".into());
+        extra.insert("team".into(), "a".into());
+        let tags = owned_tags("prod", "p1", &extra);
+        assert_eq!(tags[crate::crd::tags::CLUSTER], "prod");
+        assert_eq!(tags["team"], "a");
+    }
+}
