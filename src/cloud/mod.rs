@@ -2,6 +2,7 @@
 //! they talk to this trait, implemented by `aws` (real EC2) and `local` (agent processes on
 //! loopback, the embedded default).
 
+pub mod aws;
 pub mod local;
 
 use std::collections::BTreeMap;
