@@ -3,6 +3,7 @@
 //! loopback, the embedded default).
 
 pub mod aws;
+pub mod bootstrap;
 pub mod local;
 
 use std::collections::BTreeMap;

@@ -1,0 +1,111 @@
+//! User data for pod instances: the template's own user data runs first, then the agent
+//! bootstrap installs `ec2-kubelet-agent` as a systemd service. Both travel as one MIME
+//! multi-part document, which cloud-init runs part by part, in order.
+
+/// How the bootstrap gets the agent onto the instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentBootstrap {
+    /// Port the agent listens on.
+    pub port: u16,
+    /// Where to download the agent binary from; `None` when the AMI already has it at `binary`.
+    pub download_url: Option<String>,
+    /// Path of the agent binary on the instance.
+    pub binary: String,
+}
+
+impl Default for AgentBootstrap {
+    fn default() -> Self {
+        AgentBootstrap {
+            port: 8484,
+            download_url: None,
+            binary: "/usr/local/bin/ec2-kubelet-agent".into(),
+        }
+    }
+}
+
+/// Single-quotes a value for sh.
+fn quote(value: &str) -> String {
+    format!("'{}'", value.replace('\'', r"'\''"))
+}
+
+impl AgentBootstrap {
+    /// The shell script that installs and starts the agent.
+    pub fn script(&self) -> String {
+        let binary = quote(&self.binary);
+        let mut script = String::from("#!/bin/sh\n# ec2-kubelet agent bootstrap\nset -eu\n");
+        if let Some(url) = &self.download_url {
+            script.push_str(&format!(
+                "curl -fsSL --retry 5 -o {binary}.tmp {}\nchmod 0755 {binary}.tmp\nmv {binary}.tmp {binary}\n",
+                quote(url)
+            ));
+        }
+        script.push_str(&format!(
+            "mkdir -p /var/lib/ec2-kubelet-agent\n\
+             cat > /etc/systemd/system/ec2-kubelet-agent.service <<'UNIT'\n\
+             [Unit]\nDescription=ec2-kubelet agent\nAfter=network-online.target\n\
+             [Service]\nExecStart={} --listen 0.0.0.0:{} --state-dir /var/lib/ec2-kubelet-agent --log-format json\n\
+             Restart=always\nKillMode=process\n\
+             [Install]\nWantedBy=multi-user.target\nUNIT\n\
+             systemctl daemon-reload\nsystemctl enable --now ec2-kubelet-agent.service\n",
+            self.binary, self.port
+        ));
+        script
+    }
+}
+
+const BOUNDARY: &str = "==ec2-kubelet-boundary==";
+
+/// The instance's user data: `user` (the template's or the pod's, if any) first, then the agent
+/// bootstrap, as a MIME multi-part document.
+pub fn user_data(user: Option<&str>, bootstrap: &AgentBootstrap) -> String {
+    let mut parts = Vec::new();
+    if let Some(user) = user.filter(|u| !u.trim().is_empty()) {
+        let content_type = if user.starts_with("#cloud-config") {
+            "text/cloud-config"
+        } else {
+            "text/x-shellscript"
+        };
+        parts.push((content_type, user.to_string()));
+    }
+    parts.push(("text/x-shellscript", bootstrap.script()));
+    let mut document =
+        format!("MIME-Version: 1.0\nContent-Type: multipart/mixed; boundary=\"{BOUNDARY}\"\n\n");
+    for (content_type, body) in parts {
+        document.push_str(&format!(
+            "--{BOUNDARY}\nContent-Type: {content_type}; charset=\"utf-8\"\n\n{body}\n"
+        ));
+    }
+    document.push_str(&format!("--{BOUNDARY}--\n"));
+    document
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_part_runs_before_the_bootstrap() {
+        let document = user_data(Some("#!/bin/bash\necho user"), &AgentBootstrap::default());
+        let user = document.find("echo user").unwrap();
+        let agent = document.find("systemctl enable --now ec2-kubelet-agent").unwrap();
+        assert!(user < agent);
+        assert_eq!(document.matches(&format!("--{BOUNDARY}\n")).count(), 2);
+        assert!(document.ends_with(&format!("--{BOUNDARY}--\n")));
+        assert!(document.contains("--listen 0.0.0.0:8484"));
+    }
+
+    #[test]
+    fn cloud_config_is_typed_and_urls_are_quoted() {
+        let bootstrap = AgentBootstrap {
+            port: 9000,
+            download_url: Some("https://example.invalid/agent?x='1'".into()),
+            ..Default::default()
+        };
+        let document = user_data(Some("#cloud-config\npackages: [curl]"), &bootstrap);
+        assert!(document.contains("Content-Type: text/cloud-config"));
+        assert!(document.contains(r"'https://example.invalid/agent?x='\''1'\'''"));
+        assert!(document.contains("--listen 0.0.0.0:9000"));
+        let bare = user_data(None, &AgentBootstrap::default());
+        assert_eq!(bare.matches(&format!("--{BOUNDARY}\n")).count(), 1);
+    }
+}
