@@ -13,7 +13,7 @@ use aws_sdk_ec2::types::{
 
 use super::{
     Compute, Eni, EniRequest, Error, Instance, InstanceFilter, InstanceState, InstanceTypeInfo,
-    LaunchRequest, Result, owned_tags,
+    LaunchRequest, Result, eni_tags, instance_tags,
 };
 use crate::crd::{TagMap, tags};
 
@@ -258,8 +258,7 @@ impl Compute for AwsCompute {
         if let Some(eni) = existing.into_iter().next() {
             return Ok(eni);
         }
-        let mut eni_tags = owned_tags(&self.cluster, &request.pool, &request.tags);
-        eni_tags.insert(tags::NODE_INDEX.into(), index);
+        let eni_tags = eni_tags(&self.cluster, request);
         self.calls.record("CreateNetworkInterface");
         let created = self
             .client
@@ -386,17 +385,7 @@ impl Compute for AwsCompute {
         if let Some(instance) = existing.into_iter().next() {
             return Ok(instance);
         }
-        let mut instance_tags = owned_tags(&self.cluster, &request.pool, &request.tags);
-        instance_tags.insert(tags::NODE.into(), request.node.clone());
-        instance_tags.insert(tags::POD_UID.into(), request.pod_uid.clone());
-        instance_tags.insert(
-            tags::POD.into(),
-            format!("{}/{}", request.namespace, request.name),
-        );
-        instance_tags.insert(
-            tags::NAME.into(),
-            format!("{}/{}", request.namespace, request.name),
-        );
+        let instance_tags = instance_tags(&self.cluster, request);
         let mut run = self
             .client
             .run_instances()

@@ -12,7 +12,7 @@ use tokio::sync::Mutex;
 
 use super::{
     Compute, Eni, EniRequest, Error, Instance, InstanceFilter, InstanceState, InstanceTypeInfo,
-    LaunchRequest, Result, owned_tags,
+    LaunchRequest, Result, eni_tags, instance_tags,
 };
 use crate::crd::tags;
 
@@ -206,8 +206,7 @@ impl Compute for LocalCompute {
             return Ok(existing.clone());
         }
         let used: Vec<String> = enis.iter().map(|e| e.private_ip.clone()).collect();
-        let mut eni_tags = owned_tags(&self.options.cluster, &request.pool, &request.tags);
-        eni_tags.insert(tags::NODE_INDEX.into(), request.index.to_string());
+        let eni_tags = eni_tags(&self.options.cluster, request);
         let eni = Eni {
             eni_id: format!("eni-{}", random_hex(17)),
             private_ip: allocate_address("127.0", &used)?,
@@ -267,17 +266,7 @@ impl Compute for LocalCompute {
             .collect();
         let address = allocate_address("127.1", &used)?;
         let instance_id = format!("i-{}", random_hex(17));
-        let mut instance_tags = owned_tags(&self.options.cluster, &request.pool, &request.tags);
-        instance_tags.insert(tags::NODE.into(), request.node.clone());
-        instance_tags.insert(tags::POD_UID.into(), request.pod_uid.clone());
-        instance_tags.insert(
-            tags::POD.into(),
-            format!("{}/{}", request.namespace, request.name),
-        );
-        instance_tags.insert(
-            tags::NAME.into(),
-            format!("{}/{}", request.namespace, request.name),
-        );
+        let instance_tags = instance_tags(&self.options.cluster, request);
         let mut record = InstanceRecord {
             instance: Instance {
                 instance_id: instance_id.clone(),

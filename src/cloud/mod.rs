@@ -203,6 +203,25 @@ pub fn owned_tags(cluster: &str, pool: &str, extra: &TagMap) -> TagMap {
     tags
 }
 
+/// The tags of a node ENI: the operator's own, the node index, and the request's.
+pub fn eni_tags(cluster: &str, request: &EniRequest) -> TagMap {
+    let mut tags = owned_tags(cluster, &request.pool, &request.tags);
+    tags.insert(crate::crd::tags::NODE_INDEX.into(), request.index.to_string());
+    tags
+}
+
+/// The tags of a pod's instance: the operator's own, the node, the pod (UID and name), and the request's.
+pub fn instance_tags(cluster: &str, request: &LaunchRequest) -> TagMap {
+    use crate::crd::tags;
+    let mut instance_tags = owned_tags(cluster, &request.pool, &request.tags);
+    let pod = format!("{}/{}", request.namespace, request.name);
+    instance_tags.insert(tags::NODE.into(), request.node.clone());
+    instance_tags.insert(tags::POD_UID.into(), request.pod_uid.clone());
+    instance_tags.insert(tags::POD.into(), pod.clone());
+    instance_tags.insert(tags::NAME.into(), pod);
+    instance_tags
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
