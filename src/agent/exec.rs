@@ -9,6 +9,7 @@ use tonic::Status;
 
 use super::proto::{ExecExit, ExecInput, ExecOutput, ExecStart, exec_input, exec_output};
 use super::runtime::Runtime;
+use super::state::exit_code_and_signal;
 
 fn output(kind: exec_output::Output) -> Result<ExecOutput, Status> {
     Ok(ExecOutput { output: Some(kind) })
@@ -135,11 +136,6 @@ pub async fn run(
     for pump in [stdout, stderr].into_iter().flatten() {
         let _ = pump.await;
     }
-    let code = match status {
-        Ok(status) => status
-            .code()
-            .unwrap_or_else(|| 128 + std::os::unix::process::ExitStatusExt::signal(&status).unwrap_or(0)),
-        Err(_) => 255,
-    };
+    let code = status.map(|s| exit_code_and_signal(s).0).unwrap_or(255);
     let _ = tx.send(exit(code, String::new())).await;
 }

@@ -759,20 +759,11 @@ async fn stop_requested(stop: &mut watch::Receiver<Option<Duration>>) {
 
 /// Whether a shim process is alive (and not a reused pid of something else).
 fn shim_alive(pid: i32) -> bool {
-    // SAFETY: kill with signal 0 only checks for existence.
-    let exists = unsafe { libc::kill(pid, 0) } == 0;
-    if !exists {
+    if !super::stats::process_alive(pid) {
         return false;
     }
     match std::fs::read(format!("/proc/{pid}/cmdline")) {
-        Ok(cmdline) => {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            let zombie = stat
-                .rsplit(')')
-                .next()
-                .is_some_and(|rest| rest.trim_start().starts_with('Z'));
-            !zombie && cmdline.split(|b| *b == 0).any(|arg| arg == b"shim")
-        }
+        Ok(cmdline) => cmdline.split(|b| *b == 0).any(|arg| arg == b"shim"),
         Err(_) => !cfg!(target_os = "linux"),
     }
 }

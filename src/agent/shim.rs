@@ -8,12 +8,12 @@
 //! with its shim (`PR_SET_PDEATHSIG` on Linux), so killing an instance leaves nothing behind.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 
-use super::state::{ExitRecord, RunDir, now_ms};
+use super::state::{ExitRecord, RunDir, exit_code_and_signal, now_ms};
 
 /// What the shim needs to run one container run.
 #[derive(Debug, Clone)]
@@ -176,14 +176,7 @@ pub fn run(args: ShimArgs) -> i32 {
     for pump in pumps {
         let _ = pump.join();
     }
-    let (exit_code, signal) = match status {
-        Ok(status) => match (status.code(), status.signal()) {
-            (Some(code), _) => (code, 0),
-            (None, Some(signal)) => (128 + signal, signal),
-            (None, None) => (255, 0),
-        },
-        Err(_) => (255, 0),
-    };
+    let (exit_code, signal) = status.map(exit_code_and_signal).unwrap_or((255, 0));
     let reason = if exit_code == 0 { "Completed" } else { "Error" };
     let message = if signal != 0 {
         format!("killed by signal {signal}")

@@ -34,6 +34,17 @@ pub struct ExitRecord {
     pub finished_at_unix_ms: i64,
 }
 
+/// Exit code and signal of a finished process: the code, or 128 + the signal that killed it
+/// (as shells report it) with that signal.
+pub fn exit_code_and_signal(status: std::process::ExitStatus) -> (i32, i32) {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => (code, 0),
+        (None, Some(signal)) => (128 + signal, signal),
+        (None, None) => (255, 0),
+    }
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()

@@ -34,6 +34,16 @@ fn stat_fields(stat: &str) -> Option<Vec<&str>> {
     Some(rest.split_whitespace().collect())
 }
 
+/// Whether `pid` exists and is not a zombie (an exited process nobody has reaped yet).
+pub fn process_alive(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks for existence.
+    if unsafe { libc::kill(pid, 0) } != 0 {
+        return false;
+    }
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat_fields(&stat).is_none_or(|fields| fields.first() != Some(&"Z"))
+}
+
 /// Usage of every process whose process group is `pgid`.
 pub fn group_usage(pgid: i32) -> GroupUsage {
     let mut usage = GroupUsage::default();
@@ -75,6 +85,15 @@ mod tests {
         let usage = group_usage(pgid);
         assert!(usage.processes >= 1);
         assert!(usage.memory_bytes > 0);
+    }
+
+    #[test]
+    fn liveness_tells_running_from_reaped_processes() {
+        assert!(process_alive(std::process::id() as i32));
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id() as i32;
+        child.wait().unwrap();
+        assert!(!process_alive(pid));
     }
 
     #[test]

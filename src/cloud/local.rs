@@ -14,6 +14,7 @@ use super::{
     Compute, Eni, EniRequest, Error, Instance, InstanceFilter, InstanceState, InstanceTypeInfo,
     LaunchRequest, Result, eni_tags, instance_tags,
 };
+use crate::agent::stats::process_alive;
 use crate::crd::tags;
 
 /// Where the local cloud lives and what it runs.
@@ -59,19 +60,6 @@ pub struct LocalCompute {
 fn random_hex(len: usize) -> String {
     let value: u128 = rand::random();
     format!("{value:032x}")[..len].to_string()
-}
-
-/// Alive and not a zombie.
-fn process_alive(pid: i32) -> bool {
-    // SAFETY: signal 0 only checks for existence.
-    if unsafe { libc::kill(pid, 0) } != 0 {
-        return false;
-    }
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    !stat
-        .rsplit(')')
-        .next()
-        .is_some_and(|rest| rest.trim_start().starts_with('Z'))
 }
 
 fn io_error(context: &str, e: impl std::fmt::Display) -> Error {
