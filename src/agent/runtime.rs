@@ -747,6 +747,14 @@ impl PodRuntime {
         if let Some(pid) = child.id() {
             run.set_shim_pid(pid)?;
         }
+        // "Running" means the container process exists: wait until the shim has recorded its pid
+        // (or that it could not start it). Bounded, in case the shim itself dies first.
+        for _ in 0..500 {
+            if run.container_pid().is_some() || run.exit().is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         run.set_started_at(now_ms())?;
         Ok(child)
     }
