@@ -8,5 +8,6 @@ pub mod agent;
 pub mod cloud;
 pub mod config;
 pub mod crd;
+pub mod devcluster;
 pub mod schema;
 pub mod telemetry;

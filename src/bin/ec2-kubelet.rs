@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use ec2_kubelet::config::{ComputeBackend, LogFormat, OperatorConfig};
+use ec2_kubelet::devcluster::{DevCluster, DevClusterOptions};
 use ec2_kubelet::schema::manifests;
 use ec2_kubelet::{crd, telemetry};
 
@@ -23,7 +24,7 @@ struct Cli {
 enum Command {
     /// Write the CRDs generated from the Rust types into ./crds and the Helm chart.
     Crdgen {
-        /// Directory to write `<plural>.<group>.yaml` files (and a kustomization) into.
+        /// Directory to write `<plural>.<group>.yaml` files into.
         #[arg(long, default_value = "crds")]
         out: PathBuf,
         /// The Helm chart whose `crds/` folder gets the same CRDs ("" to skip).
@@ -42,6 +43,31 @@ enum Command {
     },
     /// Print the effective operator configuration (file, then flags), or the field at fault.
     Config(ConfigArgs),
+    /// Run the dev cluster: a Kubernetes API server stand-in on loopback (no auth, in memory),
+    /// with the project's CRDs installed, and write a kubeconfig for kubectl and helm.
+    Dev(DevArgs),
+}
+
+#[derive(Args, Clone, Debug)]
+struct DevArgs {
+    /// Address to listen on (port 0 picks a free port).
+    #[arg(long, default_value = "127.0.0.1:6443")]
+    listen: std::net::SocketAddr,
+    /// Where to write the kubeconfig.
+    #[arg(long, default_value = ".ec2-kubelet/dev/kubeconfig")]
+    kubeconfig: PathBuf,
+    /// Do not bind pending pods to nodes (tests that schedule pods themselves).
+    #[arg(long)]
+    no_scheduler: bool,
+    /// Do not install the Ec2NodePool and Ec2PodTemplate CRDs at start.
+    #[arg(long)]
+    no_crds: bool,
+    /// Changes a watch can replay before it gets 410 Gone.
+    #[arg(long, default_value_t = ec2_kubelet::devcluster::store::DEFAULT_HISTORY)]
+    history: usize,
+    /// Log format.
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormat,
 }
 
 /// Where the configuration comes from; flags override the file.
@@ -106,6 +132,68 @@ fn main() -> ExitCode {
             }
             Err(e) => fail(&e.to_string()),
         },
+        Command::Dev(args) => dev(args),
+    }
+}
+
+fn dev(args: DevArgs) -> ExitCode {
+    telemetry::init(args.log_format);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => return fail(&format!("starting the async runtime: {e}")),
+    };
+    runtime.block_on(async move {
+        let options = DevClusterOptions {
+            address: args.listen,
+            scheduler: !args.no_scheduler,
+            history: args.history,
+            ..DevClusterOptions::default()
+        };
+        let cluster = match DevCluster::start(options).await {
+            Ok(cluster) => cluster,
+            Err(e) => return fail(&format!("listening on {}: {e}", args.listen)),
+        };
+        if !args.no_crds {
+            for definition in crd::crds() {
+                let object = serde_json::to_value(&definition).unwrap_or_default();
+                if let Err(e) = cluster.store().create_builtin(
+                    "apiextensions.k8s.io",
+                    "customresourcedefinitions",
+                    None,
+                    object,
+                ) {
+                    return fail(&format!("installing CRDs: {}", e.message));
+                }
+            }
+        }
+        if let Err(e) = cluster.write_kubeconfig(&args.kubeconfig) {
+            return fail(&format!("writing {}: {e}", args.kubeconfig.display()));
+        }
+        let kubeconfig = std::fs::canonicalize(&args.kubeconfig).unwrap_or(args.kubeconfig.clone());
+        println!("ec2-kubelet dev cluster listening on {}", cluster.url());
+        println!(
+            "kubeconfig written to {}; point kubectl and helm at it with:",
+            kubeconfig.display()
+        );
+        println!("  export KUBECONFIG={}", kubeconfig.display());
+        println!("  kubectl get nodes,ec2nodepools");
+        println!("Stop with Ctrl-C.");
+        wait_for_termination().await;
+        ExitCode::SUCCESS
+    })
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn wait_for_termination() {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = async {
+            match terminate.as_mut() {
+                Some(signal) => { signal.recv().await; }
+                None => std::future::pending::<()>().await,
+            }
+        } => {}
     }
 }
 
