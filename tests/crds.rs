@@ -3,7 +3,6 @@
 
 mod common;
 
-
 use ec2_kubelet::crd;
 use ec2_kubelet::schema::manifests::{Outcome, object_errors, validate_files};
 use serde_json::json;

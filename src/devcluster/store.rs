@@ -435,11 +435,7 @@ impl Store {
     }
 
     /// Subscribes to changes of one storage key, atomically with the backlog to replay.
-    pub fn watch(
-        &self,
-        storage: &StorageKey,
-        start: WatchStart,
-    ) -> Result<Subscription, ApiError> {
+    pub fn watch(&self, storage: &StorageKey, start: WatchStart) -> Result<Subscription, ApiError> {
         let inner = self.lock();
         let receiver = inner.tx.subscribe();
         let backlog = match start {
