@@ -1,4 +1,4 @@
-//! The `ec2-kubelet` binary as a user runs it: config checking and manifest validation.
+//! The `ec2-kubelet` binary as a user runs it: config checking, manifest validation, the dev cluster.
 
 mod common;
 
@@ -95,4 +95,59 @@ fn crdgen_stdout_matches_the_files() {
     for crd in ec2_kubelet::crd::crds() {
         assert!(stdout.contains(&ec2_kubelet::crd::crd_yaml(&crd).unwrap()));
     }
+}
+
+/// Kills the child on drop, so a failing assertion never leaves a dev cluster running.
+struct Running(std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn dev_prints_how_to_point_kubectl_at_it_and_serves_our_crds() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ec2-kubelet"))
+        .args(["dev", "--listen", "127.0.0.1:0", "--kubeconfig"])
+        .arg(&kubeconfig)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("run ec2-kubelet dev");
+    let stdout = child.stdout.take().unwrap();
+    let running = Running(child);
+    let mut lines = BufReader::new(stdout).lines();
+    let mut printed = Vec::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        let done = line.starts_with("Stop with");
+        printed.push(line);
+        if done {
+            break;
+        }
+    }
+    let text = printed.join("\n");
+    assert!(
+        text.starts_with("ec2-kubelet dev cluster listening on http://127.0.0.1:"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("export KUBECONFIG={}", kubeconfig.display())),
+        "{text}"
+    );
+    let output = Command::new(common::tool("bin/kubectl"))
+        .args(["get", "crds", "-o", "name"])
+        .env("KUBECONFIG", &kubeconfig)
+        .env("KUBECACHEDIR", dir.path().join("cache"))
+        .output()
+        .expect("run kubectl");
+    assert!(output.status.success(), "{}", stderr(&output));
+    let crds = String::from_utf8_lossy(&output.stdout);
+    assert!(crds.contains("ec2nodepools.ec2-kubelet.io"), "{crds}");
+    assert!(crds.contains("ec2podtemplates.ec2-kubelet.io"), "{crds}");
+    drop(running);
 }

@@ -356,7 +356,6 @@ pub fn builtins() -> Vec<Arc<ResourceType>> {
     Arc::make_mut(&mut bindings).create_only = true;
     types.push(bindings);
     let mut events = Builtin::new("events.k8s.io", "v1", "events", "Event", true)
-        .short(&["ev"])
         .printer(Printer::Events)
         .fields(EVENT_FIELDS)
         .build();

@@ -86,7 +86,7 @@ fn failure_message(total: usize, reasons: &BTreeMap<String, usize>) -> String {
         .collect();
     parts.sort();
     if parts.is_empty() {
-        format!("0/{total} nodes are available: no nodes registered.")
+        format!("0/{total} nodes are available: no nodes available to schedule pods.")
     } else {
         format!("0/{total} nodes are available: {}.", parts.join(", "))
     }
