@@ -521,7 +521,7 @@ async fn watch_response(
             }
         }
     };
-    let (backlog, mut receiver) = match subscription {
+    let (backlog, mut receiver, subscribed_rv) = match subscription {
         Ok(subscription) => subscription,
         Err(error) => {
             // The real server answers an expired resourceVersion with an ERROR event.
@@ -543,14 +543,10 @@ async fn watch_response(
     let mut epoch = state.watch_epoch.subscribe();
     epoch.mark_unchanged();
     let bookmark_every = state.options.bookmark_interval;
+    // Bookmarks never claim a version whose changes this watch has not sent yet.
     let start_rv = match start {
         WatchStart::After(rv) => rv,
-        WatchStart::Now => backlog
-            .iter()
-            .map(|c| c.rv)
-            .max()
-            .unwrap_or(0)
-            .max(state.store.current_rv()),
+        WatchStart::Now => subscribed_rv,
     };
     let kind = rt.kind.clone();
     let api_version = rt.api_version(&version);

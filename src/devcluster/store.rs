@@ -153,8 +153,9 @@ pub struct ListPage {
     pub remaining: Option<usize>,
 }
 
-/// The changes a watch replays first, and the live changes after them.
-pub type Subscription = (Vec<Arc<Change>>, broadcast::Receiver<Arc<Change>>);
+/// A watch's start: the changes to replay first, the live changes after them, and the
+/// resourceVersion the store was at when the two were split (the first safe bookmark).
+pub type Subscription = (Vec<Arc<Change>>, broadcast::Receiver<Arc<Change>>, u64);
 
 /// Where a watch starts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -472,7 +473,7 @@ impl Store {
                 })
                 .unwrap_or_default(),
         };
-        Ok((backlog, receiver))
+        Ok((backlog, receiver, inner.rv))
     }
 
     /// Every change from now on, of every kind (the scheduler and benchmarks listen here).
