@@ -104,6 +104,8 @@ pub struct SyncConfig {
     pub pod_status_batch_millis: u32,
     /// A pod whose agent stays unreachable this long is marked Failed (`InstanceLost`).
     pub agent_lost_seconds: u32,
+    /// Scale-down waits this long for a cordoned node's pods to leave before removing it anyway.
+    pub drain_timeout_seconds: u32,
 }
 
 impl Default for SyncConfig {
@@ -114,6 +116,7 @@ impl Default for SyncConfig {
             template_resync_seconds: 600,
             pod_status_batch_millis: 100,
             agent_lost_seconds: 300,
+            drain_timeout_seconds: 600,
         }
     }
 }

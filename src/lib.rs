@@ -7,7 +7,10 @@
 pub mod agent;
 pub mod cloud;
 pub mod config;
+pub mod controller;
 pub mod crd;
 pub mod devcluster;
+pub mod node;
+pub mod operator;
 pub mod schema;
 pub mod telemetry;

@@ -5,7 +5,9 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use ec2_kubelet::config::{ComputeBackend, LogFormat, OperatorConfig};
+use ec2_kubelet::controller::Context;
 use ec2_kubelet::devcluster::{DevCluster, DevClusterOptions};
+use ec2_kubelet::operator;
 use ec2_kubelet::schema::manifests;
 use ec2_kubelet::{crd, telemetry};
 
@@ -43,6 +45,8 @@ enum Command {
     },
     /// Print the effective operator configuration (file, then flags), or the field at fault.
     Config(ConfigArgs),
+    /// Run the operator against the cluster of $KUBECONFIG (or the in-cluster configuration).
+    Run(ConfigArgs),
     /// Run the dev cluster: a Kubernetes API server stand-in on loopback (no auth, in memory),
     /// with the project's CRDs installed, and write a kubeconfig for kubectl and helm.
     Dev(DevArgs),
@@ -133,7 +137,39 @@ fn main() -> ExitCode {
             Err(e) => fail(&e.to_string()),
         },
         Command::Dev(args) => dev(args),
+        Command::Run(args) => match args.load() {
+            Ok(config) => run(config),
+            Err(e) => fail(&e.to_string()),
+        },
     }
+}
+
+fn run(config: OperatorConfig) -> ExitCode {
+    telemetry::init(config.log_format);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => return fail(&format!("starting the async runtime: {e}")),
+    };
+    runtime.block_on(async move {
+        let client = match kube::Client::try_default().await {
+            Ok(client) => client,
+            Err(e) => return fail(&format!("connecting to Kubernetes: {e}")),
+        };
+        let compute = match operator::compute(&config).await {
+            Ok(compute) => compute,
+            Err(e) => return fail(&e),
+        };
+        let identity = operator::identity();
+        tracing::info!(%identity, backend = compute.backend(), cluster = %config.cluster_name, "starting");
+        let ctx = std::sync::Arc::new(Context::new(client, compute, config, &identity));
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let running = tokio::spawn(operator::run(ctx, stopped));
+        wait_for_termination().await;
+        tracing::info!("stopping: releasing leases");
+        let _ = stop.send(true);
+        let _ = running.await;
+        ExitCode::SUCCESS
+    })
 }
 
 fn dev(args: DevArgs) -> ExitCode {

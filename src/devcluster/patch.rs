@@ -108,9 +108,23 @@ pub fn merge_patch(target: &mut Value, patch: &Value) {
     json_patch::merge(target, patch);
 }
 
-/// RFC 6902 JSON patch.
+/// RFC 6902 JSON patch, with the API server's reading of `test`: a missing path equals `null`
+/// (kube-runtime's finalizer helper tests `/metadata/finalizers` against `null` before adding).
 pub fn json_patch(target: &mut Value, patch: &Value) -> Result<(), String> {
-    let patch: json_patch::Patch = serde_json::from_value(patch.clone()).map_err(|e| e.to_string())?;
+    let mut operations = patch
+        .as_array()
+        .cloned()
+        .ok_or("a JSON patch must be a list of operations")?;
+    operations.retain(|op| {
+        let missing_null_test = op["op"] == "test"
+            && op["value"].is_null()
+            && op["path"]
+                .as_str()
+                .is_some_and(|path| target.pointer(path).is_none());
+        !missing_null_test
+    });
+    let patch: json_patch::Patch =
+        serde_json::from_value(Value::Array(operations)).map_err(|e| e.to_string())?;
     json_patch::patch(target, &patch).map_err(|e| e.to_string())
 }
 
@@ -372,6 +386,25 @@ mod tests {
         assert_eq!(
             pod["status"]["conditions"],
             json!([{"type": "Ready", "status": "True"}, {"type": "Initialized", "status": "True"}])
+        );
+    }
+
+    #[test]
+    fn json_patch_test_of_a_missing_path_against_null_passes() {
+        let mut object = json!({"metadata": {"name": "a"}});
+        let patch = json!([
+            {"op": "test", "path": "/metadata/finalizers", "value": null},
+            {"op": "add", "path": "/metadata/finalizers", "value": []},
+            {"op": "add", "path": "/metadata/finalizers/-", "value": "x"},
+        ]);
+        json_patch(&mut object, &patch).unwrap();
+        assert_eq!(object["metadata"]["finalizers"], json!(["x"]));
+        assert!(
+            json_patch(
+                &mut object,
+                &json!([{"op": "test", "path": "/metadata/name", "value": "b"}])
+            )
+            .is_err()
         );
     }
 

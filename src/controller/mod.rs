@@ -1,0 +1,76 @@
+//! The operator's controllers and what they share: the `Context` (client, compute, config,
+//! event recorder, replica identity) and the crate-level `Error`.
+
+pub mod pool;
+
+use std::sync::Arc;
+
+use kube::Client;
+use kube::runtime::events::{Recorder, Reporter};
+
+use crate::cloud::Compute;
+use crate::config::OperatorConfig;
+
+/// Everything a reconcile or a node task needs.
+pub struct Context {
+    pub client: Client,
+    pub compute: Arc<dyn Compute>,
+    pub config: OperatorConfig,
+    /// This replica's name in leases (`holderIdentity`).
+    pub identity: String,
+    pub recorder: Recorder,
+}
+
+impl Context {
+    pub fn new(client: Client, compute: Arc<dyn Compute>, config: OperatorConfig, identity: &str) -> Context {
+        let reporter = Reporter {
+            controller: "ec2-kubelet".into(),
+            instance: Some(identity.to_string()),
+        };
+        Context {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            compute,
+            config,
+            identity: identity.to_string(),
+        }
+    }
+
+    /// The port of the kubelet API the operator serves for every virtual node.
+    pub fn kubelet_port(&self) -> u16 {
+        self.config
+            .server
+            .kubelet_address
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(10250)
+    }
+}
+
+/// What can go wrong in a controller, named for what a user sees in events and metrics.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("cloud: {0}")]
+    Cloud(#[from] crate::cloud::Error),
+    #[error("{field}: {message}")]
+    InvalidSpec { field: String, message: String },
+    #[error("finalizer: {0}")]
+    Finalizer(String),
+}
+
+impl Error {
+    /// A short name for event reasons and metrics labels.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Error::Kube(_) => "KubernetesApiError",
+            Error::Cloud(error) => error.reason(),
+            Error::InvalidSpec { .. } => "InvalidSpec",
+            Error::Finalizer(_) => "FinalizerError",
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

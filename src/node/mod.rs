@@ -1,0 +1,385 @@
+//! Virtual nodes: one tokio task per node ENI keeps its `Node` registered and alive
+//! (ownership lease between replicas, `kube-node-lease` heartbeat, node status), like a
+//! kubelet's node loop (virtual-kubelet `node.go`, `lease_controller_v1.go`).
+
+pub mod lease;
+pub mod supervisor;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Node;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use serde_json::{Value, json};
+use tokio::sync::watch;
+
+use crate::controller::{Context, Result};
+use crate::crd::{Ec2NodePoolSpec, GROUP, VERSION, labels};
+use lease::LeaseLock;
+
+/// The namespace of kubelet heartbeat leases.
+pub const NODE_LEASE_NAMESPACE: &str = "kube-node-lease";
+
+/// One virtual node as the pool's status describes it: what its task needs to run it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct VirtualNode {
+    pub name: String,
+    pub pool: String,
+    pub pool_uid: String,
+    pub index: i32,
+    pub eni_id: String,
+    pub private_ip: String,
+    pub spec: Ec2NodePoolSpec,
+}
+
+/// `ip-10-0-1-23.<pool>`: the node name for an ENI address (a DNS-1123 subdomain).
+pub fn node_name(private_ip: &str, pool: &str) -> String {
+    format!("ip-{}.{pool}", private_ip.replace(['.', ':'], "-"))
+}
+
+/// `v1.34.0-ec2-kubelet-<version>`, the kubelet version virtual nodes report.
+pub fn kubelet_version() -> String {
+    format!("v1.34.0-ec2-kubelet-{}", env!("CARGO_PKG_VERSION"))
+}
+
+fn quantity_or(
+    value: &Option<k8s_openapi::apimachinery::pkg::api::resource::Quantity>,
+    default: &str,
+) -> String {
+    value
+        .as_ref()
+        .map(|q| q.0.clone())
+        .unwrap_or_else(|| default.to_string())
+}
+
+/// Capacity (and allocatable) a node of this pool advertises.
+pub fn capacity(spec: &Ec2NodePoolSpec) -> BTreeMap<String, String> {
+    let mut capacity = BTreeMap::from([
+        ("cpu".to_string(), quantity_or(&spec.capacity.cpu, "1k")),
+        ("memory".to_string(), quantity_or(&spec.capacity.memory, "4Ti")),
+        (
+            "pods".to_string(),
+            quantity_or(&spec.capacity.pods, &spec.max_pods_per_node.to_string()),
+        ),
+        ("ephemeral-storage".to_string(), "1Ti".to_string()),
+    ]);
+    if let Some(gpu) = &spec.capacity.gpu {
+        capacity.insert("nvidia.com/gpu".into(), gpu.0.clone());
+    }
+    capacity
+}
+
+/// The labels of a virtual node: the built-in virtual-kubelet ones, then the pool's.
+pub fn node_labels(node: &VirtualNode) -> BTreeMap<String, String> {
+    let mut labels = node.spec.node_labels.clone();
+    for (key, value) in [
+        ("type", "virtual-kubelet"),
+        ("kubernetes.io/role", "agent"),
+        ("kubernetes.io/os", node.spec.os.as_str()),
+        ("kubernetes.io/arch", node.spec.arch.as_str()),
+        ("kubernetes.io/hostname", node.name.as_str()),
+        ("node.kubernetes.io/instance-type", "virtual"),
+        (labels::POOL, node.pool.as_str()),
+    ] {
+        labels.insert(key.into(), value.into());
+    }
+    labels.insert(labels::NODE_INDEX.into(), node.index.to_string());
+    labels
+}
+
+/// The `Node` object (metadata and spec) registered for a virtual node.
+pub fn node_object(node: &VirtualNode) -> Value {
+    let taints: Vec<Value> = node
+        .spec
+        .node_taints
+        .iter()
+        .map(|t| {
+            let mut taint = json!({"key": t.key, "effect": t.effect.as_str()});
+            if !t.value.is_empty() {
+                taint["value"] = json!(t.value);
+            }
+            taint
+        })
+        .collect();
+    json!({
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {
+            "name": node.name,
+            "labels": node_labels(node),
+            "ownerReferences": [{
+                "apiVersion": format!("{GROUP}/{VERSION}"), "kind": "Ec2NodePool",
+                "name": node.pool, "uid": node.pool_uid,
+            }],
+        },
+        "spec": {"taints": taints},
+    })
+}
+
+/// Why a node is (not) Ready.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Health {
+    pub ready: bool,
+    pub reason: String,
+    pub message: String,
+}
+
+/// The node's `status`: conditions from `health`, addresses, capacity, endpoints, nodeInfo.
+pub fn node_status(node: &VirtualNode, health: &Health, kubelet_port: u16, transition: &str) -> Value {
+    let now = jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string();
+    let healthy = |type_: &str, reason: &str, message: &str| {
+        json!({"type": type_, "status": "False", "reason": reason, "message": message,
+            "lastHeartbeatTime": now, "lastTransitionTime": transition})
+    };
+    let capacity = capacity(&node.spec);
+    json!({
+        "conditions": [
+            {"type": "Ready", "status": if health.ready { "True" } else { "False" }, "reason": health.reason,
+                "message": health.message, "lastHeartbeatTime": now, "lastTransitionTime": transition},
+            healthy("MemoryPressure", "KubeletHasSufficientMemory", "the instances of this node's pods are sized per pod"),
+            healthy("DiskPressure", "KubeletHasNoDiskPressure", "each pod has its own instance volume"),
+            healthy("PIDPressure", "KubeletHasSufficientPID", "each pod has its own instance"),
+            {"type": "NetworkUnavailable", "status": if health.ready { "False" } else { "True" },
+                "reason": if health.ready { "EniAttached" } else { health.reason.as_str() },
+                "message": format!("ENI {}", node.eni_id), "lastHeartbeatTime": now, "lastTransitionTime": transition},
+        ],
+        "addresses": [
+            {"type": "InternalIP", "address": node.private_ip},
+            {"type": "Hostname", "address": node.name},
+        ],
+        "capacity": capacity,
+        "allocatable": capacity,
+        "daemonEndpoints": {"kubeletEndpoint": {"Port": kubelet_port}},
+        "nodeInfo": {
+            "machineID": node.eni_id, "systemUUID": node.eni_id, "bootID": "",
+            "kernelVersion": "", "osImage": format!("ec2-kubelet virtual node ({})", node.spec.os.as_str()),
+            "containerRuntimeVersion": format!("ec2-kubelet://{}", env!("CARGO_PKG_VERSION")),
+            "kubeletVersion": kubelet_version(), "kubeProxyVersion": "",
+            "operatingSystem": node.spec.os.as_str(), "architecture": node.spec.arch.as_str(),
+        },
+    })
+}
+
+/// Whether the node's ENI still exists, asked of the cloud.
+async fn check_health(ctx: &Context, node: &VirtualNode) -> Health {
+    match ctx.compute.describe_enis(&node.pool).await {
+        Ok(enis) if enis.iter().any(|e| e.eni_id == node.eni_id) => Health {
+            ready: true,
+            reason: "KubeletReady".into(),
+            message: format!("ec2-kubelet is posting ready status for ENI {}", node.eni_id),
+        },
+        Ok(_) => Health {
+            ready: false,
+            reason: "EniMissing".into(),
+            message: format!("ENI {} of this node no longer exists", node.eni_id),
+        },
+        Err(error) => Health {
+            ready: false,
+            reason: "CloudUnavailable".into(),
+            message: format!("cannot check ENI {}: {error}", node.eni_id),
+        },
+    }
+}
+
+/// Creates the node, or brings its labels, taints and owner up to date (never `unschedulable`,
+/// which belongs to whoever cordons it).
+async fn register(ctx: &Context, node: &VirtualNode) -> Result<()> {
+    let nodes: Api<Node> = Api::all(ctx.client.clone());
+    let object = node_object(node);
+    match nodes.get_opt(&node.name).await? {
+        None => {
+            let created: Node =
+                serde_json::from_value(object).map_err(|e| crate::controller::Error::InvalidSpec {
+                    field: "spec".into(),
+                    message: e.to_string(),
+                })?;
+            match nodes.create(&PostParams::default(), &created).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(status)) if status.is_already_exists() => {}
+                Err(error) => return Err(error.into()),
+            }
+        }
+        Some(_) => {
+            let patch = json!({"metadata": {"labels": object["metadata"]["labels"],
+                "ownerReferences": object["metadata"]["ownerReferences"]}, "spec": {"taints": object["spec"]["taints"]}});
+            nodes
+                .patch(&node.name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await?;
+        }
+    }
+    Ok(())
+}
+
+/// Renews (or creates) the node's heartbeat lease in `kube-node-lease`, as a kubelet does.
+async fn renew_node_lease(ctx: &Context, node: &VirtualNode, duration: Duration) -> Result<()> {
+    let leases: Api<Lease> = Api::namespaced(ctx.client.clone(), NODE_LEASE_NAMESPACE);
+    let heartbeat = LeaseLock::new(leases, &node.name, &node.name, duration);
+    heartbeat.try_acquire_or_renew().await?;
+    Ok(())
+}
+
+async fn patch_status(ctx: &Context, node: &VirtualNode, status: Value) -> Result<()> {
+    let nodes: Api<Node> = Api::all(ctx.client.clone());
+    nodes
+        .patch_status(
+            &node.name,
+            &PatchParams::default(),
+            &Patch::Strategic(json!({"status": status})),
+        )
+        .await?;
+    Ok(())
+}
+
+/// Records this node's readiness in the pool's status (a merge patch keyed by node name, so
+/// node tasks never overwrite each other).
+async fn patch_pool_readiness(ctx: &Context, node: &VirtualNode, ready: bool) -> Result<()> {
+    let pools: Api<crate::crd::Ec2NodePool> = Api::all(ctx.client.clone());
+    let patch = json!({"status": {"nodes": {node.name.clone(): {"ready": ready}}}});
+    match pools
+        .patch_status(&node.pool, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.is_not_found() => Ok(()),
+        Err(error) => Err(error.into()),
+    }
+}
+
+/// Runs one virtual node until `stop` turns true: waits to hold the node's ownership lease,
+/// then registers the node and keeps it alive. Returns an error when the API or cloud fails
+/// in a way the supervisor should restart it for.
+pub async fn run(
+    ctx: Arc<Context>,
+    mut node: watch::Receiver<VirtualNode>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<()> {
+    let renew = Duration::from_secs(u64::from(ctx.config.lease.renew_interval_seconds.max(1)));
+    let duration = Duration::from_secs(u64::from(ctx.config.lease.duration_seconds.max(1)));
+    let status_every = Duration::from_secs(u64::from(ctx.config.sync.node_status_seconds.max(1)));
+    let leases: Api<Lease> = Api::namespaced(ctx.client.clone(), &ctx.config.namespace);
+    let current = node.borrow().clone();
+    let ownership = LeaseLock::new(leases, &current.name, &ctx.identity, duration);
+    let mut held = false;
+    let mut registered: Option<VirtualNode> = None;
+    let mut last_health: Option<Health> = None;
+    let mut last_status = Instant::now();
+    let mut transition = String::new();
+    let mut ticker = tokio::time::interval(renew);
+    loop {
+        tokio::select! {
+            _ = supervisor::stopped(&mut stop) => break,
+            _ = ticker.tick() => {}
+            changed = node.changed() => if changed.is_err() { break },
+        }
+        let current = node.borrow().clone();
+        if !ownership.try_acquire_or_renew().await? {
+            if held {
+                tracing::info!(node = %current.name, "lost the node's ownership lease; another replica runs it");
+            }
+            held = false;
+            registered = None;
+            continue;
+        }
+        if !held {
+            tracing::info!(node = %current.name, identity = %ctx.identity, "running virtual node");
+            held = true;
+        }
+        if registered.as_ref() != Some(&current) {
+            register(&ctx, &current).await?;
+            registered = Some(current.clone());
+            last_health = None;
+        }
+        renew_node_lease(&ctx, &current, duration).await?;
+        let due = last_health.is_none() || last_status.elapsed() >= status_every;
+        if due {
+            let health = check_health(&ctx, &current).await;
+            let changed = last_health.as_ref().is_none_or(|h| h.ready != health.ready);
+            if changed || transition.is_empty() {
+                transition = jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string();
+            }
+            patch_status(
+                &ctx,
+                &current,
+                node_status(&current, &health, ctx.kubelet_port(), &transition),
+            )
+            .await?;
+            if changed {
+                patch_pool_readiness(&ctx, &current, health.ready).await?;
+            }
+            last_health = Some(health);
+            last_status = Instant::now();
+        }
+    }
+    if held {
+        let _ = ownership.release().await;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn virtual_node() -> VirtualNode {
+        let spec: Ec2NodePoolSpec = serde_json::from_value(json!({
+            "nodes": 1, "subnetIds": ["subnet-1"], "nodeLabels": {"team": "a", "type": "overridden"},
+            "capacity": {"gpu": "4"}, "maxPodsPerNode": 20,
+        }))
+        .unwrap();
+        VirtualNode {
+            name: node_name("10.0.1.23", "gpu"),
+            pool: "gpu".into(),
+            pool_uid: "uid-1".into(),
+            index: 2,
+            eni_id: "eni-1".into(),
+            private_ip: "10.0.1.23".into(),
+            spec,
+        }
+    }
+
+    #[test]
+    fn node_names_come_from_the_eni_address() {
+        assert_eq!(node_name("10.0.1.23", "gpu"), "ip-10-0-1-23.gpu");
+    }
+
+    #[test]
+    fn node_objects_carry_the_virtual_kubelet_labels_taint_and_capacity() {
+        let node = virtual_node();
+        let object = node_object(&node);
+        let labels = &object["metadata"]["labels"];
+        assert_eq!(
+            labels["type"], "virtual-kubelet",
+            "built-in labels win over the pool's"
+        );
+        assert_eq!(labels["team"], "a");
+        assert_eq!(labels["kubernetes.io/role"], "agent");
+        assert_eq!(labels["ec2-kubelet.io/pool"], "gpu");
+        assert_eq!(labels["ec2-kubelet.io/node-index"], "2");
+        assert_eq!(
+            object["spec"]["taints"],
+            json!([{"key": "virtual-kubelet.io/provider", "value": "ec2", "effect": "NoSchedule"}])
+        );
+        let health = Health {
+            ready: true,
+            reason: "KubeletReady".into(),
+            message: String::new(),
+        };
+        let status = node_status(&node, &health, 10250, "2026-01-01T00:00:00Z");
+        assert_eq!(status["capacity"]["pods"], "20");
+        assert_eq!(status["capacity"]["nvidia.com/gpu"], "4");
+        assert_eq!(
+            status["addresses"][0],
+            json!({"type": "InternalIP", "address": "10.0.1.23"})
+        );
+        assert_eq!(status["daemonEndpoints"]["kubeletEndpoint"]["Port"], 10250);
+        assert_eq!(status["conditions"][0]["status"], "True");
+        assert!(
+            status["nodeInfo"]["kubeletVersion"]
+                .as_str()
+                .unwrap()
+                .starts_with("v1.34.0-ec2-kubelet-")
+        );
+    }
+}

@@ -1,0 +1,159 @@
+//! Starts one supervised node task per virtual node listed in the pools' status, in every
+//! operator replica; the tasks' ownership leases decide which replica actually runs each node.
+//! A task that fails is restarted with backoff; a node that leaves the status is stopped.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use kube::api::Api;
+use kube::runtime::{WatchStreamExt, reflector, watcher};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use super::VirtualNode;
+use crate::controller::Context;
+use crate::crd::Ec2NodePool;
+
+/// The virtual nodes a pool's status lists (none while the pool is being deleted).
+pub fn desired_nodes(pool: &Ec2NodePool) -> Vec<VirtualNode> {
+    if pool.metadata.deletion_timestamp.is_some() {
+        return Vec::new();
+    }
+    let name = pool.metadata.name.clone().unwrap_or_default();
+    let uid = pool.metadata.uid.clone().unwrap_or_default();
+    pool.status
+        .as_ref()
+        .map(|status| {
+            status
+                .nodes
+                .iter()
+                .filter(|(_, node)| !node.eni_id.is_empty() && !node.private_ip.is_empty())
+                .map(|(node_name, node)| VirtualNode {
+                    name: node_name.clone(),
+                    pool: name.clone(),
+                    pool_uid: uid.clone(),
+                    index: node.index,
+                    eni_id: node.eni_id.clone(),
+                    private_ip: node.private_ip.clone(),
+                    spec: pool.spec.clone(),
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+struct Running {
+    node: watch::Sender<VirtualNode>,
+    stop: watch::Sender<bool>,
+    handle: JoinHandle<()>,
+}
+
+/// Resolves once `stop` turns true (or its sender is gone).
+pub async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// Runs `node::run` until it returns cleanly or `stop` turns true, restarting it after errors
+/// with exponential backoff (1 s to 30 s).
+async fn supervise(ctx: Arc<Context>, node: watch::Receiver<VirtualNode>, mut stop: watch::Receiver<bool>) {
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        match super::run(ctx.clone(), node.clone(), stop.clone()).await {
+            Ok(()) => return,
+            Err(error) => {
+                let name = node.borrow().name.clone();
+                tracing::warn!(node = %name, %error, retry_in = ?backoff, "node task failed; restarting");
+            }
+        }
+        tokio::select! {
+            _ = stopped(&mut stop) => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(30));
+    }
+}
+
+#[derive(Default)]
+struct Tasks {
+    running: HashMap<String, Running>,
+}
+
+impl Tasks {
+    fn sync(&mut self, ctx: &Arc<Context>, pools: &[Arc<Ec2NodePool>]) {
+        let desired: HashMap<String, VirtualNode> = pools
+            .iter()
+            .flat_map(|pool| desired_nodes(pool))
+            .map(|node| (node.name.clone(), node))
+            .collect();
+        self.running.retain(|name, task| {
+            let keep = desired.contains_key(name) && !task.handle.is_finished();
+            if !keep {
+                let _ = task.stop.send(true);
+            }
+            keep
+        });
+        for (name, node) in desired {
+            match self.running.get(&name) {
+                Some(task) => {
+                    task.node.send_if_modified(|current| {
+                        let changed = *current != node;
+                        if changed {
+                            *current = node.clone();
+                        }
+                        changed
+                    });
+                }
+                None => {
+                    let (node_tx, node_rx) = watch::channel(node);
+                    let (stop_tx, stop_rx) = watch::channel(false);
+                    let handle = tokio::spawn(supervise(ctx.clone(), node_rx, stop_rx));
+                    self.running.insert(
+                        name,
+                        Running {
+                            node: node_tx,
+                            stop: stop_tx,
+                            handle,
+                        },
+                    );
+                }
+            }
+        }
+    }
+
+    async fn stop_all(&mut self) {
+        for task in self.running.values() {
+            let _ = task.stop.send(true);
+        }
+        for (_, task) in self.running.drain() {
+            let _ = task.handle.await;
+        }
+    }
+}
+
+/// Keeps the node tasks of this replica in line with the pools until `stop` turns true, then
+/// stops them (each releases its ownership lease).
+pub async fn run(ctx: Arc<Context>, mut stop: watch::Receiver<bool>) {
+    let pools: Api<Ec2NodePool> = Api::all(ctx.client.clone());
+    let (reader, writer) = reflector::store();
+    let events = reflector(writer, watcher(pools, watcher::Config::default()))
+        .default_backoff()
+        .touched_objects();
+    let mut events = std::pin::pin!(events);
+    let mut tasks = Tasks::default();
+    let mut resync = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            _ = stopped(&mut stop) => break,
+            event = events.next() => match event {
+                Some(Ok(_)) => {}
+                Some(Err(error)) => tracing::warn!(%error, "watching pools"),
+                None => break,
+            },
+            _ = resync.tick() => {}
+        }
+        tasks.sync(&ctx, &reader.state());
+    }
+    tasks.stop_all().await;
+}

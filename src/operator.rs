@@ -1,0 +1,140 @@
+//! The operator process: node tasks in every replica (each node run by the replica holding its
+//! lease), and the pool controller in the replica holding the controller lease.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Node;
+use kube::api::Api;
+use kube::runtime::{Controller, watcher};
+use tokio::sync::watch;
+
+use crate::controller::{Context, pool};
+use crate::crd::{Ec2NodePool, labels};
+use crate::node::lease::LeaseLock;
+use crate::node::supervisor::{self, stopped};
+
+/// The lease whose holder runs the pool controller.
+pub const CONTROLLER_LEASE: &str = "ec2-kubelet-controller";
+
+/// Runs the pool controller until the stream ends.
+async fn run_controller(ctx: Arc<Context>) {
+    let pools: Api<Ec2NodePool> = Api::all(ctx.client.clone());
+    let nodes: Api<Node> = Api::all(ctx.client.clone());
+    Controller::new(pools, watcher::Config::default())
+        .owns(nodes, watcher::Config::default().labels(labels::POOL))
+        .run(pool::reconcile, pool::error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(error) = result {
+                tracing::debug!(%error, "pool controller");
+            }
+        })
+        .await;
+}
+
+/// Renews the controller lease until a renewal fails.
+async fn keep_leading(lease: &LeaseLock, every: Duration) {
+    let mut ticker = tokio::time::interval(every);
+    loop {
+        ticker.tick().await;
+        match lease.try_acquire_or_renew().await {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(error) => {
+                tracing::warn!(%error, "renewing the controller lease");
+                return;
+            }
+        }
+    }
+}
+
+/// Runs the operator until `stop` turns true; then stops every node task and releases the
+/// leases this replica holds.
+pub async fn run(ctx: Arc<Context>, mut stop: watch::Receiver<bool>) {
+    let nodes = tokio::spawn(supervisor::run(ctx.clone(), stop.clone()));
+    let renew = Duration::from_secs(u64::from(ctx.config.lease.renew_interval_seconds.max(1)));
+    let duration = Duration::from_secs(u64::from(ctx.config.lease.duration_seconds.max(1)));
+    let leases: Api<Lease> = Api::namespaced(ctx.client.clone(), &ctx.config.namespace);
+    let leader = LeaseLock::new(leases, CONTROLLER_LEASE, &ctx.identity, duration);
+    let mut ticker = tokio::time::interval(renew);
+    loop {
+        tokio::select! {
+            _ = stopped(&mut stop) => break,
+            _ = ticker.tick() => {}
+        }
+        match leader.try_acquire_or_renew().await {
+            Ok(true) => {}
+            Ok(false) => continue,
+            Err(error) => {
+                tracing::warn!(%error, "acquiring the controller lease");
+                continue;
+            }
+        }
+        tracing::info!(identity = %ctx.identity, "leading: running the pool controller");
+        tokio::select! {
+            _ = run_controller(ctx.clone()) => {}
+            _ = keep_leading(&leader, renew) => tracing::warn!("lost the controller lease"),
+            _ = stopped(&mut stop) => break,
+        }
+    }
+    let _ = leader.release().await;
+    let _ = nodes.await;
+}
+
+/// A replica identity: `$POD_NAME` in a cluster, else the host name, plus a random suffix so two
+/// processes on one host differ.
+pub fn identity() -> String {
+    let base = std::env::var("POD_NAME")
+        .ok()
+        .filter(|n| !n.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_string())
+        })
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| "ec2-kubelet".into());
+    format!("{base}-{:08x}", rand::random::<u32>())
+}
+
+/// The compute backend the configuration asks for. The `local` backend keeps its records in
+/// `local.stateDir` (default: `<tmp>/ec2-kubelet-local-<cluster>`, stable across restarts) and
+/// starts `local.agentBinary` (default: `ec2-kubelet-agent` beside this binary).
+pub async fn compute(
+    config: &crate::config::OperatorConfig,
+) -> Result<Arc<dyn crate::cloud::Compute>, String> {
+    use crate::cloud::aws::AwsCompute;
+    use crate::cloud::local::{LocalCompute, LocalOptions};
+    use crate::config::ComputeBackend;
+    match config.compute {
+        ComputeBackend::Aws => {
+            let compute = AwsCompute::new(
+                &config.cluster_name,
+                &config.region,
+                config.ec2_endpoint.as_deref(),
+            )
+            .await;
+            Ok(Arc::new(compute))
+        }
+        ComputeBackend::Local => {
+            let dir = config.local.state_dir.clone().unwrap_or_else(|| {
+                std::env::temp_dir().join(format!("ec2-kubelet-local-{}", config.cluster_name))
+            });
+            let agent_binary = match &config.local.agent_binary {
+                Some(path) => path.clone(),
+                None => std::env::current_exe()
+                    .map_err(|e| format!("locating this binary: {e}"))?
+                    .with_file_name("ec2-kubelet-agent"),
+            };
+            let options = LocalOptions {
+                cluster: config.cluster_name.clone(),
+                dir,
+                agent_binary,
+            };
+            let compute = LocalCompute::new(options).map_err(|e| format!("local compute backend: {e}"))?;
+            Ok(Arc::new(compute))
+        }
+    }
+}

@@ -1,0 +1,613 @@
+//! Pools and virtual nodes: the operator (in-process, as one or two replicas) against the dev
+//! cluster, with the `local` backend and with the `aws` backend against moto.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ec2_kubelet::cloud::Compute;
+use ec2_kubelet::cloud::aws::{AwsCompute, EndpointOverrides};
+use ec2_kubelet::cloud::local::{LocalCompute, LocalOptions};
+use ec2_kubelet::config::OperatorConfig;
+use ec2_kubelet::controller::Context;
+use ec2_kubelet::crd::Ec2NodePool;
+use ec2_kubelet::devcluster::{DevCluster, DevClusterOptions};
+use ec2_kubelet::node::node_name;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Event, Node, Pod};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
+use serde_json::{Value, json};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+const NAMESPACE: &str = "ec2-kubelet-system";
+
+struct Env {
+    cluster: DevCluster,
+    client: Client,
+    dir: tempfile::TempDir,
+}
+
+impl Env {
+    async fn start() -> Env {
+        // RUST_LOG=ec2_kubelet=debug shows the operator's logs for a failing test.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+        let options = DevClusterOptions {
+            scheduler: false,
+            ..DevClusterOptions::default()
+        };
+        let cluster = DevCluster::start(options).await.unwrap();
+        let client = cluster.client();
+        let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+        for crd in ec2_kubelet::crd::crds() {
+            crds.create(&PostParams::default(), &crd).await.unwrap();
+        }
+        let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+        let namespace = serde_json::from_value(json!({"metadata": {"name": NAMESPACE}})).unwrap();
+        namespaces
+            .create(&PostParams::default(), &namespace)
+            .await
+            .unwrap();
+        Env {
+            cluster,
+            client,
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    /// A `local` backend over this test's state directory (one per replica, as separate processes have).
+    fn local(&self) -> Arc<dyn Compute> {
+        let options = LocalOptions {
+            cluster: "test".into(),
+            dir: self.dir.path().join("local"),
+            agent_binary: env!("CARGO_BIN_EXE_ec2-kubelet-agent").into(),
+        };
+        Arc::new(LocalCompute::new(options).unwrap())
+    }
+}
+
+/// Fast leases and status so tests see renewals and takeovers in seconds.
+fn config() -> OperatorConfig {
+    let mut config = OperatorConfig {
+        cluster_name: "test".into(),
+        namespace: NAMESPACE.into(),
+        ..OperatorConfig::default()
+    };
+    config.lease.duration_seconds = 3;
+    config.lease.renew_interval_seconds = 1;
+    config.sync.node_status_seconds = 2;
+    config.sync.pool_resync_seconds = 30;
+    config
+}
+
+/// One operator replica running in this process.
+struct Replica {
+    identity: String,
+    stop: watch::Sender<bool>,
+    handle: JoinHandle<()>,
+}
+
+impl Replica {
+    fn start(client: &Client, compute: Arc<dyn Compute>, identity: &str) -> Replica {
+        let ctx = Arc::new(Context::new(client.clone(), compute, config(), identity));
+        let (stop, stopped) = watch::channel(false);
+        let handle = tokio::spawn(ec2_kubelet::operator::run(ctx, stopped));
+        Replica {
+            identity: identity.into(),
+            stop,
+            handle,
+        }
+    }
+
+    /// A clean stop: node tasks end and leases are released.
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        self.handle.await.unwrap();
+    }
+
+    /// A crash: the tasks vanish and their leases stay held until they expire.
+    fn kill(self) {
+        self.handle.abort();
+    }
+}
+
+fn pools(client: &Client) -> Api<Ec2NodePool> {
+    Api::all(client.clone())
+}
+
+fn pool(name: &str, nodes: i32, extra: Value) -> Ec2NodePool {
+    let mut spec = json!({"nodes": nodes, "subnetIds": ["subnet-0a1b2c3d"], "securityGroupIds": ["sg-0a1b2c3d"],
+        "nodeLabels": {"team": "platform"}});
+    json_patch::merge(&mut spec, &extra);
+    serde_json::from_value(
+        json!({"apiVersion": "ec2-kubelet.io/v1alpha1", "kind": "Ec2NodePool",
+        "metadata": {"name": name}, "spec": spec}),
+    )
+    .unwrap()
+}
+
+/// Polls until `check` returns Some, or fails after `seconds`.
+async fn eventually<T, F, Fut>(seconds: u64, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(seconds);
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn ready(node: &Node) -> bool {
+    node.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+fn condition(pool: &Ec2NodePool, type_: &str) -> Option<(String, String, String)> {
+    pool.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
+/// Waits until the pool reports `n` Ready nodes (and Ready=True) and `n` Ready Node objects exist.
+async fn wait_ready(client: &Client, name: &str, n: usize) -> Vec<Node> {
+    let nodes: Api<Node> = Api::all(client.clone());
+    let pools = pools(client);
+    eventually(30, &format!("{n} Ready nodes in pool {name}"), || {
+        let (nodes, pools) = (nodes.clone(), pools.clone());
+        async move {
+            let pool = pools.get(name).await.ok()?;
+            let status = pool.status.as_ref()?;
+            let listed = nodes
+                .list(&ListParams::default().labels(&format!("ec2-kubelet.io/pool={name}")))
+                .await
+                .ok()?;
+            let all_ready = listed.items.len() == n && listed.items.iter().all(ready);
+            let reported = status.ready_nodes as usize == n && condition(&pool, "Ready")?.0 == "True";
+            (all_ready && reported).then_some(listed.items)
+        }
+    })
+    .await
+}
+
+async fn eni_ids(compute: &Arc<dyn Compute>, pool: &str) -> BTreeSet<String> {
+    compute
+        .describe_enis(pool)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.eni_id)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pools_get_ready_nodes_scale_with_drain_survive_restarts_and_clean_up() {
+    let env = Env::start().await;
+    let client = env.client.clone();
+    let compute = env.local();
+    let first = Replica::start(&client, env.local(), "replica-a");
+    pools(&client)
+        .create(&PostParams::default(), &pool("web", 3, json!({})))
+        .await
+        .unwrap();
+
+    let nodes = wait_ready(&client, "web", 3).await;
+    let enis = compute.describe_enis("web").await.unwrap();
+    assert_eq!(enis.len(), 3);
+    for eni in &enis {
+        let node = nodes
+            .iter()
+            .find(|n| n.name_any() == node_name(&eni.private_ip, "web"))
+            .expect("one node per ENI, named from its address");
+        let labels = node.labels();
+        for (key, value) in [
+            ("type", "virtual-kubelet"),
+            ("kubernetes.io/role", "agent"),
+            ("kubernetes.io/os", "linux"),
+            ("node.kubernetes.io/instance-type", "virtual"),
+            ("ec2-kubelet.io/pool", "web"),
+            ("team", "platform"),
+        ] {
+            assert_eq!(
+                labels.get(key).map(String::as_str),
+                Some(value),
+                "{key} on {}",
+                node.name_any()
+            );
+        }
+        let taints = node.spec.as_ref().unwrap().taints.clone().unwrap();
+        assert_eq!(
+            (taints[0].key.as_str(), taints[0].effect.as_str()),
+            ("virtual-kubelet.io/provider", "NoSchedule")
+        );
+        let status = node.status.as_ref().unwrap();
+        let addresses = status.addresses.clone().unwrap();
+        assert!(
+            addresses
+                .iter()
+                .any(|a| a.type_ == "InternalIP" && a.address == eni.private_ip)
+        );
+        assert_eq!(
+            status
+                .daemon_endpoints
+                .as_ref()
+                .unwrap()
+                .kubelet_endpoint
+                .as_ref()
+                .unwrap()
+                .port,
+            10250
+        );
+        assert!(
+            status
+                .node_info
+                .as_ref()
+                .unwrap()
+                .kubelet_version
+                .contains("-ec2-kubelet-")
+        );
+    }
+    let web = pools(&client).get("web").await.unwrap();
+    assert!(
+        web.finalizers()
+            .contains(&"ec2-kubelet.io/pool-cleanup".to_string())
+    );
+    assert_eq!(web.status.as_ref().unwrap().nodes.len(), 3);
+    assert_eq!(
+        web.status.as_ref().unwrap().observed_generation,
+        web.metadata.generation
+    );
+
+    // Heartbeats: the node leases' resourceVersion advances.
+    let node_leases: Api<Lease> = Api::namespaced(client.clone(), "kube-node-lease");
+    let lease_name = nodes[0].name_any();
+    let before = node_leases.get(&lease_name).await.unwrap().resource_version();
+    eventually(15, "a lease renewal", || {
+        let (leases, name, before) = (node_leases.clone(), lease_name.clone(), before.clone());
+        async move { (leases.get(&name).await.ok()?.resource_version() != before).then_some(()) }
+    })
+    .await;
+
+    // Scale up to 5, then down to 2 with a pod still on the highest node.
+    pools(&client)
+        .patch(
+            "web",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"nodes": 5}})),
+        )
+        .await
+        .unwrap();
+    let nodes = wait_ready(&client, "web", 5).await;
+    let highest = nodes
+        .iter()
+        .find(|n| n.labels().get("ec2-kubelet.io/node-index").map(String::as_str) == Some("4"))
+        .unwrap()
+        .name_any();
+    let pods: Api<Pod> = Api::default_namespaced(client.clone());
+    let pod = serde_json::from_value(json!({"metadata": {"name": "busy"},
+        "spec": {"containers": [{"name": "app", "image": "local/shell"}]}}))
+    .unwrap();
+    pods.create(&PostParams::default(), &pod).await.unwrap();
+    let binding = json!({"apiVersion": "v1", "kind": "Binding", "metadata": {"name": "busy"}, "target": {"name": highest}});
+    let _: Value = pods
+        .create_subresource("binding", "busy", &PostParams::default(), &binding)
+        .await
+        .unwrap();
+    pools(&client)
+        .patch(
+            "web",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"nodes": 2}})),
+        )
+        .await
+        .unwrap();
+    let node_api: Api<Node> = Api::all(client.clone());
+    eventually(30, "nodes 2 and 3 removed while node 4 drains", || {
+        let (compute, node_api, highest) = (compute.clone(), node_api.clone(), highest.clone());
+        async move {
+            let enis = compute.describe_enis("web").await.ok()?;
+            let node = node_api.get(&highest).await.ok()?;
+            let cordoned = node.spec?.unschedulable == Some(true);
+            let indexes: BTreeSet<u32> = enis.iter().map(|e| e.index).collect();
+            (cordoned && indexes == BTreeSet::from([0, 1, 4])).then_some(())
+        }
+    })
+    .await;
+    pods.delete("busy", &DeleteParams::default().grace_period(0))
+        .await
+        .unwrap();
+    let nodes = wait_ready(&client, "web", 2).await;
+    eventually(30, "the drained node and its ENI removed", || {
+        let compute = compute.clone();
+        async move { (compute.describe_enis("web").await.ok()?.len() == 2).then_some(()) }
+    })
+    .await;
+    let events: Api<Event> = Api::all(client.clone());
+    let reasons: Vec<String> = events
+        .list(&ListParams::default().fields("involvedObject.name=web"))
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter_map(|e| e.reason)
+        .collect();
+    for reason in ["ScaledUp", "DrainingNode", "NodeRemoved"] {
+        assert!(
+            reasons.iter().any(|r| r == reason),
+            "{reason} missing from {reasons:?}"
+        );
+    }
+
+    // Restart: same nodes, no new ENI, no duplicate node.
+    let before_enis = eni_ids(&compute, "web").await;
+    let before_nodes: BTreeSet<String> = nodes.iter().map(|n| n.name_any()).collect();
+    first.stop().await;
+    let second = Replica::start(&client, env.local(), "replica-b");
+    let ownership: Api<Lease> = Api::namespaced(client.clone(), NAMESPACE);
+    eventually(30, "the restarted operator to own every node", || {
+        let (ownership, names) = (ownership.clone(), before_nodes.clone());
+        async move {
+            for name in &names {
+                let lease = ownership.get(name).await.ok()?;
+                if lease.spec?.holder_identity.as_deref() != Some("replica-b") {
+                    return None;
+                }
+            }
+            Some(())
+        }
+    })
+    .await;
+    let nodes = wait_ready(&client, "web", 2).await;
+    assert_eq!(
+        nodes.iter().map(|n| n.name_any()).collect::<BTreeSet<_>>(),
+        before_nodes
+    );
+    assert_eq!(eni_ids(&compute, "web").await, before_enis);
+
+    // Delete: nodes and ENIs go, then the finalizer.
+    pools(&client)
+        .delete("web", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually(30, "the pool to be gone", || {
+        let pools = pools(&client);
+        async move { pools.get_opt("web").await.ok()?.is_none().then_some(()) }
+    })
+    .await;
+    assert!(compute.describe_enis("web").await.unwrap().is_empty());
+    let left = node_api
+        .list(&ListParams::default().labels("ec2-kubelet.io/pool=web"))
+        .await
+        .unwrap();
+    assert!(
+        left.items.is_empty(),
+        "nodes left: {:?}",
+        left.items.iter().map(|n| n.name_any()).collect::<Vec<_>>()
+    );
+    second.stop().await;
+    drop(env.cluster);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_run_each_node_once_and_the_survivor_takes_over() {
+    let env = Env::start().await;
+    let client = env.client.clone();
+    let a = Replica::start(&client, env.local(), "replica-a");
+    let b = Replica::start(&client, env.local(), "replica-b");
+    pools(&client)
+        .create(&PostParams::default(), &pool("pair", 4, json!({})))
+        .await
+        .unwrap();
+    let nodes = wait_ready(&client, "pair", 4).await;
+    let names: Vec<String> = nodes.iter().map(|n| n.name_any()).collect();
+    let ownership: Api<Lease> = Api::namespaced(client.clone(), NAMESPACE);
+    let holders = |ownership: Api<Lease>, names: Vec<String>| async move {
+        let mut holders = Vec::new();
+        for name in &names {
+            let lease = ownership.get(name).await.ok()?;
+            holders.push(lease.spec?.holder_identity?);
+        }
+        Some(holders)
+    };
+    let held = holders(ownership.clone(), names.clone()).await.unwrap();
+    assert!(
+        held.iter().all(|h| h == "replica-a" || h == "replica-b"),
+        "{held:?}"
+    );
+
+    // Crash the replica that leads the controller (its leases stay until they expire).
+    let controller = ownership
+        .get(ec2_kubelet::operator::CONTROLLER_LEASE)
+        .await
+        .unwrap();
+    let leader = controller.spec.unwrap().holder_identity.unwrap();
+    let (crashed, survivor) = if leader == a.identity { (a, b) } else { (b, a) };
+    let survivor_id = survivor.identity.clone();
+    crashed.kill();
+    eventually(30, "the survivor to own every node and the controller", || {
+        let (ownership, names, id) = (ownership.clone(), names.clone(), survivor_id.clone());
+        async move {
+            let mut all = holders(ownership.clone(), names).await?;
+            let controller = ownership
+                .get(ec2_kubelet::operator::CONTROLLER_LEASE)
+                .await
+                .ok()?;
+            all.push(controller.spec?.holder_identity?);
+            all.iter().all(|h| *h == id).then_some(())
+        }
+    })
+    .await;
+    // The survivor keeps the nodes alive and the controller working: scale still happens.
+    pools(&client)
+        .patch(
+            "pair",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"nodes": 5}})),
+        )
+        .await
+        .unwrap();
+    wait_ready(&client, "pair", 5).await;
+    survivor.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_pool_gets_a_condition_and_an_event_while_a_valid_one_stays_ready() {
+    let env = Env::start().await;
+    let client = env.client.clone();
+    let replica = Replica::start(&client, env.local(), "replica-a");
+    pools(&client)
+        .create(&PostParams::default(), &pool("good", 1, json!({})))
+        .await
+        .unwrap();
+    let taints = json!({"nodeTaints": [{"key": "dedicated", "effect": "NoSchedule"}, {"key": "dedicated", "value": "x", "effect": "NoSchedule"}]});
+    pools(&client)
+        .create(&PostParams::default(), &pool("bad", 2, taints))
+        .await
+        .unwrap();
+    let (status, _, message) = eventually(30, "the invalid pool's condition", || {
+        let pools = pools(&client);
+        async move {
+            let bad = pools.get("bad").await.ok()?;
+            let ready = condition(&bad, "Ready")?;
+            (ready.1 == "InvalidSpec").then_some(ready)
+        }
+    })
+    .await;
+    assert_eq!(status, "False");
+    assert!(
+        message.starts_with("spec.nodeTaints[1]: duplicate taint dedicated:NoSchedule"),
+        "{message}"
+    );
+    let events: Api<Event> = Api::all(client.clone());
+    let warning = eventually(30, "an InvalidSpec event", || {
+        let events = events.clone();
+        async move {
+            let list = events
+                .list(&ListParams::default().fields("involvedObject.name=bad,reason=InvalidSpec"))
+                .await
+                .ok()?;
+            list.items.into_iter().next()
+        }
+    })
+    .await;
+    assert_eq!(warning.type_.as_deref(), Some("Warning"));
+    assert!(
+        env.local().describe_enis("bad").await.unwrap().is_empty(),
+        "nothing created for an invalid pool"
+    );
+    wait_ready(&client, "good", 1).await;
+    replica.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_aws_backend_runs_pools_against_the_ec2_emulator() {
+    let moto = common::Moto::start();
+    let ec2 = moto.ec2_client();
+    let vpc = ec2.create_vpc().cidr_block("10.9.0.0/16").send().await.unwrap();
+    let vpc_id = vpc.vpc().and_then(|v| v.vpc_id()).unwrap().to_string();
+    let subnet = ec2
+        .create_subnet()
+        .vpc_id(&vpc_id)
+        .cidr_block("10.9.1.0/24")
+        .send()
+        .await
+        .unwrap();
+    let subnet_id = subnet.subnet().and_then(|s| s.subnet_id()).unwrap().to_string();
+    let group = ec2
+        .create_security_group()
+        .vpc_id(&vpc_id)
+        .group_name("nodes")
+        .description("nodes")
+        .send()
+        .await
+        .unwrap();
+    let group_id = group.group_id().unwrap().to_string();
+    let compute: Arc<dyn Compute> = Arc::new(AwsCompute::from_client(
+        ec2.clone(),
+        "test",
+        EndpointOverrides::default(),
+    ));
+
+    let env = Env::start().await;
+    let client = env.client.clone();
+    let replica = Replica::start(&client, compute.clone(), "replica-a");
+    let network = json!({"subnetIds": [subnet_id], "securityGroupIds": [group_id]});
+    pools(&client)
+        .create(&PostParams::default(), &pool("cloud", 3, network.clone()))
+        .await
+        .unwrap();
+    let nodes = wait_ready(&client, "cloud", 3).await;
+    let enis = compute.describe_enis("cloud").await.unwrap();
+    assert_eq!(enis.len(), 3);
+    for eni in &enis {
+        assert!(eni.private_ip.starts_with("10.9.1."), "{}", eni.private_ip);
+        assert!(
+            nodes
+                .iter()
+                .any(|n| n.name_any() == node_name(&eni.private_ip, "cloud"))
+        );
+    }
+    // An unknown subnet is reported on the pool, naming the field.
+    let unknown = json!({"subnetIds": ["subnet-0123456789abcdef0"], "securityGroupIds": [group_id]});
+    pools(&client)
+        .create(&PostParams::default(), &pool("lost", 1, unknown))
+        .await
+        .unwrap();
+    let message = eventually(30, "the unknown subnet condition", || {
+        let pools = pools(&client);
+        async move {
+            let lost = pools.get("lost").await.ok()?;
+            let ready = condition(&lost, "Ready")?;
+            (ready.1 == "SubnetNotFound").then_some(ready.2)
+        }
+    })
+    .await;
+    assert!(message.starts_with("spec.subnetIds: "), "{message}");
+
+    pools(&client)
+        .patch(
+            "cloud",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"nodes": 1}})),
+        )
+        .await
+        .unwrap();
+    wait_ready(&client, "cloud", 1).await;
+    eventually(30, "ENIs deleted in EC2 on scale-down", || {
+        let compute = compute.clone();
+        async move { (compute.describe_enis("cloud").await.ok()?.len() == 1).then_some(()) }
+    })
+    .await;
+    pools(&client)
+        .delete("cloud", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually(30, "the pool and its ENIs gone", || {
+        let (pools, compute) = (pools(&client), compute.clone());
+        async move {
+            let gone = pools.get_opt("cloud").await.ok()?.is_none();
+            (gone && compute.describe_enis("cloud").await.ok()?.is_empty()).then_some(())
+        }
+    })
+    .await;
+    replica.stop().await;
+}
