@@ -611,3 +611,63 @@ async fn the_aws_backend_runs_pools_against_the_ec2_emulator() {
     .await;
     replica.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_eni_disappears_goes_not_ready_and_is_replaced() {
+    use futures::StreamExt;
+    use kube::runtime::WatchStreamExt;
+    let env = Env::start().await;
+    let client = env.client.clone();
+    let compute = env.local();
+    let replica = Replica::start(&client, env.local(), "replica-a");
+    pools(&client)
+        .create(&PostParams::default(), &pool("heal", 2, json!({})))
+        .await
+        .unwrap();
+    wait_ready(&client, "heal", 2).await;
+    let lost = compute.describe_enis("heal").await.unwrap().remove(0);
+    let lost_node = node_name(&lost.private_ip, "heal");
+
+    // Watch the node before pulling its ENI, so the NotReady state cannot be missed.
+    let nodes: Api<Node> = Api::all(client.clone());
+    let config = kube::runtime::watcher::Config::default().fields(&format!("metadata.name={lost_node}"));
+    let mut changes = std::pin::pin!(kube::runtime::watcher(nodes.clone(), config).applied_objects());
+    compute.delete_eni(&lost.eni_id).await.unwrap();
+    let reason = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(Ok(node)) = changes.next().await {
+            let conditions = node.status.and_then(|s| s.conditions).unwrap_or_default();
+            if let Some(ready) = conditions
+                .iter()
+                .find(|c| c.type_ == "Ready" && c.status == "False")
+            {
+                return ready.reason.clone();
+            }
+        }
+        None
+    })
+    .await
+    .expect("the node reports NotReady");
+    assert_eq!(reason.as_deref(), Some("EniMissing"));
+
+    // The controller replaces the ENI (same index) and the pool is whole again. (The local
+    // backend may hand the freed address out again, so the node name can come back.)
+    let replaced = eventually(30, "a replacement ENI in the pool status", || {
+        let pools = pools(&client);
+        let lost = lost.clone();
+        async move {
+            let pool = pools.get("heal").await.ok()?;
+            let entry = pool
+                .status?
+                .nodes
+                .into_values()
+                .find(|n| n.index == lost.index as i32)?;
+            (entry.eni_id != lost.eni_id).then_some(entry.eni_id)
+        }
+    })
+    .await;
+    let nodes_now = wait_ready(&client, "heal", 2).await;
+    let enis = compute.describe_enis("heal").await.unwrap();
+    assert!(enis.iter().any(|e| e.index == lost.index && e.eni_id == replaced));
+    assert_eq!(nodes_now.len(), 2, "no orphaned node left behind");
+    replica.stop().await;
+}

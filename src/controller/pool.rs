@@ -240,14 +240,20 @@ async fn drain(ctx: &Context, pool: &Ec2NodePool, name: &str) -> Result<Drain> {
     Ok(Drain::Waiting)
 }
 
-/// Deletes a node, its leases and its ENI.
-async fn remove_node(ctx: &Context, name: &str, eni_id: &str) -> Result<()> {
+/// Deletes a node object and its heartbeat and ownership leases.
+async fn remove_node_objects(ctx: &Context, name: &str) -> Result<()> {
     let nodes: Api<Node> = Api::all(ctx.client.clone());
     ignore_not_found(nodes.delete(name, &DeleteParams::default()).await.map(|_| ()))?;
     for namespace in [NODE_LEASE_NAMESPACE, ctx.config.namespace.as_str()] {
         let leases: Api<Lease> = Api::namespaced(ctx.client.clone(), namespace);
         ignore_not_found(leases.delete(name, &DeleteParams::default()).await.map(|_| ()))?;
     }
+    Ok(())
+}
+
+/// Deletes a node, its leases and its ENI.
+async fn remove_node(ctx: &Context, name: &str, eni_id: &str) -> Result<()> {
+    remove_node_objects(ctx, name).await?;
     ctx.compute.delete_eni(eni_id).await?;
     Ok(())
 }
@@ -377,6 +383,17 @@ async fn apply(pool: &Ec2NodePool, ctx: &Context) -> Result<Action> {
             json!({"index": eni.index, "eniId": eni.eni_id, "privateIp": eni.private_ip, "ready": ready, "pods": pod_count}),
         );
     }
+    // Nodes whose ENI is gone (deleted behind our back, replaced above) go too.
+    for orphan in registered
+        .items
+        .iter()
+        .filter(|n| !entries.contains_key(&n.name_any()))
+    {
+        let orphan = orphan.name_any();
+        remove_node_objects(ctx, &orphan).await?;
+        let note = format!("removed {orphan}: its ENI no longer exists");
+        publish(ctx, pool, EventType::Warning, "NodeEniLost", note, "Reconcile").await;
+    }
     let stale: Vec<String> = current
         .keys()
         .filter(|k| !entries.contains_key(*k))
@@ -467,12 +484,7 @@ async fn cleanup(pool: &Ec2NodePool, ctx: &Context) -> Result<Action> {
         .list(&ListParams::default().labels(&format!("{}={name}", labels::POOL)))
         .await?;
     for node in leftover.items {
-        ignore_not_found(
-            nodes
-                .delete(&node.name_any(), &DeleteParams::default())
-                .await
-                .map(|_| ()),
-        )?;
+        remove_node_objects(ctx, &node.name_any()).await?;
     }
     let note = format!("removed {} node(s) and their ENIs", enis.len());
     publish(ctx, pool, EventType::Normal, "PoolDeleted", note, "Delete").await;
