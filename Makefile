@@ -3,7 +3,8 @@
 
 # Runs the main job on the embedded default (no AWS account, no cluster).
 demo:
-	cargo run --quiet -- validate -f config/samples
+	cargo build --quiet --bins
+	cargo run --quiet -- demo
 
 # Every test: installs the tools the tests need into .tools/, then checks formatting and runs the suites.
 test: tools

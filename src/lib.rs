@@ -9,6 +9,7 @@ pub mod cloud;
 pub mod config;
 pub mod controller;
 pub mod crd;
+pub mod demo;
 pub mod devcluster;
 pub mod node;
 pub mod operator;

@@ -6,7 +6,13 @@ use crate::config::LogFormat;
 
 /// Installs the global subscriber. Safe to call once per process; later calls are ignored.
 pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    init_with_default(format, "info");
+}
+
+/// Like [`init`], with another level when `RUST_LOG` is unset (the demo keeps its output clean
+/// with `warn`).
+pub fn init_with_default(format: LogFormat, default_filter: &str) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

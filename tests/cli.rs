@@ -151,3 +151,24 @@ fn dev_prints_how_to_point_kubectl_at_it_and_serves_our_crds() {
     assert!(crds.contains("ec2podtemplates.ec2-kubelet.io"), "{crds}");
     drop(running);
 }
+
+#[test]
+fn demo_brings_the_sample_pool_up_on_the_embedded_default() {
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    let output = Command::new(env!("CARGO_BIN_EXE_ec2-kubelet"))
+        .args(["demo", "--once", "--listen", "127.0.0.1:0", "--kubeconfig"])
+        .arg(&kubeconfig)
+        .current_dir(common::repo_root())
+        .output()
+        .expect("run ec2-kubelet demo");
+    assert!(output.status.success(), "{}", stderr(&output));
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(text.contains("applied:      Ec2NodePool/default"), "{text}");
+    assert!(text.contains("Ec2NodePool default: 2/2 nodes Ready"), "{text}");
+    let ready_rows = text
+        .lines()
+        .filter(|l| l.starts_with("ip-127-0-0-") && l.contains(" Ready "))
+        .count();
+    assert_eq!(ready_rows, 2, "{text}");
+}

@@ -45,11 +45,30 @@ enum Command {
     },
     /// Print the effective operator configuration (file, then flags), or the field at fault.
     Config(ConfigArgs),
+    /// The main job on the embedded default (no AWS account, no cluster): a dev cluster, the
+    /// operator on the local backend, and the sample templates and pool; prints the virtual nodes.
+    Demo(DemoArgs),
     /// Run the operator against the cluster of $KUBECONFIG (or the in-cluster configuration).
     Run(ConfigArgs),
     /// Run the dev cluster: a Kubernetes API server stand-in on loopback (no auth, in memory),
     /// with the project's CRDs installed, and write a kubeconfig for kubectl and helm.
     Dev(DevArgs),
+}
+
+#[derive(Args, Clone, Debug)]
+struct DemoArgs {
+    /// Address of the dev cluster (port 0 picks a free port).
+    #[arg(long, default_value = "127.0.0.1:6443")]
+    listen: std::net::SocketAddr,
+    /// Where to write the kubeconfig.
+    #[arg(long, default_value = ".ec2-kubelet/dev/kubeconfig")]
+    kubeconfig: PathBuf,
+    /// The sample manifests.
+    #[arg(long, default_value = "config/samples")]
+    samples: PathBuf,
+    /// Stop once the nodes are shown instead of running until Ctrl-C.
+    #[arg(long)]
+    once: bool,
 }
 
 #[derive(Args, Clone, Debug)]
@@ -137,11 +156,56 @@ fn main() -> ExitCode {
             Err(e) => fail(&e.to_string()),
         },
         Command::Dev(args) => dev(args),
+        Command::Demo(args) => demo(args),
         Command::Run(args) => match args.load() {
             Ok(config) => run(config),
             Err(e) => fail(&e.to_string()),
         },
     }
+}
+
+fn demo(args: DemoArgs) -> ExitCode {
+    telemetry::init_with_default(LogFormat::Text, "warn");
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => return fail(&format!("starting the async runtime: {e}")),
+    };
+    runtime.block_on(async move {
+        let state = match tempfile_dir() {
+            Ok(dir) => dir,
+            Err(e) => return fail(&e),
+        };
+        let options = ec2_kubelet::demo::DemoOptions {
+            listen: args.listen,
+            kubeconfig: args.kubeconfig.clone(),
+            samples: args.samples.clone(),
+            state_dir: state.clone(),
+        };
+        let (cluster, stop, operator) = match ec2_kubelet::demo::start(&options).await {
+            Ok(running) => running,
+            Err(e) => return fail(&e),
+        };
+        if !args.once {
+            println!();
+            println!("Explore with kubectl (Ctrl-C stops the demo):");
+            println!("  export KUBECONFIG={}", args.kubeconfig.display());
+            println!("  kubectl get ecnp,nodes");
+            println!("  kubectl patch ecnp default --type merge -p '{{\"spec\":{{\"nodes\":3}}}}'");
+            wait_for_termination().await;
+        }
+        let _ = stop.send(true);
+        let _ = operator.await;
+        cluster.shutdown();
+        let _ = std::fs::remove_dir_all(&state);
+        ExitCode::SUCCESS
+    })
+}
+
+/// A fresh directory for the demo's local instances.
+fn tempfile_dir() -> Result<PathBuf, String> {
+    let dir = std::env::temp_dir().join(format!("ec2-kubelet-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    Ok(dir)
 }
 
 fn run(config: OperatorConfig) -> ExitCode {

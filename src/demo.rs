@@ -1,0 +1,181 @@
+//! `ec2-kubelet demo`: the main job on the embedded default, with no AWS account and no
+//! cluster. A dev cluster, the operator on the `local` backend, and the sample templates and
+//! pool from `config/samples/`; prints the virtual nodes once they are Ready.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Namespace, Node};
+use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, ListParams, PostParams};
+use kube::{Client, ResourceExt};
+use serde::Deserialize;
+use serde_json::json;
+use tokio::sync::watch;
+
+use crate::config::OperatorConfig;
+use crate::controller::Context;
+use crate::crd::Ec2NodePool;
+use crate::devcluster::{DevCluster, DevClusterOptions};
+
+/// How to run the demo.
+pub struct DemoOptions {
+    pub listen: std::net::SocketAddr,
+    pub kubeconfig: PathBuf,
+    /// Where the sample manifests are (`config/samples`).
+    pub samples: PathBuf,
+    /// Where the local backend keeps its records (a fresh directory per run).
+    pub state_dir: PathBuf,
+}
+
+/// Creates every document of a YAML file (any kind the cluster serves), as `kubectl create -f`.
+async fn create_all(client: &Client, path: &Path) -> Result<Vec<String>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut created = Vec::new();
+    for document in serde_yaml::Deserializer::from_str(&text) {
+        let value = serde_json::to_value(
+            serde_yaml::Value::deserialize(document).map_err(|e| format!("{}: {e}", path.display()))?,
+        )
+        .map_err(|e| e.to_string())?;
+        if value.is_null() {
+            continue;
+        }
+        let object: DynamicObject =
+            serde_json::from_value(value).map_err(|e| format!("{}: {e}", path.display()))?;
+        let types = object
+            .types
+            .clone()
+            .ok_or_else(|| format!("{}: a document without kind", path.display()))?;
+        let (group, version) = types
+            .api_version
+            .rsplit_once('/')
+            .unwrap_or(("", &types.api_version));
+        let gvk = GroupVersionKind::gvk(group, version, &types.kind);
+        let plural = format!("{}s", types.kind.to_lowercase());
+        let resource = ApiResource::from_gvk_with_plural(&gvk, &plural);
+        let api: Api<DynamicObject> = match object.namespace() {
+            Some(namespace) => Api::namespaced_with(client.clone(), &namespace, &resource),
+            None => Api::all_with(client.clone(), &resource),
+        };
+        api.create(&PostParams::default(), &object)
+            .await
+            .map_err(|e| format!("creating {} {}: {e}", types.kind, object.name_any()))?;
+        created.push(format!("{}/{}", types.kind, object.name_any()));
+    }
+    Ok(created)
+}
+
+/// Runs the demo until the sample pool is Ready and prints it; returns the running cluster and
+/// the operator's stop switch so the caller decides how long it lives.
+pub async fn start(
+    options: &DemoOptions,
+) -> Result<(DevCluster, watch::Sender<bool>, tokio::task::JoinHandle<()>), String> {
+    let cluster_options = DevClusterOptions {
+        address: options.listen,
+        ..DevClusterOptions::default()
+    };
+    let cluster = DevCluster::start(cluster_options)
+        .await
+        .map_err(|e| format!("starting the dev cluster on {}: {e}", options.listen))?;
+    let client = cluster.client();
+    let store = cluster.store();
+    for definition in crate::crd::crds() {
+        let object = serde_json::to_value(&definition).map_err(|e| e.to_string())?;
+        store
+            .create_builtin("apiextensions.k8s.io", "customresourcedefinitions", None, object)
+            .map_err(|e| e.message)?;
+    }
+    let config = OperatorConfig {
+        local: crate::config::LocalConfig {
+            state_dir: Some(options.state_dir.clone()),
+            agent_binary: None,
+        },
+        ..OperatorConfig::default()
+    };
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let namespace =
+        serde_json::from_value(json!({"metadata": {"name": config.namespace}})).map_err(|e| e.to_string())?;
+    namespaces
+        .create(&PostParams::default(), &namespace)
+        .await
+        .map_err(|e| e.to_string())?;
+    cluster
+        .write_kubeconfig(&options.kubeconfig)
+        .map_err(|e| format!("writing {}: {e}", options.kubeconfig.display()))?;
+    println!(
+        "dev cluster:  {} (kubeconfig {})",
+        cluster.url(),
+        options.kubeconfig.display()
+    );
+
+    let compute = crate::operator::compute(&config).await?;
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        compute,
+        config,
+        &crate::operator::identity(),
+    ));
+    let (stop, stopped) = watch::channel(false);
+    let operator = tokio::spawn(crate::operator::run(ctx, stopped));
+    println!("operator:     running (compute backend: local)");
+
+    for file in ["template.yaml", "pool.yaml"] {
+        for created in create_all(&client, &options.samples.join(file)).await? {
+            println!("applied:      {created}");
+        }
+    }
+    let pools: Api<Ec2NodePool> = Api::all(client.clone());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let pool = loop {
+        let pool = pools.get("default").await.map_err(|e| e.to_string())?;
+        let ready = pool.status.as_ref().map(|s| s.ready_nodes).unwrap_or(0);
+        if ready >= pool.spec.nodes {
+            break pool;
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(format!(
+                "pool default has {ready}/{} Ready nodes after 60 s",
+                pool.spec.nodes
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let status = pool.status.clone().unwrap_or_default();
+    println!();
+    println!(
+        "Ec2NodePool default: {}/{} nodes Ready",
+        status.ready_nodes, pool.spec.nodes
+    );
+    let nodes: Api<Node> = Api::all(client.clone());
+    let listed = nodes
+        .list(&ListParams::default().labels("ec2-kubelet.io/pool=default"))
+        .await
+        .map_err(|e| e.to_string())?;
+    println!(
+        "{:<28} {:<8} {:<14} {:<24} VERSION",
+        "NODE", "STATUS", "INTERNAL-IP", "ENI"
+    );
+    for node in &listed.items {
+        let name = node.name_any();
+        let entry = status.nodes.get(&name);
+        let ready = node
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+        let version = node
+            .status
+            .as_ref()
+            .and_then(|s| s.node_info.as_ref())
+            .map(|i| i.kubelet_version.clone())
+            .unwrap_or_default();
+        println!(
+            "{:<28} {:<8} {:<14} {:<24} {version}",
+            name,
+            if ready { "Ready" } else { "NotReady" },
+            entry.map(|e| e.private_ip.as_str()).unwrap_or(""),
+            entry.map(|e| e.eni_id.as_str()).unwrap_or(""),
+        );
+    }
+    Ok((cluster, stop, operator))
+}
