@@ -87,22 +87,35 @@ fn config() -> OperatorConfig {
     config
 }
 
-/// One operator replica running in this process.
+/// One operator replica, on its own runtime as if it were its own process.
 struct Replica {
     identity: String,
     stop: watch::Sender<bool>,
     handle: JoinHandle<()>,
+    runtime: tokio::runtime::Runtime,
 }
 
 impl Replica {
-    fn start(client: &Client, compute: Arc<dyn Compute>, identity: &str) -> Replica {
-        let ctx = Arc::new(Context::new(client.clone(), compute, config(), identity));
+    fn start(env: &Env, compute: Arc<dyn Compute>, identity: &str) -> Replica {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
         let (stop, stopped) = watch::channel(false);
-        let handle = tokio::spawn(ec2_kubelet::operator::run(ctx, stopped));
+        let kube_config = env.cluster.client_config();
+        let name = identity.to_string();
+        // The replica's own client, created on its runtime: nothing of it outlives a crash.
+        let handle = runtime.spawn(async move {
+            let client = Client::try_from(kube_config).unwrap();
+            let ctx = Arc::new(Context::new(client, compute, config(), &name));
+            ec2_kubelet::operator::run(ctx, stopped).await
+        });
         Replica {
             identity: identity.into(),
             stop,
             handle,
+            runtime,
         }
     }
 
@@ -110,11 +123,14 @@ impl Replica {
     async fn stop(self) {
         let _ = self.stop.send(true);
         self.handle.await.unwrap();
+        self.runtime.shutdown_background();
     }
 
-    /// A crash: the tasks vanish and their leases stay held until they expire.
+    /// A crash: every task of the replica vanishes mid-flight and its leases stay held until
+    /// they expire.
     fn kill(self) {
-        self.handle.abort();
+        self.runtime.shutdown_background();
+        drop(self.stop);
     }
 }
 
@@ -204,7 +220,7 @@ async fn pools_get_ready_nodes_scale_with_drain_survive_restarts_and_clean_up() 
     let env = Env::start().await;
     let client = env.client.clone();
     let compute = env.local();
-    let first = Replica::start(&client, env.local(), "replica-a");
+    let first = Replica::start(&env, env.local(), "replica-a");
     pools(&client)
         .create(&PostParams::default(), &pool("web", 3, json!({})))
         .await
@@ -357,11 +373,12 @@ async fn pools_get_ready_nodes_scale_with_drain_survive_restarts_and_clean_up() 
         );
     }
 
-    // Restart: same nodes, no new ENI, no duplicate node.
+    // Kill and restart: same nodes, no new ENI, no duplicate node.
     let before_enis = eni_ids(&compute, "web").await;
     let before_nodes: BTreeSet<String> = nodes.iter().map(|n| n.name_any()).collect();
-    first.stop().await;
-    let second = Replica::start(&client, env.local(), "replica-b");
+    // A crash, not a clean stop: the new replica waits for the old leases to expire.
+    first.kill();
+    let second = Replica::start(&env, env.local(), "replica-b");
     let ownership: Api<Lease> = Api::namespaced(client.clone(), NAMESPACE);
     eventually(30, "the restarted operator to own every node", || {
         let (ownership, names) = (ownership.clone(), before_nodes.clone());
@@ -411,8 +428,8 @@ async fn pools_get_ready_nodes_scale_with_drain_survive_restarts_and_clean_up() 
 async fn two_replicas_run_each_node_once_and_the_survivor_takes_over() {
     let env = Env::start().await;
     let client = env.client.clone();
-    let a = Replica::start(&client, env.local(), "replica-a");
-    let b = Replica::start(&client, env.local(), "replica-b");
+    let a = Replica::start(&env, env.local(), "replica-a");
+    let b = Replica::start(&env, env.local(), "replica-b");
     pools(&client)
         .create(&PostParams::default(), &pool("pair", 4, json!({})))
         .await
@@ -476,7 +493,7 @@ async fn two_replicas_run_each_node_once_and_the_survivor_takes_over() {
 async fn an_invalid_pool_gets_a_condition_and_an_event_while_a_valid_one_stays_ready() {
     let env = Env::start().await;
     let client = env.client.clone();
-    let replica = Replica::start(&client, env.local(), "replica-a");
+    let replica = Replica::start(&env, env.local(), "replica-a");
     pools(&client)
         .create(&PostParams::default(), &pool("good", 1, json!({})))
         .await
@@ -552,7 +569,7 @@ async fn the_aws_backend_runs_pools_against_the_ec2_emulator() {
 
     let env = Env::start().await;
     let client = env.client.clone();
-    let replica = Replica::start(&client, compute.clone(), "replica-a");
+    let replica = Replica::start(&env, compute.clone(), "replica-a");
     let network = json!({"subnetIds": [subnet_id], "securityGroupIds": [group_id]});
     pools(&client)
         .create(&PostParams::default(), &pool("cloud", 3, network.clone()))
@@ -622,7 +639,7 @@ async fn a_node_whose_eni_disappears_goes_not_ready_and_is_replaced() {
     let env = Env::start().await;
     let client = env.client.clone();
     let compute = env.local();
-    let replica = Replica::start(&client, env.local(), "replica-a");
+    let replica = Replica::start(&env, env.local(), "replica-a");
     pools(&client)
         .create(&PostParams::default(), &pool("heal", 2, json!({})))
         .await
