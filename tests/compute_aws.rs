@@ -18,25 +18,9 @@ struct World {
 async fn world() -> World {
     let moto = common::Moto::start();
     let ec2 = moto.ec2_client();
-    let vpc = ec2.create_vpc().cidr_block("10.7.0.0/16").send().await.unwrap();
-    let vpc_id = vpc.vpc().and_then(|v| v.vpc_id()).unwrap().to_string();
-    let subnet = ec2
-        .create_subnet()
-        .vpc_id(&vpc_id)
-        .cidr_block("10.7.1.0/24")
-        .send()
-        .await
-        .unwrap();
-    let subnet_id = subnet.subnet().and_then(|s| s.subnet_id()).unwrap().to_string();
-    let group = ec2
-        .create_security_group()
-        .vpc_id(&vpc_id)
-        .group_name("nodes")
-        .description("nodes")
-        .send()
-        .await
-        .unwrap();
-    let group_id = group.group_id().unwrap().to_string();
+    let common::Network {
+        subnet_id, group_id, ..
+    } = moto.network("10.7").await;
     let images = ec2.describe_images().owners("amazon").send().await.unwrap();
     let image_id = images
         .images()

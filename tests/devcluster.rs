@@ -1,6 +1,8 @@
 //! The dev cluster (API server stand-in) driven through the real `kube` client over HTTP: every
 //! semantic the operator, kubectl and helm rely on.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -96,25 +98,6 @@ async fn bind(client: &Client, namespace: &str, pod: &str, node: &str) {
         .create_subresource("binding", pod, &PostParams::default(), &binding)
         .await
         .expect("bind the pod");
-}
-
-/// Polls `check` until it returns Some or 20 s pass.
-async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
 }
 
 #[tokio::test]
@@ -474,7 +457,7 @@ async fn watcher_relists_after_410_gone_when_the_history_window_is_exceeded() {
             .unwrap();
     }
     drop(interruption);
-    eventually("the reflector to hold all 12 pods", || {
+    common::eventually(20, "the reflector to hold all 12 pods", || {
         let reader = reader.clone();
         async move { (reader.state().len() == 12).then_some(()) }
     })
@@ -832,14 +815,14 @@ async fn the_scheduler_binds_pods_to_ready_matching_nodes_it_may_use() {
         Some([("type".to_string(), "virtual-kubelet".to_string())].into());
     pods.create(&PostParams::default(), &intolerant).await.unwrap();
 
-    let node = eventually("the pod to be bound", || {
+    let node = common::eventually(20, "the pod to be bound", || {
         let pods = pods.clone();
         async move { pods.get("wanted").await.ok()?.spec?.node_name }
     })
     .await;
     assert_eq!(node, "virtual");
     let events: Api<CoreEvent> = Api::default_namespaced(client.clone());
-    let failed = eventually("a FailedScheduling event", || {
+    let failed = common::eventually(20, "a FailedScheduling event", || {
         let events = events.clone();
         async move {
             let list = events

@@ -149,25 +149,6 @@ fn pool(name: &str, nodes: i32, extra: Value) -> Ec2NodePool {
     .unwrap()
 }
 
-/// Polls until `check` returns Some, or fails after `seconds`.
-async fn eventually<T, F, Fut>(seconds: u64, what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(seconds);
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 fn ready(node: &Node) -> bool {
     node.status
         .as_ref()
@@ -188,7 +169,7 @@ fn condition(pool: &Ec2NodePool, type_: &str) -> Option<(String, String, String)
 async fn wait_ready(client: &Client, name: &str, n: usize) -> Vec<Node> {
     let nodes: Api<Node> = Api::all(client.clone());
     let pools = pools(client);
-    eventually(30, &format!("{n} Ready nodes in pool {name}"), || {
+    common::eventually(30, &format!("{n} Ready nodes in pool {name}"), || {
         let (nodes, pools) = (nodes.clone(), pools.clone());
         async move {
             let pool = pools.get(name).await.ok()?;
@@ -297,7 +278,7 @@ async fn pools_get_ready_nodes_scale_with_drain_survive_restarts_and_clean_up() 
     let node_leases: Api<Lease> = Api::namespaced(client.clone(), "kube-node-lease");
     let lease_name = nodes[0].name_any();
     let before = node_leases.get(&lease_name).await.unwrap().resource_version();
-    eventually(15, "a lease renewal", || {
+    common::eventually(15, "a lease renewal", || {
         let (leases, name, before) = (node_leases.clone(), lease_name.clone(), before.clone());
         async move { (leases.get(&name).await.ok()?.resource_version() != before).then_some(()) }
     })
@@ -337,7 +318,7 @@ async fn pools_get_ready_nodes_scale_with_drain_survive_restarts_and_clean_up() 
         .await
         .unwrap();
     let node_api: Api<Node> = Api::all(client.clone());
-    eventually(30, "nodes 2 and 3 removed while node 4 drains", || {
+    common::eventually(30, "nodes 2 and 3 removed while node 4 drains", || {
         let (compute, node_api, highest) = (compute.clone(), node_api.clone(), highest.clone());
         async move {
             let enis = compute.describe_enis("web").await.ok()?;
@@ -352,7 +333,7 @@ async fn pools_get_ready_nodes_scale_with_drain_survive_restarts_and_clean_up() 
         .await
         .unwrap();
     let nodes = wait_ready(&client, "web", 2).await;
-    eventually(30, "the drained node and its ENI removed", || {
+    common::eventually(30, "the drained node and its ENI removed", || {
         let compute = compute.clone();
         async move { (compute.describe_enis("web").await.ok()?.len() == 2).then_some(()) }
     })
@@ -380,7 +361,7 @@ async fn pools_get_ready_nodes_scale_with_drain_survive_restarts_and_clean_up() 
     first.kill();
     let second = Replica::start(&env, env.local(), "replica-b");
     let ownership: Api<Lease> = Api::namespaced(client.clone(), NAMESPACE);
-    eventually(30, "the restarted operator to own every node", || {
+    common::eventually(30, "the restarted operator to own every node", || {
         let (ownership, names) = (ownership.clone(), before_nodes.clone());
         async move {
             for name in &names {
@@ -405,7 +386,7 @@ async fn pools_get_ready_nodes_scale_with_drain_survive_restarts_and_clean_up() 
         .delete("web", &DeleteParams::default())
         .await
         .unwrap();
-    eventually(30, "the pool to be gone", || {
+    common::eventually(30, "the pool to be gone", || {
         let pools = pools(&client);
         async move { pools.get_opt("web").await.ok()?.is_none().then_some(()) }
     })
@@ -461,7 +442,7 @@ async fn two_replicas_run_each_node_once_and_the_survivor_takes_over() {
     let survivor_id = survivor.identity.clone();
     crashed.kill();
     let crashed_at = std::time::Instant::now();
-    eventually(30, "the survivor to own every node and the controller", || {
+    common::eventually(30, "the survivor to own every node and the controller", || {
         let (ownership, names, id) = (ownership.clone(), names.clone(), survivor_id.clone());
         async move {
             let mut all = holders(ownership.clone(), names).await?;
@@ -503,7 +484,7 @@ async fn an_invalid_pool_gets_a_condition_and_an_event_while_a_valid_one_stays_r
         .create(&PostParams::default(), &pool("bad", 2, taints))
         .await
         .unwrap();
-    let (status, _, message) = eventually(30, "the invalid pool's condition", || {
+    let (status, _, message) = common::eventually(30, "the invalid pool's condition", || {
         let pools = pools(&client);
         async move {
             let bad = pools.get("bad").await.ok()?;
@@ -518,7 +499,7 @@ async fn an_invalid_pool_gets_a_condition_and_an_event_while_a_valid_one_stays_r
         "{message}"
     );
     let events: Api<Event> = Api::all(client.clone());
-    let warning = eventually(30, "an InvalidSpec event", || {
+    let warning = common::eventually(30, "an InvalidSpec event", || {
         let events = events.clone();
         async move {
             let list = events
@@ -542,25 +523,9 @@ async fn an_invalid_pool_gets_a_condition_and_an_event_while_a_valid_one_stays_r
 async fn the_aws_backend_runs_pools_against_the_ec2_emulator() {
     let moto = common::Moto::start();
     let ec2 = moto.ec2_client();
-    let vpc = ec2.create_vpc().cidr_block("10.9.0.0/16").send().await.unwrap();
-    let vpc_id = vpc.vpc().and_then(|v| v.vpc_id()).unwrap().to_string();
-    let subnet = ec2
-        .create_subnet()
-        .vpc_id(&vpc_id)
-        .cidr_block("10.9.1.0/24")
-        .send()
-        .await
-        .unwrap();
-    let subnet_id = subnet.subnet().and_then(|s| s.subnet_id()).unwrap().to_string();
-    let group = ec2
-        .create_security_group()
-        .vpc_id(&vpc_id)
-        .group_name("nodes")
-        .description("nodes")
-        .send()
-        .await
-        .unwrap();
-    let group_id = group.group_id().unwrap().to_string();
+    let common::Network {
+        subnet_id, group_id, ..
+    } = moto.network("10.9").await;
     let compute: Arc<dyn Compute> = Arc::new(AwsCompute::from_client(
         ec2.clone(),
         "test",
@@ -592,7 +557,7 @@ async fn the_aws_backend_runs_pools_against_the_ec2_emulator() {
         .create(&PostParams::default(), &pool("lost", 1, unknown))
         .await
         .unwrap();
-    let message = eventually(30, "the unknown subnet condition", || {
+    let message = common::eventually(30, "the unknown subnet condition", || {
         let pools = pools(&client);
         async move {
             let lost = pools.get("lost").await.ok()?;
@@ -612,7 +577,7 @@ async fn the_aws_backend_runs_pools_against_the_ec2_emulator() {
         .await
         .unwrap();
     wait_ready(&client, "cloud", 1).await;
-    eventually(30, "ENIs deleted in EC2 on scale-down", || {
+    common::eventually(30, "ENIs deleted in EC2 on scale-down", || {
         let compute = compute.clone();
         async move { (compute.describe_enis("cloud").await.ok()?.len() == 1).then_some(()) }
     })
@@ -621,7 +586,7 @@ async fn the_aws_backend_runs_pools_against_the_ec2_emulator() {
         .delete("cloud", &DeleteParams::default())
         .await
         .unwrap();
-    eventually(30, "the pool and its ENIs gone", || {
+    common::eventually(30, "the pool and its ENIs gone", || {
         let (pools, compute) = (pools(&client), compute.clone());
         async move {
             let gone = pools.get_opt("cloud").await.ok()?.is_none();
@@ -671,7 +636,7 @@ async fn a_node_whose_eni_disappears_goes_not_ready_and_is_replaced() {
 
     // The controller replaces the ENI (same index) and the pool is whole again. (The local
     // backend may hand the freed address out again, so the node name can come back.)
-    let replaced = eventually(30, "a replacement ENI in the pool status", || {
+    let replaced = common::eventually(30, "a replacement ENI in the pool status", || {
         let pools = pools(&client);
         let lost = lost.clone();
         async move {

@@ -166,11 +166,7 @@ fn main() -> ExitCode {
 
 fn demo(args: DemoArgs) -> ExitCode {
     telemetry::init_with_default(LogFormat::Text, "warn");
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(runtime) => runtime,
-        Err(e) => return fail(&format!("starting the async runtime: {e}")),
-    };
-    runtime.block_on(async move {
+    block_on(async move {
         let state = match tempfile_dir() {
             Ok(dir) => dir,
             Err(e) => return fail(&e),
@@ -210,11 +206,7 @@ fn tempfile_dir() -> Result<PathBuf, String> {
 
 fn run(config: OperatorConfig) -> ExitCode {
     telemetry::init(config.log_format);
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(runtime) => runtime,
-        Err(e) => return fail(&format!("starting the async runtime: {e}")),
-    };
-    runtime.block_on(async move {
+    block_on(async move {
         let client = match kube::Client::try_default().await {
             Ok(client) => client,
             Err(e) => return fail(&format!("connecting to Kubernetes: {e}")),
@@ -238,11 +230,7 @@ fn run(config: OperatorConfig) -> ExitCode {
 
 fn dev(args: DevArgs) -> ExitCode {
     telemetry::init(args.log_format);
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(runtime) => runtime,
-        Err(e) => return fail(&format!("starting the async runtime: {e}")),
-    };
-    runtime.block_on(async move {
+    block_on(async move {
         let options = DevClusterOptions {
             address: args.listen,
             scheduler: !args.no_scheduler,
@@ -294,6 +282,14 @@ async fn wait_for_termination() {
                 None => std::future::pending::<()>().await,
             }
         } => {}
+    }
+}
+
+/// Runs `main` on a multi-threaded tokio runtime.
+fn block_on(main: impl std::future::Future<Output = ExitCode>) -> ExitCode {
+    match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime.block_on(main),
+        Err(e) => fail(&format!("starting the async runtime: {e}")),
     }
 }
 

@@ -83,6 +83,14 @@ fn permanent_field(error: &crate::cloud::Error) -> Option<&'static str> {
     }
 }
 
+/// The pool's current conditions (to update with `set_condition`).
+fn conditions_of(pool: &Ec2NodePool) -> Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+    pool.status
+        .as_ref()
+        .map(|s| s.conditions.clone())
+        .unwrap_or_default()
+}
+
 fn now() -> Time {
     Time(jiff::Timestamp::now())
 }
@@ -141,11 +149,7 @@ async fn publish(
 /// event when the message is new. Nothing else is touched.
 async fn report_invalid(ctx: &Context, pool: &Ec2NodePool, reason: &str, message: &str) -> Result<()> {
     let generation = pool.metadata.generation;
-    let mut conditions = pool
-        .status
-        .as_ref()
-        .map(|s| s.conditions.clone())
-        .unwrap_or_default();
+    let mut conditions = conditions_of(pool);
     let changed = set_condition(
         &mut conditions,
         "Ready",
@@ -403,11 +407,7 @@ async fn apply(pool: &Ec2NodePool, ctx: &Context) -> Result<Action> {
         entries.insert(name, Value::Null);
     }
     let generation = pool.metadata.generation;
-    let mut conditions = pool
-        .status
-        .as_ref()
-        .map(|s| s.conditions.clone())
-        .unwrap_or_default();
+    let mut conditions = conditions_of(pool);
     let all_ready = ready_nodes as u32 >= wanted;
     let summary = format!("{ready_nodes}/{wanted} nodes Ready");
     if all_ready {

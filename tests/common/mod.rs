@@ -108,6 +108,68 @@ impl Moto {
     }
 }
 
+/// A VPC with one subnet and one security group in the emulator: what node ENIs need.
+pub struct Network {
+    pub vpc_id: String,
+    pub subnet_id: String,
+    pub group_id: String,
+}
+
+impl Moto {
+    /// Creates `<prefix>.0.0/16` with subnet `<prefix>.1.0/24` and a security group `nodes`.
+    pub async fn network(&self, prefix: &str) -> Network {
+        let ec2 = self.ec2_client();
+        let vpc = ec2
+            .create_vpc()
+            .cidr_block(format!("{prefix}.0.0/16"))
+            .send()
+            .await
+            .unwrap();
+        let vpc_id = vpc.vpc().and_then(|v| v.vpc_id()).unwrap().to_string();
+        let subnet = ec2
+            .create_subnet()
+            .vpc_id(&vpc_id)
+            .cidr_block(format!("{prefix}.1.0/24"))
+            .send()
+            .await
+            .unwrap();
+        let subnet_id = subnet.subnet().and_then(|s| s.subnet_id()).unwrap().to_string();
+        let group = ec2
+            .create_security_group()
+            .vpc_id(&vpc_id)
+            .group_name("nodes")
+            .description("nodes")
+            .send()
+            .await
+            .unwrap();
+        let group_id = group.group_id().unwrap().to_string();
+        Network {
+            vpc_id,
+            subnet_id,
+            group_id,
+        }
+    }
+}
+
+/// Polls `check` (every 50 ms) until it returns `Some`, failing the test after `seconds`.
+pub async fn eventually<T, F, Fut>(seconds: u64, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(seconds);
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 impl Drop for Moto {
     fn drop(&mut self) {
         let _ = self.child.kill();
