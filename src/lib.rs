@@ -13,5 +13,6 @@ pub mod demo;
 pub mod devcluster;
 pub mod node;
 pub mod operator;
+pub mod pod;
 pub mod schema;
 pub mod telemetry;
