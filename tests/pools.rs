@@ -300,8 +300,10 @@ async fn pools_get_ready_nodes_scale_with_drain_survive_restarts_and_clean_up() 
         .unwrap()
         .name_any();
     let pods: Api<Pod> = Api::default_namespaced(client.clone());
-    let pod = serde_json::from_value(json!({"metadata": {"name": "busy"},
-        "spec": {"containers": [{"name": "app", "image": "local/shell"}]}}))
+    // A pod that really runs there (its own local instance), so the drain has to wait for it.
+    let pod = serde_json::from_value(json!({"metadata": {"name": "busy", "annotations": {
+            "ec2-kubelet.io/image-id": "ami-0123456789abcdef0", "ec2-kubelet.io/instance-type": "t3.micro"}},
+        "spec": {"containers": [{"name": "app", "image": "local/shell", "command": ["sleep", "3600"]}]}}))
     .unwrap();
     pods.create(&PostParams::default(), &pod).await.unwrap();
     let binding = json!({"apiVersion": "v1", "kind": "Binding", "metadata": {"name": "busy"}, "target": {"name": highest}});
@@ -332,6 +334,17 @@ async fn pools_get_ready_nodes_scale_with_drain_survive_restarts_and_clean_up() 
     pods.delete("busy", &DeleteParams::default().grace_period(0))
         .await
         .unwrap();
+    common::eventually(30, "the deleted pod's instance terminated", || {
+        let compute = compute.clone();
+        async move {
+            let instances = compute
+                .describe_instances(&ec2_kubelet::cloud::InstanceFilter::Cluster)
+                .await
+                .ok()?;
+            instances.iter().all(|i| !i.state.is_alive()).then_some(())
+        }
+    })
+    .await;
     let nodes = wait_ready(&client, "web", 2).await;
     common::eventually(30, "the drained node and its ENI removed", || {
         let compute = compute.clone();

@@ -59,6 +59,8 @@ pub enum Error {
     InvalidSpec { field: String, message: String },
     #[error("finalizer: {0}")]
     Finalizer(String),
+    #[error("agent: {0}")]
+    Agent(String),
 }
 
 impl Error {
@@ -69,6 +71,7 @@ impl Error {
             Error::Cloud(error) => error.reason(),
             Error::InvalidSpec { .. } => "InvalidSpec",
             Error::Finalizer(_) => "FinalizerError",
+            Error::Agent(_) => "AgentUnreachable",
         }
     }
 }

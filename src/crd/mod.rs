@@ -122,6 +122,8 @@ pub mod tags {
     pub const POD_UID: &str = "ec2-kubelet.io/pod-uid";
     pub const POD: &str = "ec2-kubelet.io/pod";
     pub const WARM: &str = "ec2-kubelet.io/warm";
+    /// The agent's port on the instance, so a restarted operator reaches it without the template.
+    pub const AGENT_PORT: &str = "ec2-kubelet.io/agent-port";
     pub const NAME: &str = "Name";
 }
 

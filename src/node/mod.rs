@@ -267,6 +267,13 @@ pub async fn run(
     let mut last_status = Instant::now();
     let mut transition = String::new();
     let mut ticker = tokio::time::interval(renew);
+    // The node's pods run while this replica holds the node.
+    let mut pods: Option<(watch::Sender<bool>, tokio::task::JoinHandle<()>)> = None;
+    let stop_pods = |pods: &mut Option<(watch::Sender<bool>, tokio::task::JoinHandle<()>)>| {
+        if let Some((stop, _)) = pods.take() {
+            let _ = stop.send(true);
+        }
+    };
     loop {
         tokio::select! {
             _ = supervisor::stopped(&mut stop) => break,
@@ -280,6 +287,7 @@ pub async fn run(
             }
             held = false;
             registered = None;
+            stop_pods(&mut pods);
             continue;
         }
         if !held {
@@ -290,6 +298,12 @@ pub async fn run(
             register(&ctx, &current).await?;
             registered = Some(current.clone());
             last_health = None;
+            stop_pods(&mut pods);
+        }
+        if pods.as_ref().is_none_or(|(_, handle)| handle.is_finished()) {
+            let (stop_tx, stop_rx) = watch::channel(false);
+            let handle = tokio::spawn(crate::pod::lifecycle::run(ctx.clone(), current.clone(), stop_rx));
+            pods = Some((stop_tx, handle));
         }
         renew_node_lease(&ctx, &current, duration).await?;
         let due = last_health.is_none() || last_status.elapsed() >= status_every;
@@ -312,6 +326,7 @@ pub async fn run(
             last_status = Instant::now();
         }
     }
+    stop_pods(&mut pods);
     if held {
         let _ = ownership.release().await;
     }

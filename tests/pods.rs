@@ -1,0 +1,291 @@
+//! Pod lifecycle: a pod bound to a virtual node becomes its own instance (`local` backend: an
+//! agent process on loopback), runs, reports status, and is cleaned up on deletion.
+
+mod common;
+
+use std::sync::Arc;
+
+use ec2_kubelet::cloud::local::{LocalCompute, LocalOptions};
+use ec2_kubelet::cloud::{Compute, InstanceFilter};
+use ec2_kubelet::config::OperatorConfig;
+use ec2_kubelet::controller::Context;
+use ec2_kubelet::crd::{Ec2NodePool, Ec2PodTemplate};
+use ec2_kubelet::devcluster::{DevCluster, DevClusterOptions};
+use k8s_openapi::api::core::v1::{Event, Pod};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use kube::{Client, ResourceExt};
+use serde_json::{Value, json};
+use tokio::sync::watch;
+
+const NAMESPACE: &str = "ec2-kubelet-system";
+
+/// Terminates every local instance when the test ends, even when it fails.
+struct Instances(Arc<LocalCompute>);
+
+impl Drop for Instances {
+    fn drop(&mut self) {
+        let compute = self.0.clone();
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                if let Ok(instances) = compute.describe_instances(&InstanceFilter::Cluster).await {
+                    let ids: Vec<String> = instances.into_iter().map(|i| i.instance_id).collect();
+                    let _ = compute.terminate_instances(&ids).await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+struct Env {
+    _cluster: DevCluster,
+    client: Client,
+    compute: Arc<LocalCompute>,
+    _instances: Instances,
+    stop: watch::Sender<bool>,
+    _dir: tempfile::TempDir,
+}
+
+/// A dev cluster (with its scheduler), the operator on the local backend, a template and a
+/// one-node pool.
+async fn start() -> Env {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let cluster = DevCluster::start(DevClusterOptions::default()).await.unwrap();
+    let client = cluster.client();
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for crd in ec2_kubelet::crd::crds() {
+        crds.create(&PostParams::default(), &crd).await.unwrap();
+    }
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+    let namespace = serde_json::from_value(json!({"metadata": {"name": NAMESPACE}})).unwrap();
+    namespaces
+        .create(&PostParams::default(), &namespace)
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let compute = Arc::new(
+        LocalCompute::new(LocalOptions {
+            cluster: "test".into(),
+            dir: dir.path().join("local"),
+            agent_binary: env!("CARGO_BIN_EXE_ec2-kubelet-agent").into(),
+        })
+        .unwrap(),
+    );
+    let mut config = OperatorConfig {
+        cluster_name: "test".into(),
+        namespace: NAMESPACE.into(),
+        ..OperatorConfig::default()
+    };
+    config.lease.duration_seconds = 3;
+    config.lease.renew_interval_seconds = 1;
+    config.sync.node_status_seconds = 2;
+    config.sync.agent_lost_seconds = 30;
+    let ctx = Arc::new(Context::new(client.clone(), compute.clone(), config, "replica-a"));
+    let (stop, stopped) = watch::channel(false);
+    tokio::spawn(ec2_kubelet::operator::run(ctx, stopped));
+
+    let template: Ec2PodTemplate = serde_json::from_value(json!({
+        "apiVersion": "ec2-kubelet.io/v1alpha1", "kind": "Ec2PodTemplate",
+        "metadata": {"name": "general", "namespace": "default"},
+        "spec": {"imageId": "ami-0123456789abcdef0", "instanceTypes": ["t3.micro", "t3.medium", "m5.xlarge"],
+            "instanceType": "t3.micro", "agentPort": common::free_port()},
+    }))
+    .unwrap();
+    Api::<Ec2PodTemplate>::namespaced(client.clone(), "default")
+        .create(&PostParams::default(), &template)
+        .await
+        .unwrap();
+    let pool: Ec2NodePool = serde_json::from_value(json!({
+        "apiVersion": "ec2-kubelet.io/v1alpha1", "kind": "Ec2NodePool", "metadata": {"name": "pods"},
+        "spec": {"nodes": 1, "subnetIds": ["subnet-0a"], "securityGroupIds": ["sg-0a"],
+            "templateRef": {"namespace": "default", "name": "general"}},
+    }))
+    .unwrap();
+    Api::<Ec2NodePool>::all(client.clone())
+        .create(&PostParams::default(), &pool)
+        .await
+        .unwrap();
+    Env {
+        _cluster: cluster,
+        client,
+        _instances: Instances(compute.clone()),
+        compute,
+        stop,
+        _dir: dir,
+    }
+}
+
+fn pod(name: &str, script: &str, restart_policy: &str, annotations: Value) -> Pod {
+    serde_json::from_value(json!({
+        "metadata": {"name": name, "annotations": annotations},
+        "spec": {
+            "restartPolicy": restart_policy,
+            "nodeSelector": {"type": "virtual-kubelet"},
+            "tolerations": [{"key": "virtual-kubelet.io/provider", "operator": "Exists"}],
+            "containers": [{"name": "main", "image": "local/shell", "command": ["/bin/sh", "-c", script],
+                "resources": {"requests": {"cpu": "1500m", "memory": "3Gi"}}}],
+        },
+    }))
+    .unwrap()
+}
+
+async fn phase_of(pods: &Api<Pod>, name: &str, phase: &str) -> Pod {
+    common::eventually(60, &format!("pod {name} to be {phase}"), || {
+        let pods = pods.clone();
+        async move {
+            let pod = pods.get(name).await.ok()?;
+            (pod.status.as_ref()?.phase.as_deref() == Some(phase)).then_some(pod)
+        }
+    })
+    .await
+}
+
+async fn live_instances(compute: &LocalCompute) -> Vec<ec2_kubelet::cloud::Instance> {
+    compute
+        .describe_instances(&InstanceFilter::Cluster)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|i| i.state.is_alive())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_runs_on_its_own_right_sized_instance_and_is_cleaned_up_on_delete() {
+    let env = start().await;
+    let pods: Api<Pod> = Api::default_namespaced(env.client.clone());
+    pods.create(
+        &PostParams::default(),
+        &pod("web", "echo hello; sleep 3600", "Always", json!({})),
+    )
+    .await
+    .unwrap();
+    let running = common::eventually(60, "pod web Running and Ready", || {
+        let pods = pods.clone();
+        async move {
+            let pod = pods.get("web").await.ok()?;
+            let status = pod.status.clone()?;
+            let ready = status
+                .conditions?
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True");
+            (status.phase.as_deref() == Some("Running") && ready).then_some(pod)
+        }
+    })
+    .await;
+    let status = running.status.clone().unwrap();
+    let instances = live_instances(&env.compute).await;
+    assert_eq!(instances.len(), 1);
+    let instance = &instances[0];
+    assert_eq!(
+        instance.instance_type, "t3.medium",
+        "the smallest allowed type with 1500m CPU and 3Gi"
+    );
+    assert_eq!(status.pod_ip, instance.private_ip);
+    assert!(
+        status.host_ip.as_deref().unwrap().starts_with("127.0."),
+        "hostIP is the node ENI"
+    );
+    assert_eq!(
+        running.annotations()["ec2-kubelet.io/instance-id"],
+        instance.instance_id
+    );
+    let container = &status.container_statuses.unwrap()[0];
+    assert!(container.ready && container.state.as_ref().unwrap().running.is_some());
+    let pool = Api::<Ec2NodePool>::all(env.client.clone())
+        .get("pods")
+        .await
+        .unwrap();
+    let bindings = pool.status.unwrap().bindings;
+    let binding = bindings
+        .values()
+        .flat_map(|b| b.values())
+        .next()
+        .expect("a binding");
+    assert_eq!(
+        binding.instance_id.as_deref(),
+        Some(instance.instance_id.as_str())
+    );
+    let events: Api<Event> = Api::default_namespaced(env.client.clone());
+    let reasons: Vec<String> = events
+        .list(&ListParams::default().fields("involvedObject.name=web"))
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter_map(|e| e.reason)
+        .collect();
+    for reason in ["Scheduled", "Launching", "Launched", "AgentReady", "Started"] {
+        assert!(
+            reasons.iter().any(|r| r == reason),
+            "{reason} missing from {reasons:?}"
+        );
+    }
+
+    pods.delete("web", &DeleteParams::default()).await.unwrap();
+    common::eventually(60, "the pod object gone", || {
+        let pods = pods.clone();
+        async move { pods.get_opt("web").await.ok()?.is_none().then_some(()) }
+    })
+    .await;
+    assert!(
+        live_instances(&env.compute).await.is_empty(),
+        "the instance is terminated"
+    );
+    let pool = Api::<Ec2NodePool>::all(env.client.clone())
+        .get("pods")
+        .await
+        .unwrap();
+    assert!(
+        pool.status.unwrap().bindings.values().all(|b| b.is_empty()),
+        "the binding is gone"
+    );
+    let _ = env.stop.send(true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_end_succeeded_or_failed_and_bad_annotations_fail_only_their_pod() {
+    let env = start().await;
+    let pods: Api<Pod> = Api::default_namespaced(env.client.clone());
+    pods.create(&PostParams::default(), &pod("ok", "exit 0", "Never", json!({})))
+        .await
+        .unwrap();
+    pods.create(
+        &PostParams::default(),
+        &pod("broken", "exit 1", "Never", json!({})),
+    )
+    .await
+    .unwrap();
+    let bad = json!({"ec2-kubelet.io/instance-type": "m5.24xlarge"});
+    pods.create(&PostParams::default(), &pod("bad", "sleep 1", "Never", bad))
+        .await
+        .unwrap();
+
+    phase_of(&pods, "ok", "Succeeded").await;
+    let broken = phase_of(&pods, "broken", "Failed").await;
+    let terminated = broken.status.unwrap().container_statuses.unwrap()[0]
+        .state
+        .clone()
+        .unwrap()
+        .terminated
+        .unwrap();
+    assert_eq!(terminated.exit_code, 1);
+    let bad = phase_of(&pods, "bad", "Failed").await;
+    let status = bad.status.unwrap();
+    assert_eq!(status.reason.as_deref(), Some("InvalidLaunchSettings"));
+    assert!(
+        status
+            .message
+            .unwrap()
+            .starts_with("ec2-kubelet.io/instance-type: m5.24xlarge is not allowed by the template"),
+    );
+    let _ = env.stop.send(true);
+}
