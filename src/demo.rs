@@ -1,12 +1,13 @@
 //! `ec2-kubelet demo`: the main job on the embedded default, with no AWS account and no
 //! cluster. A dev cluster, the operator on the `local` backend, and the sample templates and
-//! pool from `config/samples/`; prints the virtual nodes once they are Ready.
+//! pool and pods from `config/samples/`; prints the virtual nodes once they are Ready and the
+//! pods once each runs on its own instance.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Namespace, Node};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, ListParams, PostParams};
 use kube::{Client, ResourceExt};
 use serde::Deserialize;
@@ -65,11 +66,34 @@ async fn create_all(client: &Client, path: &Path) -> Result<Vec<String>, String>
     Ok(created)
 }
 
-/// Runs the demo until the sample pool is Ready and prints it; returns the running cluster and
-/// the operator's stop switch so the caller decides how long it lives.
-pub async fn start(
-    options: &DemoOptions,
-) -> Result<(DevCluster, watch::Sender<bool>, tokio::task::JoinHandle<()>), String> {
+/// A running demo: the dev cluster, the operator and its compute backend.
+pub struct Demo {
+    pub cluster: DevCluster,
+    stop: watch::Sender<bool>,
+    operator: tokio::task::JoinHandle<()>,
+    compute: Arc<dyn crate::cloud::Compute>,
+}
+
+impl Demo {
+    /// Stops the operator and terminates every local instance (their agent processes).
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let _ = self.operator.await;
+        if let Ok(instances) = self
+            .compute
+            .describe_instances(&crate::cloud::InstanceFilter::Cluster)
+            .await
+        {
+            let ids: Vec<String> = instances.into_iter().map(|i| i.instance_id).collect();
+            let _ = self.compute.terminate_instances(&ids).await;
+        }
+        self.cluster.shutdown();
+    }
+}
+
+/// Runs the demo until the sample pool is Ready and the sample pods run on their own
+/// instances, printing both; the caller decides how long it lives.
+pub async fn start(options: &DemoOptions) -> Result<Demo, String> {
     let cluster_options = DevClusterOptions {
         address: options.listen,
         ..DevClusterOptions::default()
@@ -111,7 +135,7 @@ pub async fn start(
     let compute = crate::operator::compute(&config).await?;
     let ctx = Arc::new(Context::new(
         client.clone(),
-        compute,
+        compute.clone(),
         config,
         &crate::operator::identity(),
     ));
@@ -177,5 +201,77 @@ pub async fn start(
             entry.map(|e| e.eni_id.as_str()).unwrap_or(""),
         );
     }
-    Ok((cluster, stop, operator))
+    println!();
+    for file in ["pod.yaml", "pods.yaml"] {
+        for created in create_all(&client, &options.samples.join(file)).await? {
+            println!("applied:      {created}");
+        }
+    }
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    let running = loop {
+        let listed = pods
+            .list(&ListParams::default())
+            .await
+            .map_err(|e| e.to_string())?;
+        let all_running = !listed.items.is_empty()
+            && listed
+                .items
+                .iter()
+                .all(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"));
+        if all_running {
+            break listed.items;
+        }
+        if tokio::time::Instant::now() > deadline {
+            let phases: Vec<String> = listed
+                .items
+                .iter()
+                .map(|p| {
+                    format!(
+                        "{}={}",
+                        p.name_any(),
+                        p.status
+                            .as_ref()
+                            .and_then(|s| s.phase.clone())
+                            .unwrap_or_default()
+                    )
+                })
+                .collect();
+            return Err(format!(
+                "the sample pods are not Running after 90 s: {}",
+                phases.join(", ")
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let pool = pools.get("default").await.map_err(|e| e.to_string())?;
+    let bindings = pool.status.map(|s| s.bindings).unwrap_or_default();
+    println!();
+    println!(
+        "{:<10} {:<8} {:<24} {:<22} {:<10} POD IP",
+        "POD", "STATUS", "NODE", "INSTANCE", "TYPE"
+    );
+    for pod in &running {
+        let uid = pod.uid().unwrap_or_default();
+        let binding = bindings.values().find_map(|b| b.get(&uid));
+        let status = pod.status.clone().unwrap_or_default();
+        println!(
+            "{:<10} {:<8} {:<24} {:<22} {:<10} {}",
+            pod.name_any(),
+            status.phase.unwrap_or_default(),
+            pod.spec
+                .as_ref()
+                .and_then(|s| s.node_name.clone())
+                .unwrap_or_default(),
+            binding.and_then(|b| b.instance_id.clone()).unwrap_or_default(),
+            binding.and_then(|b| b.instance_type.clone()).unwrap_or_default(),
+            status.pod_ip.unwrap_or_default(),
+        );
+    }
+    Ok(Demo {
+        cluster,
+        stop,
+        operator,
+        compute,
+    })
 }

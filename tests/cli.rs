@@ -171,4 +171,24 @@ fn demo_brings_the_sample_pool_up_on_the_embedded_default() {
         .filter(|l| l.starts_with("ip-127-0-0-") && l.contains(" Ready "))
         .count();
     assert_eq!(ready_rows, 2, "{text}");
+    // Every sample pod runs on its own instance, sized from its requests or annotation.
+    let pod = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no row for {name} in:\n{text}"))
+            .split_whitespace()
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(pod("hello")[1], "Running");
+    assert_eq!(pod("hello")[4], "t3.micro", "the instance-type annotation");
+    assert_eq!(
+        pod("worker-0")[4],
+        "t3.medium",
+        "the smallest allowed type with 2 CPU and 4Gi"
+    );
+    assert!(pod("worker-1")[3].starts_with("i-"));
+    assert!(
+        pod("worker-1")[5].starts_with("127.1."),
+        "the pod IP is its instance's address"
+    );
 }

@@ -46,7 +46,8 @@ enum Command {
     /// Print the effective operator configuration (file, then flags), or the field at fault.
     Config(ConfigArgs),
     /// The main job on the embedded default (no AWS account, no cluster): a dev cluster, the
-    /// operator on the local backend, and the sample templates and pool; prints the virtual nodes.
+    /// operator on the local backend, and the samples; prints the virtual nodes and the pods,
+    /// each on its own (local) instance.
     Demo(DemoArgs),
     /// Run the operator against the cluster of $KUBECONFIG (or the in-cluster configuration).
     Run(ConfigArgs),
@@ -177,7 +178,7 @@ fn demo(args: DemoArgs) -> ExitCode {
             samples: args.samples.clone(),
             state_dir: state.clone(),
         };
-        let (cluster, stop, operator) = match ec2_kubelet::demo::start(&options).await {
+        let demo = match ec2_kubelet::demo::start(&options).await {
             Ok(running) => running,
             Err(e) => return fail(&e),
         };
@@ -185,13 +186,11 @@ fn demo(args: DemoArgs) -> ExitCode {
             println!();
             println!("Explore with kubectl (Ctrl-C stops the demo):");
             println!("  export KUBECONFIG={}", args.kubeconfig.display());
-            println!("  kubectl get ecnp,nodes");
+            println!("  kubectl get ecnp,nodes,pods -o wide");
             println!("  kubectl patch ecnp default --type merge -p '{{\"spec\":{{\"nodes\":3}}}}'");
             wait_for_termination().await;
         }
-        let _ = stop.send(true);
-        let _ = operator.await;
-        cluster.shutdown();
+        demo.shutdown().await;
         let _ = std::fs::remove_dir_all(&state);
         ExitCode::SUCCESS
     })
