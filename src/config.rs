@@ -106,6 +106,8 @@ pub struct SyncConfig {
     pub agent_lost_seconds: u32,
     /// Scale-down waits this long for a cordoned node's pods to leave before removing it anyway.
     pub drain_timeout_seconds: u32,
+    /// An instance of the pool whose pod no longer exists is terminated once it is this old.
+    pub orphan_grace_seconds: u32,
 }
 
 impl Default for SyncConfig {
@@ -117,6 +119,7 @@ impl Default for SyncConfig {
             pod_status_batch_millis: 100,
             agent_lost_seconds: 300,
             drain_timeout_seconds: 600,
+            orphan_grace_seconds: 120,
         }
     }
 }

@@ -44,6 +44,7 @@ impl Drop for Instances {
 
 struct Env {
     _cluster: DevCluster,
+    local_dir: std::path::PathBuf,
     client: Client,
     compute: Arc<LocalCompute>,
     _instances: Instances,
@@ -88,6 +89,8 @@ async fn start() -> Env {
     config.lease.renew_interval_seconds = 1;
     config.sync.node_status_seconds = 2;
     config.sync.agent_lost_seconds = 30;
+    config.sync.pool_resync_seconds = 2;
+    config.sync.orphan_grace_seconds = 1;
     let ctx = Arc::new(Context::new(client.clone(), compute.clone(), config, "replica-a"));
     let (stop, stopped) = watch::channel(false);
     tokio::spawn(ec2_kubelet::operator::run(ctx, stopped));
@@ -115,6 +118,7 @@ async fn start() -> Env {
         .unwrap();
     Env {
         _cluster: cluster,
+        local_dir: dir.path().join("local"),
         client,
         _instances: Instances(compute.clone()),
         compute,
@@ -286,6 +290,69 @@ async fn pods_end_succeeded_or_failed_and_bad_annotations_fail_only_their_pod() 
             .message
             .unwrap()
             .starts_with("ec2-kubelet.io/instance-type: m5.24xlarge is not allowed by the template"),
+    );
+    let _ = env.stop.send(true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orphan_instances_are_terminated_and_other_clusters_are_never_touched() {
+    let env = start().await;
+    let other = Arc::new(
+        LocalCompute::new(LocalOptions {
+            cluster: "other".into(),
+            dir: env.local_dir.clone(),
+            agent_binary: env!("CARGO_BIN_EXE_ec2-kubelet-agent").into(),
+        })
+        .unwrap(),
+    );
+    let _other_instances = Instances(other.clone());
+    let request = |uid: &str| ec2_kubelet::cloud::LaunchRequest {
+        pod_uid: uid.into(),
+        pool: "pods".into(),
+        node: "ip-127-0-0-1.pods".into(),
+        namespace: "default".into(),
+        name: uid.into(),
+        instance_type: "t3.micro".into(),
+        image_id: "ami-0123456789abcdef0".into(),
+        subnet_id: "subnet-0a".into(),
+        agent_port: common::free_port(),
+        ..Default::default()
+    };
+    // Ours, for a pod that does not exist; and another cluster's, in a pool of the same name.
+    let ghost = env.compute.launch_instance(&request("ghost")).await.unwrap();
+    let foreign = other.launch_instance(&request("foreign")).await.unwrap();
+    common::eventually(60, "the orphan instance terminated", || {
+        let compute = env.compute.clone();
+        let id = ghost.instance_id.clone();
+        async move {
+            let found = compute
+                .describe_instances(&InstanceFilter::Ids(vec![id]))
+                .await
+                .ok()?;
+            found.iter().all(|i| !i.state.is_alive()).then_some(())
+        }
+    })
+    .await;
+    let theirs = other
+        .describe_instances(&InstanceFilter::Ids(vec![foreign.instance_id.clone()]))
+        .await
+        .unwrap();
+    assert!(
+        theirs[0].state.is_alive(),
+        "an instance without our cluster tag is never touched"
+    );
+    let events: Api<Event> = Api::all(env.client.clone());
+    let reasons: Vec<String> = events
+        .list(&ListParams::default().fields("involvedObject.name=pods"))
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter_map(|e| e.reason)
+        .collect();
+    assert!(
+        reasons.iter().any(|r| r == "OrphanInstancesTerminated"),
+        "{reasons:?}"
     );
     let _ = env.stop.send(true);
 }

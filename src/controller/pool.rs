@@ -356,6 +356,8 @@ async fn apply(pool: &Ec2NodePool, ctx: &Context) -> Result<Action> {
     }
     enis.retain(|e| !removed.contains(&e.eni_id));
 
+    collect_orphans(ctx, pool).await?;
+
     // Status: one entry per node (merge-patched by name), counts and conditions.
     let nodes_api: Api<Node> = Api::all(ctx.client.clone());
     let registered = nodes_api
@@ -469,6 +471,76 @@ async fn apply(pool: &Ec2NodePool, ctx: &Context) -> Result<Action> {
     } else {
         resync
     })
+}
+
+/// Terminates the pool's instances whose pod no longer exists (after `sync.orphanGraceSeconds`,
+/// so a launch in flight is never mistaken for one) and drops bindings of pods that are gone.
+/// Only instances carrying this cluster's and pool's tags are ever looked at.
+async fn collect_orphans(ctx: &Context, pool: &Ec2NodePool) -> Result<()> {
+    let name = pool.name_any();
+    let pods: Api<Pod> = Api::all(ctx.client.clone());
+    let live: HashSet<String> = pods
+        .list(&ListParams::default())
+        .await?
+        .items
+        .iter()
+        .filter_map(|p| p.uid())
+        .collect();
+    let grace = i64::from(ctx.config.sync.orphan_grace_seconds) * 1000;
+    let now = jiff::Timestamp::now().as_millisecond();
+    let instances = ctx
+        .compute
+        .describe_instances(&crate::cloud::InstanceFilter::Pool(name.clone()))
+        .await?;
+    let orphans: Vec<&crate::cloud::Instance> = instances
+        .iter()
+        .filter(|i| i.state.is_alive() && now - i.launch_time >= grace)
+        .filter(|i| {
+            i.tag(crate::crd::tags::POD_UID)
+                .is_some_and(|uid| !live.contains(uid))
+        })
+        .collect();
+    if !orphans.is_empty() {
+        let ids: Vec<String> = orphans.iter().map(|i| i.instance_id.clone()).collect();
+        ctx.compute.terminate_instances(&ids).await?;
+        let note = format!(
+            "terminated {} instance(s) whose pod no longer exists: {}",
+            ids.len(),
+            ids.join(", ")
+        );
+        publish(
+            ctx,
+            pool,
+            EventType::Warning,
+            "OrphanInstancesTerminated",
+            note,
+            "GarbageCollect",
+        )
+        .await;
+    }
+    let bindings = pool
+        .status
+        .as_ref()
+        .map(|s| s.bindings.clone())
+        .unwrap_or_default();
+    let mut stale = serde_json::Map::new();
+    for (node, pods) in &bindings {
+        let gone: serde_json::Map<String, Value> = pods
+            .keys()
+            .filter(|uid| !live.contains(*uid))
+            .map(|uid| (uid.clone(), Value::Null))
+            .collect();
+        if !gone.is_empty() {
+            stale.insert(node.clone(), Value::Object(gone));
+        }
+    }
+    if !stale.is_empty() {
+        let patch = json!({"status": {"bindings": stale}});
+        api(ctx)
+            .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await?;
+    }
+    Ok(())
 }
 
 /// Deletes every node and ENI of the pool; the finalizer goes once this returns Ok.
