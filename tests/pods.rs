@@ -8,7 +8,6 @@ use std::sync::Arc;
 use ec2_kubelet::cloud::local::{LocalCompute, LocalOptions};
 use ec2_kubelet::cloud::{Compute, InstanceFilter};
 use ec2_kubelet::config::OperatorConfig;
-use ec2_kubelet::controller::Context;
 use ec2_kubelet::crd::{Ec2NodePool, Ec2PodTemplate};
 use ec2_kubelet::devcluster::{DevCluster, DevClusterOptions};
 use k8s_openapi::api::core::v1::{Event, Pod};
@@ -16,7 +15,6 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
-use tokio::sync::watch;
 
 const NAMESPACE: &str = "ec2-kubelet-system";
 
@@ -43,12 +41,13 @@ impl Drop for Instances {
 }
 
 struct Env {
-    _cluster: DevCluster,
+    cluster: DevCluster,
+    config: OperatorConfig,
+    replica: Option<common::Replica>,
     local_dir: std::path::PathBuf,
     client: Client,
     compute: Arc<LocalCompute>,
     _instances: Instances,
-    stop: watch::Sender<bool>,
     _dir: tempfile::TempDir,
 }
 
@@ -91,9 +90,7 @@ async fn start() -> Env {
     config.sync.agent_lost_seconds = 30;
     config.sync.pool_resync_seconds = 2;
     config.sync.orphan_grace_seconds = 1;
-    let ctx = Arc::new(Context::new(client.clone(), compute.clone(), config, "replica-a"));
-    let (stop, stopped) = watch::channel(false);
-    tokio::spawn(ec2_kubelet::operator::run(ctx, stopped));
+    let replica = common::Replica::start(&cluster, config.clone(), compute.clone(), "replica-a");
 
     let template: Ec2PodTemplate = serde_json::from_value(json!({
         "apiVersion": "ec2-kubelet.io/v1alpha1", "kind": "Ec2PodTemplate",
@@ -117,12 +114,13 @@ async fn start() -> Env {
         .await
         .unwrap();
     Env {
-        _cluster: cluster,
+        cluster,
+        config,
+        replica: Some(replica),
         local_dir: dir.path().join("local"),
         client,
         _instances: Instances(compute.clone()),
         compute,
-        stop,
         _dir: dir,
     }
 }
@@ -164,7 +162,7 @@ async fn live_instances(compute: &LocalCompute) -> Vec<ec2_kubelet::cloud::Insta
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pod_runs_on_its_own_right_sized_instance_and_is_cleaned_up_on_delete() {
-    let env = start().await;
+    let mut env = start().await;
     let pods: Api<Pod> = Api::default_namespaced(env.client.clone());
     pods.create(
         &PostParams::default(),
@@ -252,12 +250,12 @@ async fn a_pod_runs_on_its_own_right_sized_instance_and_is_cleaned_up_on_delete(
         pool.status.unwrap().bindings.values().all(|b| b.is_empty()),
         "the binding is gone"
     );
-    let _ = env.stop.send(true);
+    env.replica.take().unwrap().stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pods_end_succeeded_or_failed_and_bad_annotations_fail_only_their_pod() {
-    let env = start().await;
+    let mut env = start().await;
     let pods: Api<Pod> = Api::default_namespaced(env.client.clone());
     pods.create(&PostParams::default(), &pod("ok", "exit 0", "Never", json!({})))
         .await
@@ -291,12 +289,12 @@ async fn pods_end_succeeded_or_failed_and_bad_annotations_fail_only_their_pod() 
             .unwrap()
             .starts_with("ec2-kubelet.io/instance-type: m5.24xlarge is not allowed by the template"),
     );
-    let _ = env.stop.send(true);
+    env.replica.take().unwrap().stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn orphan_instances_are_terminated_and_other_clusters_are_never_touched() {
-    let env = start().await;
+    let mut env = start().await;
     let other = Arc::new(
         LocalCompute::new(LocalOptions {
             cluster: "other".into(),
@@ -354,5 +352,57 @@ async fn orphan_instances_are_terminated_and_other_clusters_are_never_touched() 
         reasons.iter().any(|r| r == "OrphanInstancesTerminated"),
         "{reasons:?}"
     );
-    let _ = env.stop.send(true);
+    env.replica.take().unwrap().stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_operator_comes_back_to_the_same_instance_and_still_cleans_up() {
+    let mut env = start().await;
+    let pods: Api<Pod> = Api::default_namespaced(env.client.clone());
+    pods.create(
+        &PostParams::default(),
+        &pod("steady", "sleep 3600", "Always", json!({})),
+    )
+    .await
+    .unwrap();
+    phase_of(&pods, "steady", "Running").await;
+    let before = live_instances(&env.compute).await;
+    assert_eq!(before.len(), 1);
+
+    // Crash the operator: its leases stay held until they expire, then a new replica takes over.
+    env.replica.take().unwrap().kill();
+    let compute: Arc<dyn Compute> = env.compute.clone();
+    env.replica = Some(common::Replica::start(
+        &env.cluster,
+        env.config.clone(),
+        compute,
+        "replica-b",
+    ));
+    let ownership: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(env.client.clone(), NAMESPACE);
+    common::eventually(30, "the new replica to own the node", || {
+        let ownership = ownership.clone();
+        async move {
+            let leases = ownership.list(&ListParams::default()).await.ok()?;
+            let node_lease = leases.items.iter().find(|l| l.name_any().starts_with("ip-"))?;
+            (node_lease.spec.as_ref()?.holder_identity.as_deref() == Some("replica-b")).then_some(())
+        }
+    })
+    .await;
+    // It re-attaches to the running pod: still exactly one instance, the same one.
+    phase_of(&pods, "steady", "Running").await;
+    let after = live_instances(&env.compute).await;
+    assert_eq!(
+        after.iter().map(|i| &i.instance_id).collect::<Vec<_>>(),
+        before.iter().map(|i| &i.instance_id).collect::<Vec<_>>(),
+        "nothing launched twice"
+    );
+    pods.delete("steady", &DeleteParams::default()).await.unwrap();
+    common::eventually(60, "the pod gone", || {
+        let pods = pods.clone();
+        async move { pods.get_opt("steady").await.ok()?.is_none().then_some(()) }
+    })
+    .await;
+    assert!(live_instances(&env.compute).await.is_empty(), "nothing leaks");
+    env.replica.take().unwrap().stop().await;
 }

@@ -3,6 +3,8 @@
 
 mod common;
 
+use common::Replica;
+
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,7 +13,6 @@ use ec2_kubelet::cloud::Compute;
 use ec2_kubelet::cloud::aws::{AwsCompute, EndpointOverrides};
 use ec2_kubelet::cloud::local::{LocalCompute, LocalOptions};
 use ec2_kubelet::config::OperatorConfig;
-use ec2_kubelet::controller::Context;
 use ec2_kubelet::crd::Ec2NodePool;
 use ec2_kubelet::devcluster::{DevCluster, DevClusterOptions};
 use ec2_kubelet::node::node_name;
@@ -21,8 +22,6 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
-use tokio::sync::watch;
-use tokio::task::JoinHandle;
 
 const NAMESPACE: &str = "ec2-kubelet-system";
 
@@ -85,53 +84,6 @@ fn config() -> OperatorConfig {
     config.sync.node_status_seconds = 2;
     config.sync.pool_resync_seconds = 30;
     config
-}
-
-/// One operator replica, on its own runtime as if it were its own process.
-struct Replica {
-    identity: String,
-    stop: watch::Sender<bool>,
-    handle: JoinHandle<()>,
-    runtime: tokio::runtime::Runtime,
-}
-
-impl Replica {
-    fn start(env: &Env, compute: Arc<dyn Compute>, identity: &str) -> Replica {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        let (stop, stopped) = watch::channel(false);
-        let kube_config = env.cluster.client_config();
-        let name = identity.to_string();
-        // The replica's own client, created on its runtime: nothing of it outlives a crash.
-        let handle = runtime.spawn(async move {
-            let client = Client::try_from(kube_config).unwrap();
-            let ctx = Arc::new(Context::new(client, compute, config(), &name));
-            ec2_kubelet::operator::run(ctx, stopped).await
-        });
-        Replica {
-            identity: identity.into(),
-            stop,
-            handle,
-            runtime,
-        }
-    }
-
-    /// A clean stop: node tasks end and leases are released.
-    async fn stop(self) {
-        let _ = self.stop.send(true);
-        self.handle.await.unwrap();
-        self.runtime.shutdown_background();
-    }
-
-    /// A crash: every task of the replica vanishes mid-flight and its leases stay held until
-    /// they expire.
-    fn kill(self) {
-        self.runtime.shutdown_background();
-        drop(self.stop);
-    }
 }
 
 fn pools(client: &Client) -> Api<Ec2NodePool> {
@@ -201,7 +153,7 @@ async fn pools_get_ready_nodes_scale_with_drain_survive_restarts_and_clean_up() 
     let env = Env::start().await;
     let client = env.client.clone();
     let compute = env.local();
-    let first = Replica::start(&env, env.local(), "replica-a");
+    let first = Replica::start(&env.cluster, config(), env.local(), "replica-a");
     pools(&client)
         .create(&PostParams::default(), &pool("web", 3, json!({})))
         .await
@@ -372,7 +324,7 @@ async fn pools_get_ready_nodes_scale_with_drain_survive_restarts_and_clean_up() 
     let before_nodes: BTreeSet<String> = nodes.iter().map(|n| n.name_any()).collect();
     // A crash, not a clean stop: the new replica waits for the old leases to expire.
     first.kill();
-    let second = Replica::start(&env, env.local(), "replica-b");
+    let second = Replica::start(&env.cluster, config(), env.local(), "replica-b");
     let ownership: Api<Lease> = Api::namespaced(client.clone(), NAMESPACE);
     common::eventually(30, "the restarted operator to own every node", || {
         let (ownership, names) = (ownership.clone(), before_nodes.clone());
@@ -422,8 +374,8 @@ async fn pools_get_ready_nodes_scale_with_drain_survive_restarts_and_clean_up() 
 async fn two_replicas_run_each_node_once_and_the_survivor_takes_over() {
     let env = Env::start().await;
     let client = env.client.clone();
-    let a = Replica::start(&env, env.local(), "replica-a");
-    let b = Replica::start(&env, env.local(), "replica-b");
+    let a = Replica::start(&env.cluster, config(), env.local(), "replica-a");
+    let b = Replica::start(&env.cluster, config(), env.local(), "replica-b");
     pools(&client)
         .create(&PostParams::default(), &pool("pair", 4, json!({})))
         .await
@@ -487,7 +439,7 @@ async fn two_replicas_run_each_node_once_and_the_survivor_takes_over() {
 async fn an_invalid_pool_gets_a_condition_and_an_event_while_a_valid_one_stays_ready() {
     let env = Env::start().await;
     let client = env.client.clone();
-    let replica = Replica::start(&env, env.local(), "replica-a");
+    let replica = Replica::start(&env.cluster, config(), env.local(), "replica-a");
     pools(&client)
         .create(&PostParams::default(), &pool("good", 1, json!({})))
         .await
@@ -547,7 +499,7 @@ async fn the_aws_backend_runs_pools_against_the_ec2_emulator() {
 
     let env = Env::start().await;
     let client = env.client.clone();
-    let replica = Replica::start(&env, compute.clone(), "replica-a");
+    let replica = Replica::start(&env.cluster, config(), compute.clone(), "replica-a");
     let network = json!({"subnetIds": [subnet_id], "securityGroupIds": [group_id]});
     pools(&client)
         .create(&PostParams::default(), &pool("cloud", 3, network.clone()))
@@ -617,7 +569,7 @@ async fn a_node_whose_eni_disappears_goes_not_ready_and_is_replaced() {
     let env = Env::start().await;
     let client = env.client.clone();
     let compute = env.local();
-    let replica = Replica::start(&env, env.local(), "replica-a");
+    let replica = Replica::start(&env.cluster, config(), env.local(), "replica-a");
     pools(&client)
         .create(&PostParams::default(), &pool("heal", 2, json!({})))
         .await

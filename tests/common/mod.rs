@@ -259,3 +259,57 @@ impl Drop for AgentProcess {
         }
     }
 }
+
+/// One operator replica, on its own runtime as if it were its own process.
+pub struct Replica {
+    pub identity: String,
+    stop: tokio::sync::watch::Sender<bool>,
+    handle: tokio::task::JoinHandle<()>,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl Replica {
+    pub fn start(
+        cluster: &ec2_kubelet::devcluster::DevCluster,
+        config: ec2_kubelet::config::OperatorConfig,
+        compute: std::sync::Arc<dyn ec2_kubelet::cloud::Compute>,
+        identity: &str,
+    ) -> Replica {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let kube_config = cluster.client_config();
+        let name = identity.to_string();
+        // The replica's own client, created on its runtime: nothing of it outlives a crash.
+        let handle = runtime.spawn(async move {
+            let client = kube::Client::try_from(kube_config).unwrap();
+            let ctx = std::sync::Arc::new(ec2_kubelet::controller::Context::new(
+                client, compute, config, &name,
+            ));
+            ec2_kubelet::operator::run(ctx, stopped).await
+        });
+        Replica {
+            identity: identity.into(),
+            stop,
+            handle,
+            runtime,
+        }
+    }
+
+    /// A clean stop: node tasks end and leases are released.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        self.handle.await.unwrap();
+        self.runtime.shutdown_background();
+    }
+
+    /// A crash: every task of the replica vanishes mid-flight and its leases stay held until
+    /// they expire.
+    pub fn kill(self) {
+        self.runtime.shutdown_background();
+        drop(self.stop);
+    }
+}
