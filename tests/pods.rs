@@ -9,14 +9,13 @@ use ec2_kubelet::cloud::local::{LocalCompute, LocalOptions};
 use ec2_kubelet::cloud::{Compute, InstanceFilter};
 use ec2_kubelet::config::OperatorConfig;
 use ec2_kubelet::crd::{Ec2NodePool, Ec2PodTemplate};
-use ec2_kubelet::devcluster::{DevCluster, DevClusterOptions};
+use ec2_kubelet::devcluster::DevCluster;
 use k8s_openapi::api::core::v1::{Event, Pod};
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
 
-const NAMESPACE: &str = "ec2-kubelet-system";
+const NAMESPACE: &str = common::OPERATOR_NAMESPACE;
 
 /// Terminates every local instance when the test ends, even when it fails.
 struct Instances(Arc<LocalCompute>);
@@ -54,22 +53,8 @@ struct Env {
 /// A dev cluster (with its scheduler), the operator on the local backend, a template and a
 /// one-node pool.
 async fn start() -> Env {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
-    let cluster = DevCluster::start(DevClusterOptions::default()).await.unwrap();
+    let cluster = common::operator_cluster(true).await;
     let client = cluster.client();
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    for crd in ec2_kubelet::crd::crds() {
-        crds.create(&PostParams::default(), &crd).await.unwrap();
-    }
-    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
-    let namespace = serde_json::from_value(json!({"metadata": {"name": NAMESPACE}})).unwrap();
-    namespaces
-        .create(&PostParams::default(), &namespace)
-        .await
-        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let compute = Arc::new(
         LocalCompute::new(LocalOptions {

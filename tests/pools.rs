@@ -14,16 +14,15 @@ use ec2_kubelet::cloud::aws::{AwsCompute, EndpointOverrides};
 use ec2_kubelet::cloud::local::{LocalCompute, LocalOptions};
 use ec2_kubelet::config::OperatorConfig;
 use ec2_kubelet::crd::Ec2NodePool;
-use ec2_kubelet::devcluster::{DevCluster, DevClusterOptions};
+use ec2_kubelet::devcluster::DevCluster;
 use ec2_kubelet::node::node_name;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Event, Node, Pod};
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
 
-const NAMESPACE: &str = "ec2-kubelet-system";
+const NAMESPACE: &str = common::OPERATOR_NAMESPACE;
 
 struct Env {
     cluster: DevCluster,
@@ -33,27 +32,8 @@ struct Env {
 
 impl Env {
     async fn start() -> Env {
-        // RUST_LOG=ec2_kubelet=debug shows the operator's logs for a failing test.
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-            .with_test_writer()
-            .try_init();
-        let options = DevClusterOptions {
-            scheduler: false,
-            ..DevClusterOptions::default()
-        };
-        let cluster = DevCluster::start(options).await.unwrap();
+        let cluster = common::operator_cluster(false).await;
         let client = cluster.client();
-        let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-        for crd in ec2_kubelet::crd::crds() {
-            crds.create(&PostParams::default(), &crd).await.unwrap();
-        }
-        let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
-        let namespace = serde_json::from_value(json!({"metadata": {"name": NAMESPACE}})).unwrap();
-        namespaces
-            .create(&PostParams::default(), &namespace)
-            .await
-            .unwrap();
         Env {
             cluster,
             client,

@@ -313,3 +313,36 @@ impl Replica {
         drop(self.stop);
     }
 }
+
+/// The operator's namespace in tests (node-ownership and controller leases live there).
+pub const OPERATOR_NAMESPACE: &str = "ec2-kubelet-system";
+
+/// A dev cluster ready for the operator: our CRDs installed and the operator namespace created.
+/// Also routes the operator's logs to the test output (`RUST_LOG=ec2_kubelet=debug`).
+pub async fn operator_cluster(scheduler: bool) -> ec2_kubelet::devcluster::DevCluster {
+    use kube::api::{Api, PostParams};
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let options = ec2_kubelet::devcluster::DevClusterOptions {
+        scheduler,
+        ..Default::default()
+    };
+    let cluster = ec2_kubelet::devcluster::DevCluster::start(options).await.unwrap();
+    let client = cluster.client();
+    let crds: Api<
+        k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+    > = Api::all(client.clone());
+    for crd in ec2_kubelet::crd::crds() {
+        crds.create(&PostParams::default(), &crd).await.unwrap();
+    }
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client);
+    let namespace =
+        serde_json::from_value(serde_json::json!({"metadata": {"name": OPERATOR_NAMESPACE}})).unwrap();
+    namespaces
+        .create(&PostParams::default(), &namespace)
+        .await
+        .unwrap();
+    cluster
+}
