@@ -102,6 +102,8 @@ pub struct SyncConfig {
     pub template_resync_seconds: u32,
     /// Pod status writes on one node are coalesced within this window.
     pub pod_status_batch_millis: u32,
+    /// A running pod whose agent stops answering turns Ready=False after this long.
+    pub agent_unreachable_seconds: u32,
     /// A pod whose agent stays unreachable this long is marked Failed (`InstanceLost`).
     pub agent_lost_seconds: u32,
     /// Scale-down waits this long for a cordoned node's pods to leave before removing it anyway.
@@ -117,6 +119,7 @@ impl Default for SyncConfig {
             pool_resync_seconds: 300,
             template_resync_seconds: 600,
             pod_status_batch_millis: 100,
+            agent_unreachable_seconds: 30,
             agent_lost_seconds: 300,
             drain_timeout_seconds: 600,
             orphan_grace_seconds: 120,

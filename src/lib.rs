@@ -11,6 +11,7 @@ pub mod controller;
 pub mod crd;
 pub mod demo;
 pub mod devcluster;
+pub mod faults;
 pub mod node;
 pub mod operator;
 pub mod pod;

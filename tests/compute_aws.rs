@@ -2,14 +2,18 @@
 
 mod common;
 
-use ec2_kubelet::cloud::aws::{AwsCompute, EndpointOverrides};
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+
+use ec2_kubelet::cloud::aws::AwsCompute;
 use ec2_kubelet::cloud::{Compute, EniRequest, Error, InstanceFilter, InstanceState, LaunchRequest};
 use ec2_kubelet::crd::{TagMap, tags};
 
 struct World {
     _moto: common::Moto,
     compute: AwsCompute,
-    overrides: EndpointOverrides,
+    /// Agent addresses by private IP: what the test maps the emulator's instances to.
+    overrides: Arc<RwLock<BTreeMap<String, String>>>,
     subnet_id: String,
     group_id: String,
     image_id: String,
@@ -28,8 +32,13 @@ async fn world() -> World {
         .find_map(|i| i.image_id())
         .unwrap()
         .to_string();
-    let overrides = EndpointOverrides::default();
-    let compute = AwsCompute::from_client(ec2, "test", overrides.clone());
+    let overrides: Arc<RwLock<BTreeMap<String, String>>> = Arc::default();
+    let map = overrides.clone();
+    let resolver = Arc::new(move |instance: &ec2_kubelet::cloud::Instance, _port: u16| {
+        let ip = instance.private_ip.as_ref()?;
+        map.read().unwrap().get(ip).cloned()
+    });
+    let compute = AwsCompute::from_client(ec2, "test", Some(resolver));
     World {
         _moto: moto,
         compute,

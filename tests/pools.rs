@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ec2_kubelet::cloud::Compute;
-use ec2_kubelet::cloud::aws::{AwsCompute, EndpointOverrides};
+use ec2_kubelet::cloud::aws::AwsCompute;
 use ec2_kubelet::cloud::local::{LocalCompute, LocalOptions};
 use ec2_kubelet::config::OperatorConfig;
 use ec2_kubelet::crd::Ec2NodePool;
@@ -471,11 +471,7 @@ async fn the_aws_backend_runs_pools_against_the_ec2_emulator() {
     let common::Network {
         subnet_id, group_id, ..
     } = moto.network("10.9").await;
-    let compute: Arc<dyn Compute> = Arc::new(AwsCompute::from_client(
-        ec2.clone(),
-        "test",
-        EndpointOverrides::default(),
-    ));
+    let compute: Arc<dyn Compute> = Arc::new(AwsCompute::from_client(ec2.clone(), "test", None));
 
     let env = Env::start().await;
     let client = env.client.clone();

@@ -2,8 +2,8 @@
 //! so tests run it against a local EC2 emulator). Idempotency never relies on EC2 alone: every
 //! launch first looks the pod's instance up by its `pod-uid` tag, then sends `ClientToken`.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex, RwLock};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use aws_sdk_ec2::Client;
 use aws_sdk_ec2::error::{ProvideErrorMetadata, SdkError};
@@ -17,9 +17,9 @@ use super::{
 };
 use crate::crd::{TagMap, tags};
 
-/// Agent endpoints by private IP, for tests whose emulated private IPs must never be dialled:
-/// an instance whose IP is in the map is reached at the mapped `host:port` instead.
-pub type EndpointOverrides = Arc<RwLock<BTreeMap<String, String>>>;
+/// Where an instance's agent answers, as `host:port`, for tests whose emulated private IPs
+/// must never be dialled (they map instances to loopback agents). `None`: `private_ip:port`.
+pub type EndpointResolver = Arc<dyn Fn(&Instance, u16) -> Option<String> + Send + Sync>;
 
 /// Counts of EC2 requests sent, by action (each page of a paginated call counts).
 #[derive(Debug, Default, Clone)]
@@ -50,8 +50,15 @@ pub struct AwsCompute {
     client: Client,
     cluster: String,
     instance_types: Mutex<HashMap<String, InstanceTypeInfo>>,
-    overrides: EndpointOverrides,
+    resolver: Option<EndpointResolver>,
     pub calls: CallCounter,
+}
+
+/// The idempotency token of a pod's launch on one instance type (EC2 allows 64 ASCII characters).
+fn client_token(pod_uid: &str, instance_type: &str) -> String {
+    let mut token = format!("{pod_uid}-{instance_type}");
+    token.truncate(64);
+    token
 }
 
 /// Maps an SDK error to the classified `cloud::Error`.
@@ -176,20 +183,16 @@ impl AwsCompute {
         if let Some(endpoint) = endpoint {
             config = config.endpoint_url(endpoint);
         }
-        Self::from_client(
-            Client::from_conf(config.build()),
-            cluster,
-            EndpointOverrides::default(),
-        )
+        Self::from_client(Client::from_conf(config.build()), cluster, None)
     }
 
     /// A backend on an existing client (tests point it at the EC2 emulator).
-    pub fn from_client(client: Client, cluster: &str, overrides: EndpointOverrides) -> Self {
+    pub fn from_client(client: Client, cluster: &str, resolver: Option<EndpointResolver>) -> Self {
         AwsCompute {
             client,
             cluster: cluster.to_string(),
             instance_types: Mutex::new(HashMap::new()),
-            overrides,
+            resolver,
             calls: CallCounter::default(),
         }
     }
@@ -389,7 +392,9 @@ impl Compute for AwsCompute {
         let mut run = self
             .client
             .run_instances()
-            .client_token(&request.pod_uid)
+            // One token per pod and type: a retry on another type after InsufficientInstanceCapacity
+            // must not be taken for a changed repeat of the first request.
+            .client_token(client_token(&request.pod_uid, &request.instance_type))
             .image_id(&request.image_id)
             .instance_type(InstanceType::from(request.instance_type.as_str()))
             .subnet_id(&request.subnet_id)
@@ -490,11 +495,12 @@ impl Compute for AwsCompute {
         let ip = instance.private_ip.as_deref().ok_or_else(|| Error::NotFound {
             resource: format!("private IP of {}", instance.instance_id),
         })?;
-        let overrides = self.overrides.read().unwrap_or_else(|p| p.into_inner());
-        Ok(match overrides.get(ip) {
-            Some(address) => format!("http://{address}"),
-            None => format!("http://{ip}:{port}"),
-        })
+        Ok(
+            match self.resolver.as_ref().and_then(|resolve| resolve(instance, port)) {
+                Some(address) => format!("http://{address}"),
+                None => format!("http://{ip}:{port}"),
+            },
+        )
     }
 }
 

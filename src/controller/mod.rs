@@ -1,6 +1,7 @@
 //! The operator's controllers and what they share: the `Context` (client, compute, config,
 //! event recorder, replica identity) and the crate-level `Error`.
 
+pub mod backoff;
 pub mod pool;
 
 use std::sync::Arc;
@@ -19,6 +20,8 @@ pub struct Context {
     /// This replica's name in leases (`holderIdentity`).
     pub identity: String,
     pub recorder: Recorder,
+    /// Per-pool backoff shared by every pod worker (EC2 throttling).
+    pub gate: backoff::CloudGate,
 }
 
 impl Context {
@@ -33,6 +36,7 @@ impl Context {
             compute,
             config,
             identity: identity.to_string(),
+            gate: backoff::CloudGate::default(),
         }
     }
 

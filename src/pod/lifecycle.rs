@@ -18,12 +18,15 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::settings::{self, InvalidSetting};
+use super::writer::StatusWriter;
 use super::{sizing, spec, status};
 use crate::agent::proto::agent_client::AgentClient;
 use crate::agent::proto::{LaunchPodRequest, PingRequest, TerminatePodRequest, WatchPodStatusRequest};
-use crate::cloud::{Instance, InstanceFilter, LaunchRequest};
+use crate::cloud::{self, Instance, InstanceFilter, LaunchRequest};
+use crate::controller::backoff::Backoff;
 use crate::controller::{Context, Error, Result};
 use crate::crd::{Ec2NodePool, Ec2PodTemplate, annotations, tags};
+use crate::faults;
 use crate::node::VirtualNode;
 use crate::node::supervisor::stopped;
 
@@ -56,26 +59,24 @@ async fn set_binding(ctx: &Context, node: &VirtualNode, uid: &str, binding: Opti
     Ok(())
 }
 
-/// Marks a pod Failed with a reason and message (bad launch settings, lost instance).
-async fn fail_pod(ctx: &Context, pod: &Pod, reason: &str, message: &str) -> Result<()> {
-    let namespace = pod.namespace().unwrap_or_default();
-    let patch = json!({"status": {"phase": "Failed", "reason": reason, "message": message}});
-    pods(ctx, &namespace)
-        .patch_status(&pod.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
-        .await?;
-    publish(ctx, pod, EventType::Warning, reason, message.to_string()).await;
-    Ok(())
-}
-
 /// The instance already launched for this pod, found by its `pod-uid` tag.
 async fn existing_instance(ctx: &Context, node: &VirtualNode, uid: &str) -> Result<Option<Instance>> {
+    let filter = InstanceFilter::Pool(node.pool.clone());
     let instances = ctx
-        .compute
-        .describe_instances(&InstanceFilter::Pool(node.pool.clone()))
+        .gate
+        .call(&node.pool, || ctx.compute.describe_instances(&filter))
         .await?;
     Ok(instances
         .into_iter()
         .find(|i| i.tag(tags::POD_UID) == Some(uid) && i.state.is_alive()))
+}
+
+/// What to launch for a pod: the request (with the first choice of instance type), the types
+/// to fall back to in order when EC2 has no capacity, and why the first was chosen.
+struct Launch {
+    request: LaunchRequest,
+    fallbacks: Vec<String>,
+    why: String,
 }
 
 /// Resolves the launch request for a pod: settings, then the instance type.
@@ -83,7 +84,7 @@ async fn launch_request(
     ctx: &Context,
     node: &VirtualNode,
     pod: &Pod,
-) -> Result<Result<(LaunchRequest, String), InvalidSetting>> {
+) -> Result<Result<Launch, InvalidSetting>> {
     let namespace = pod.namespace().unwrap_or_default();
     let pod_annotations = pod.annotations().clone();
     let template = match settings::template_ref(&namespace, &pod_annotations, &node.spec) {
@@ -118,6 +119,7 @@ async fn launch_request(
         Ok(settings) => settings,
         Err(invalid) => return Ok(Err(invalid)),
     };
+    let mut fallbacks = Vec::new();
     let (instance_type, why) = match &settings.requested_type {
         Some(requested) => {
             let known = ctx
@@ -150,7 +152,14 @@ async fn launch_request(
             };
             let catalogue = ctx.compute.instance_types(&settings.allowed_types).await?;
             match sizing::smallest_fit(&catalogue, &needs, node.spec.arch) {
-                Ok((info, why)) => (info.name.clone(), why),
+                Ok((info, why)) => {
+                    fallbacks = sizing::candidates(&catalogue, &needs, node.spec.arch)
+                        .into_iter()
+                        .skip(1)
+                        .map(|i| i.name.clone())
+                        .collect();
+                    (info.name.clone(), why)
+                }
                 Err(message) => match &settings.default_type {
                     Some(default) => (
                         default.clone(),
@@ -196,21 +205,11 @@ async fn launch_request(
         agent_port: settings.agent_port,
         tags: launch_tags,
     };
-    Ok(Ok((request, why)))
-}
-
-/// Connects to the instance's agent, waiting (with a deadline) until it answers a ping.
-async fn connect_agent(endpoint: &str, deadline: Duration) -> Option<AgentChannel> {
-    let until = tokio::time::Instant::now() + deadline;
-    while tokio::time::Instant::now() < until {
-        if let Ok(mut client) = AgentClient::connect(endpoint.to_string()).await
-            && client.ping(PingRequest {}).await.is_ok()
-        {
-            return Some(client);
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    None
+    Ok(Ok(Launch {
+        request,
+        fallbacks,
+        why,
+    }))
 }
 
 /// ConfigMaps and Secrets the pod refers to, from its namespace.
@@ -251,38 +250,115 @@ async fn sources(ctx: &Context, pod: &Pod) -> Result<spec::Sources> {
     Ok(sources)
 }
 
+/// What the pod workers of one node share.
+#[derive(Clone)]
+struct Shared {
+    ctx: Arc<Context>,
+    node: VirtualNode,
+    status: StatusWriter,
+}
+
+fn now() -> String {
+    jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
+}
+
+fn deleting(pod: &Pod) -> bool {
+    pod.metadata.deletion_timestamp.is_some()
+}
+
+fn status_field(pod: &Pod, field: fn(&k8s_openapi::api::core::v1::PodStatus) -> Option<&String>) -> &str {
+    pod.status.as_ref().and_then(field).map_or("", String::as_str)
+}
+
+fn finished(pod: &Pod) -> bool {
+    matches!(status_field(pod, |s| s.phase.as_ref()), "Succeeded" | "Failed")
+}
+
+/// Failed by the operator itself (not by its containers): there is nothing left to run.
+fn failed_by_us(pod: &Pod) -> bool {
+    status_field(pod, |s| s.phase.as_ref()) == "Failed"
+        && matches!(
+            status_field(pod, |s| s.reason.as_ref()),
+            "InstanceLost" | "InvalidLaunchSettings"
+        )
+}
+
+/// Marks a pod Failed with a reason and message (bad launch settings, lost instance); its
+/// Ready condition goes False with the same reason.
+async fn fail_pod(shared: &Shared, pod: &Pod, reason: &str, message: &str) {
+    let previous = serde_json::to_value(pod.status.clone().unwrap_or_default()).unwrap_or_default();
+    let mut patch = status::unreachable(&previous, reason, message, &now());
+    patch["phase"] = json!("Failed");
+    patch["reason"] = json!(reason);
+    patch["message"] = json!(message);
+    shared.status.send(pod, patch);
+    publish(&shared.ctx, pod, EventType::Warning, reason, message.to_string()).await;
+}
+
+/// Waits until the pod is deleted, then finishes the deletion (no instance left to stop).
+async fn release_when_deleted(shared: &Shared, pod_rx: &mut watch::Receiver<Pod>) -> Result<()> {
+    let _ = pod_rx.wait_for(deleting).await;
+    let pod = pod_rx.borrow().clone();
+    finish_deletion(shared, &pod, None, None).await
+}
+
+/// Terminates instances of this pod through the pool's throttling gate.
+async fn terminate(shared: &Shared, instance_id: &str) -> Result<()> {
+    let ids = [instance_id.to_string()];
+    shared
+        .ctx
+        .gate
+        .call(&shared.node.pool, || shared.ctx.compute.terminate_instances(&ids))
+        .await?;
+    Ok(())
+}
+
+/// The pod's instance is gone or its agent stopped answering for good: the pod is Failed with
+/// `InstanceLost` (so its controller replaces it), the instance is terminated, and the pod is
+/// released once deleted.
+async fn instance_lost(
+    shared: &Shared,
+    pod_rx: &mut watch::Receiver<Pod>,
+    instance_id: Option<&str>,
+    why: &str,
+) -> Result<()> {
+    let pod = pod_rx.borrow().clone();
+    fail_pod(shared, &pod, "InstanceLost", why).await;
+    if let Some(instance_id) = instance_id {
+        terminate(shared, instance_id).await?;
+    }
+    release_when_deleted(shared, pod_rx).await
+}
+
 /// Stops the pod on its agent, terminates the instance, removes the binding and releases the
 /// pod object with grace 0.
 async fn finish_deletion(
-    ctx: &Context,
-    node: &VirtualNode,
+    shared: &Shared,
     pod: &Pod,
     instance: Option<&Instance>,
     agent: Option<&mut AgentChannel>,
 ) -> Result<()> {
+    let ctx = &shared.ctx;
     let uid = pod.uid().unwrap_or_default();
-    let grace = pod.metadata.deletion_grace_period_seconds;
-    publish(
-        ctx,
-        pod,
-        EventType::Normal,
-        "Terminating",
-        "stopping the pod's containers".into(),
-    )
-    .await;
-    if let Some(agent) = agent {
-        let request = TerminatePodRequest {
-            pod_uid: uid.clone(),
-            grace_period_seconds: grace,
-        };
-        if let Err(error) = agent.terminate_pod(request).await {
-            tracing::debug!(%error, "TerminatePod");
-        }
-    }
     if let Some(instance) = instance {
-        ctx.compute
-            .terminate_instances(std::slice::from_ref(&instance.instance_id))
-            .await?;
+        publish(
+            ctx,
+            pod,
+            EventType::Normal,
+            "Terminating",
+            "stopping the pod's containers".into(),
+        )
+        .await;
+        if let Some(agent) = agent {
+            let request = TerminatePodRequest {
+                pod_uid: uid.clone(),
+                grace_period_seconds: pod.metadata.deletion_grace_period_seconds,
+            };
+            if let Err(error) = agent.terminate_pod(request).await {
+                tracing::debug!(%error, "TerminatePod");
+            }
+        }
+        terminate(shared, &instance.instance_id).await?;
         publish(
             ctx,
             pod,
@@ -291,8 +367,9 @@ async fn finish_deletion(
             format!("terminated instance {}", instance.instance_id),
         )
         .await;
+        faults::point(faults::POD_TERMINATED).await;
     }
-    set_binding(ctx, node, &uid, None).await?;
+    set_binding(ctx, &shared.node, &uid, None).await?;
     let namespace = pod.namespace().unwrap_or_default();
     let params = DeleteParams::default()
         .grace_period(0)
@@ -307,186 +384,369 @@ async fn finish_deletion(
     }
 }
 
-fn deleting(pod: &Pod) -> bool {
-    pod.metadata.deletion_timestamp.is_some()
-}
-
-/// Drives one pod from bound to gone. Returns when the pod is released, or with an error the
-/// caller retries.
-async fn drive(ctx: Arc<Context>, node: VirtualNode, mut pod_rx: watch::Receiver<Pod>) -> Result<()> {
+/// Launches the pod's instance, falling back through the allowed types that fit when EC2 has
+/// no capacity. `None` when there is nothing to launch (bad settings, or deleted meanwhile):
+/// the pod was dealt with.
+async fn launch(shared: &Shared, pod_rx: &mut watch::Receiver<Pod>) -> Result<Option<Instance>> {
+    let ctx = &shared.ctx;
+    let node = &shared.node;
     let pod = pod_rx.borrow().clone();
-    let uid = pod.uid().unwrap_or_default();
-    let namespace = pod.namespace().unwrap_or_default();
-    let phase = pod
-        .status
-        .as_ref()
-        .and_then(|s| s.phase.clone())
-        .unwrap_or_default();
-    let mut instance = existing_instance(&ctx, &node, &uid).await?;
-    if instance.is_none() && deleting(&pod) {
-        return finish_deletion(&ctx, &node, &pod, None, None).await;
-    }
-    if instance.is_none() && matches!(phase.as_str(), "Succeeded" | "Failed") {
-        // Finished earlier: nothing to run, the pod waits for its deletion.
-        let _ = pod_rx.wait_for(deleting).await;
-        let pod = pod_rx.borrow().clone();
-        return finish_deletion(&ctx, &node, &pod, None, None).await;
-    }
-    if instance.is_none() {
-        let (request, why) = match launch_request(&ctx, &node, &pod).await? {
-            Ok(resolved) => resolved,
-            Err(invalid) => {
-                fail_pod(&ctx, &pod, "InvalidLaunchSettings", &invalid.to_string()).await?;
-                let _ = pod_rx.wait_for(deleting).await;
-                let pod = pod_rx.borrow().clone();
-                return finish_deletion(&ctx, &node, &pod, None, None).await;
-            }
-        };
-        publish(
-            &ctx,
-            &pod,
-            EventType::Normal,
-            "Launching",
-            format!("launching {why}"),
-        )
-        .await;
-        let launch_time = jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string();
-        set_binding(
-            &ctx,
-            &node,
-            &uid,
-            Some(json!({"namespace": namespace, "name": pod.name_any(),
-            "instanceType": request.instance_type, "phase": "Launching", "launchTime": launch_time})),
-        )
-        .await?;
-        let launched = ctx.compute.launch_instance(&request).await?;
-        publish(
-            &ctx,
-            &pod,
-            EventType::Normal,
-            "Launched",
-            format!("launched {} ({})", launched.instance_id, launched.instance_type),
-        )
-        .await;
-        instance = Some(launched);
-    }
-    let instance = instance.expect("an instance exists past this point");
-    let pod_ip = instance.private_ip.clone();
-    set_binding(
-        &ctx,
-        &node,
-        &uid,
-        Some(json!({"namespace": namespace, "name": pod.name_any(),
-        "instanceId": instance.instance_id, "instanceType": instance.instance_type, "privateIp": pod_ip,
-        "phase": "Booting"})),
-    )
-    .await?;
-    let annotate = json!({"metadata": {"annotations": {annotations::INSTANCE_ID: instance.instance_id}}});
-    pods(&ctx, &namespace)
-        .patch(&pod.name_any(), &PatchParams::default(), &Patch::Merge(&annotate))
-        .await?;
-
-    let port = instance
-        .tag(tags::AGENT_PORT)
-        .and_then(|p| p.parse().ok())
-        .unwrap_or(node.spec.agent.port as u16);
-    let endpoint = ctx.compute.agent_endpoint(&instance, port)?;
-    let deadline = Duration::from_secs(u64::from(ctx.config.sync.agent_lost_seconds.max(1)));
-    let Some(mut agent) = connect_agent(&endpoint, deadline).await else {
-        let pod = pod_rx.borrow().clone();
-        fail_pod(
-            &ctx,
-            &pod,
-            "InstanceLost",
-            &format!(
-                "the agent of {} did not answer at {endpoint}",
-                instance.instance_id
-            ),
-        )
-        .await?;
-        let _ = pod_rx.wait_for(deleting).await;
-        let pod = pod_rx.borrow().clone();
-        return finish_deletion(&ctx, &node, &pod, Some(&instance), None).await;
+    let Launch {
+        mut request,
+        fallbacks,
+        why,
+    } = match launch_request(ctx, node, &pod).await? {
+        Ok(launch) => launch,
+        Err(invalid) => {
+            fail_pod(shared, &pod, "InvalidLaunchSettings", &invalid.to_string()).await;
+            release_when_deleted(shared, pod_rx).await?;
+            return Ok(None);
+        }
     };
     publish(
-        &ctx,
+        ctx,
         &pod,
         EventType::Normal,
-        "AgentReady",
-        format!("the agent of {} answers", instance.instance_id),
+        "Launching",
+        format!("launching {why}"),
     )
     .await;
-    let placement = spec::Placement {
-        pod_ip: pod_ip.clone().unwrap_or_default(),
-        host_ip: node.private_ip.clone(),
-    };
-    if !deleting(&pod_rx.borrow()) {
-        let pod = pod_rx.borrow().clone();
-        match spec::agent_spec(&pod, &sources(&ctx, &pod).await?, &placement) {
-            Ok(agent_spec) => {
-                let reply = agent
-                    .launch_pod(LaunchPodRequest {
-                        pod: Some(agent_spec),
-                    })
-                    .await
-                    .map_err(|e| Error::Agent(format!("LaunchPod: {e}")))?;
-                if !reply.into_inner().already_known {
-                    publish(
-                        &ctx,
-                        &pod,
-                        EventType::Normal,
-                        "Started",
-                        format!("containers started on {}", instance.instance_id),
-                    )
-                    .await;
+    let binding = json!({"namespace": request.namespace, "name": request.name,
+        "instanceType": request.instance_type, "phase": "Launching", "launchTime": now()});
+    set_binding(ctx, node, &request.pod_uid, Some(binding)).await?;
+    let types: Vec<String> = std::iter::once(request.instance_type.clone())
+        .chain(fallbacks)
+        .collect();
+    for (i, instance_type) in types.iter().enumerate() {
+        if deleting(&pod_rx.borrow()) {
+            let pod = pod_rx.borrow().clone();
+            finish_deletion(shared, &pod, None, None).await?;
+            return Ok(None);
+        }
+        request.instance_type = instance_type.clone();
+        match ctx
+            .gate
+            .call(&node.pool, || ctx.compute.launch_instance(&request))
+            .await
+        {
+            Ok(instance) => {
+                faults::point(faults::POD_LAUNCHED).await;
+                publish(
+                    ctx,
+                    &pod,
+                    EventType::Normal,
+                    "Launched",
+                    format!("launched {} ({})", instance.instance_id, instance.instance_type),
+                )
+                .await;
+                return Ok(Some(instance));
+            }
+            Err(cloud::Error::InsufficientCapacity { .. }) => {
+                let note = match types.get(i + 1) {
+                    Some(next) => format!("EC2 has no capacity for {instance_type}; trying {next}"),
+                    None => format!(
+                        "EC2 has no capacity for any allowed type that fits ({}); the pod stays Pending and the launch is retried with backoff",
+                        types.join(", ")
+                    ),
+                };
+                publish(
+                    ctx,
+                    &pod,
+                    EventType::Warning,
+                    "InsufficientInstanceCapacity",
+                    note,
+                )
+                .await;
+            }
+            Err(error) => return Err(error.into()),
+        }
+    }
+    Err(cloud::Error::InsufficientCapacity {
+        instance_type: types.join(", "),
+    }
+    .into())
+}
+
+/// How waiting for an agent ended.
+enum AgentWait {
+    Ready(AgentChannel),
+    Lost(String),
+    Deleting,
+}
+
+async fn ping(endpoint: &str) -> Option<AgentChannel> {
+    let endpoint = tonic::transport::Endpoint::from_shared(endpoint.to_string())
+        .ok()?
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(5));
+    let channel = endpoint.connect().await.ok()?;
+    let mut client = AgentClient::new(channel);
+    client.ping(PingRequest {}).await.ok()?;
+    Some(client)
+}
+
+/// Waits until the instance's agent answers. Gives up after `sync.agentLostSeconds`, or as soon
+/// as the instance is found stopped or terminated. For a pod that was running (`since` the
+/// agent stopped answering), Ready goes False after `sync.agentUnreachableSeconds`.
+async fn wait_for_agent(
+    shared: &Shared,
+    pod_rx: &mut watch::Receiver<Pod>,
+    instance: &Instance,
+    endpoint: &str,
+    since: Option<tokio::time::Instant>,
+) -> Result<AgentWait> {
+    let sync = &shared.ctx.config.sync;
+    let lost_after = Duration::from_secs(u64::from(sync.agent_lost_seconds.max(1)));
+    let unready_after = Duration::from_secs(u64::from(sync.agent_unreachable_seconds));
+    let start = since.unwrap_or_else(tokio::time::Instant::now);
+    let check_every = (lost_after / 4).clamp(Duration::from_secs(1), Duration::from_secs(10));
+    let mut next_check = tokio::time::Instant::now() + check_every;
+    let mut unready = since.is_none();
+    loop {
+        if deleting(&pod_rx.borrow()) {
+            return Ok(AgentWait::Deleting);
+        }
+        if let Some(client) = ping(endpoint).await {
+            return Ok(AgentWait::Ready(client));
+        }
+        let now_ = tokio::time::Instant::now();
+        if now_ >= start + lost_after {
+            return Ok(AgentWait::Lost(format!(
+                "the agent of {} did not answer at {endpoint} for {} s",
+                instance.instance_id,
+                lost_after.as_secs()
+            )));
+        }
+        if !unready && now_ >= start + unready_after {
+            unready = true;
+            let pod = pod_rx.borrow().clone();
+            let previous = serde_json::to_value(pod.status.clone().unwrap_or_default()).unwrap_or_default();
+            let message = format!(
+                "the agent of {} has not answered for {} s",
+                instance.instance_id,
+                (now_ - start).as_secs()
+            );
+            shared.status.send(
+                &pod,
+                status::unreachable(&previous, "AgentUnreachable", &message, &now()),
+            );
+            publish(&shared.ctx, &pod, EventType::Warning, "AgentUnreachable", message).await;
+        }
+        if now_ >= next_check {
+            next_check = now_ + check_every;
+            let ids = InstanceFilter::Ids(vec![instance.instance_id.clone()]);
+            let found = shared
+                .ctx
+                .gate
+                .call(&shared.node.pool, || shared.ctx.compute.describe_instances(&ids))
+                .await?;
+            match found.first() {
+                Some(current) if current.state.is_alive() => {}
+                Some(current) => {
+                    return Ok(AgentWait::Lost(format!(
+                        "instance {} is {:?} (stopped or terminated outside the operator)",
+                        instance.instance_id, current.state
+                    )));
+                }
+                None => {
+                    return Ok(AgentWait::Lost(format!(
+                        "instance {} no longer exists",
+                        instance.instance_id
+                    )));
                 }
             }
-            Err(invalid) => {
-                fail_pod(&ctx, &pod, "CreateContainerConfigError", &invalid.to_string()).await?;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            changed = pod_rx.changed() => if changed.is_err() {
+                return Err(Error::Agent("the pod worker was stopped".into()));
+            },
+        }
+    }
+}
+
+/// Hands the pod to the agent (idempotent: an agent that knows the pod says so). A finished pod
+/// is not handed again.
+async fn hand_over(shared: &Shared, pod: &Pod, agent: &mut AgentChannel, instance: &Instance) -> Result<()> {
+    if deleting(pod) || finished(pod) {
+        return Ok(());
+    }
+    let placement = spec::Placement {
+        pod_ip: instance.private_ip.clone().unwrap_or_default(),
+        host_ip: shared.node.private_ip.clone(),
+    };
+    match spec::agent_spec(pod, &sources(&shared.ctx, pod).await?, &placement) {
+        Ok(agent_spec) => {
+            let reply = agent
+                .launch_pod(LaunchPodRequest {
+                    pod: Some(agent_spec),
+                })
+                .await
+                .map_err(|e| Error::Agent(format!("LaunchPod: {e}")))?;
+            if !reply.into_inner().already_known {
+                let id = &instance.instance_id;
+                let ctx = &shared.ctx;
+                publish(
+                    ctx,
+                    pod,
+                    EventType::Normal,
+                    "AgentReady",
+                    format!("the agent of {id} answers"),
+                )
+                .await;
+                publish(
+                    ctx,
+                    pod,
+                    EventType::Normal,
+                    "Started",
+                    format!("containers started on {id}"),
+                )
+                .await;
             }
         }
-        set_binding(&ctx, &node, &uid, Some(json!({"phase": "Running"}))).await?;
+        Err(invalid) => fail_pod(shared, pod, "CreateContainerConfigError", &invalid.to_string()).await,
     }
+    Ok(())
+}
 
-    // Mirror the agent's status stream until the pod is deleted.
-    let placement = status::Placement {
-        instance_id: instance.instance_id.clone(),
-        pod_ip,
-        host_ip: node.private_ip.clone(),
-    };
-    let mut stream = agent
-        .watch_pod_status(WatchPodStatusRequest { pod_uid: uid.clone() })
+/// How mirroring the agent's status stream ended.
+enum Mirror {
+    Deleting,
+    Lost(String),
+}
+
+/// Mirrors the agent's status stream into the pod (through the node's writer, only what
+/// changes) until the pod is deleted or the stream breaks.
+async fn mirror(
+    shared: &Shared,
+    pod_rx: &mut watch::Receiver<Pod>,
+    agent: &mut AgentChannel,
+    placement: &status::Placement,
+) -> Result<Mirror> {
+    let uid = pod_rx.borrow().uid().unwrap_or_default();
+    let mut stream = match agent
+        .watch_pod_status(WatchPodStatusRequest { pod_uid: uid })
         .await
-        .map_err(|e| Error::Agent(format!("WatchPodStatus: {e}")))?
-        .into_inner();
+    {
+        Ok(stream) => stream.into_inner(),
+        Err(error) => return Ok(Mirror::Lost(format!("WatchPodStatus: {error}"))),
+    };
     let mut last: Option<Value> = None;
     loop {
         if deleting(&pod_rx.borrow()) {
-            break;
+            return Ok(Mirror::Deleting);
         }
         tokio::select! {
-            changed = pod_rx.changed() => if changed.is_err() { return Ok(()) },
+            changed = pod_rx.changed() => if changed.is_err() {
+                return Err(Error::Agent("the pod worker was stopped".into()));
+            },
             report = stream.next() => match report {
                 Some(Ok(report)) => {
                     let pod = pod_rx.borrow().clone();
                     let spec_json = serde_json::to_value(pod.spec.clone().unwrap_or_default()).unwrap_or_default();
                     let previous = serde_json::to_value(pod.status.clone().unwrap_or_default()).unwrap_or_default();
-                    let now = jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string();
-                    let new = status::pod_status(&report, &spec_json, &previous, &placement, &now);
-                    if last.as_ref() != Some(&new) {
-                        pods(&ctx, &namespace)
-                            .patch_status(&pod.name_any(), &PatchParams::default(), &Patch::Merge(&json!({"status": new})))
-                            .await?;
-                        last = Some(new);
+                    let new = status::pod_status(&report, &spec_json, &previous, placement, &now());
+                    if last.as_ref() != Some(&new) && status::changes(&previous, &new) {
+                        shared.status.send(&pod, new.clone());
                     }
+                    last = Some(new);
                 }
-                Some(Err(error)) => return Err(Error::Agent(format!("status stream: {error}"))),
-                None => return Err(Error::Agent("the agent closed the status stream".into())),
+                Some(Err(error)) => return Ok(Mirror::Lost(format!("status stream: {error}"))),
+                None => return Ok(Mirror::Lost("the agent closed the status stream".into())),
             },
         }
     }
+}
+
+/// Runs the pod on its instance: records the instance, waits for the agent, hands the pod
+/// over, mirrors its status, rides out agent outages up to `sync.agentLostSeconds`, and on
+/// deletion stops and terminates everything.
+async fn attach(shared: &Shared, pod_rx: &mut watch::Receiver<Pod>, instance: Instance) -> Result<()> {
+    let ctx = &shared.ctx;
+    let node = &shared.node;
     let pod = pod_rx.borrow().clone();
-    finish_deletion(&ctx, &node, &pod, Some(&instance), Some(&mut agent)).await
+    let uid = pod.uid().unwrap_or_default();
+    let namespace = pod.namespace().unwrap_or_default();
+    if pod.annotations().get(annotations::INSTANCE_ID) != Some(&instance.instance_id) {
+        let binding = json!({"namespace": namespace, "name": pod.name_any(),
+            "instanceId": instance.instance_id, "instanceType": instance.instance_type,
+            "privateIp": instance.private_ip, "phase": "Booting"});
+        set_binding(ctx, node, &uid, Some(binding)).await?;
+        let annotate = json!({"metadata": {"annotations": {annotations::INSTANCE_ID: instance.instance_id}}});
+        pods(ctx, &namespace)
+            .patch(&pod.name_any(), &PatchParams::default(), &Patch::Merge(&annotate))
+            .await?;
+    }
+    let port = instance
+        .tag(tags::AGENT_PORT)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(node.spec.agent.port as u16);
+    let endpoint = ctx.compute.agent_endpoint(&instance, port)?;
+    let placement = status::Placement {
+        instance_id: instance.instance_id.clone(),
+        pod_ip: instance.private_ip.clone(),
+        host_ip: node.private_ip.clone(),
+    };
+    let mut unreachable_since = None;
+    let mut recorded_running = false;
+    loop {
+        let mut agent = match wait_for_agent(shared, pod_rx, &instance, &endpoint, unreachable_since).await? {
+            AgentWait::Ready(agent) => agent,
+            AgentWait::Lost(why) => {
+                return instance_lost(shared, pod_rx, Some(&instance.instance_id), &why).await;
+            }
+            AgentWait::Deleting => {
+                let pod = pod_rx.borrow().clone();
+                return finish_deletion(shared, &pod, Some(&instance), None).await;
+            }
+        };
+        if unreachable_since.take().is_some() {
+            tracing::info!(pod = %pod.name_any(), instance_id = %instance.instance_id, "the agent answers again");
+        }
+        let pod = pod_rx.borrow().clone();
+        hand_over(shared, &pod, &mut agent, &instance).await?;
+        if !recorded_running {
+            set_binding(ctx, node, &uid, Some(json!({"phase": "Running"}))).await?;
+            recorded_running = true;
+        }
+        match mirror(shared, pod_rx, &mut agent, &placement).await? {
+            Mirror::Deleting => {
+                let pod = pod_rx.borrow().clone();
+                return finish_deletion(shared, &pod, Some(&instance), Some(&mut agent)).await;
+            }
+            Mirror::Lost(why) => {
+                tracing::warn!(pod = %pod.name_any(), instance_id = %instance.instance_id, %why, "lost the agent");
+                unreachable_since = Some(tokio::time::Instant::now());
+            }
+        }
+    }
+}
+
+/// Drives one pod from bound to gone. Returns when the pod is released, or with an error the
+/// caller retries.
+async fn drive(shared: &Shared, pod_rx: &mut watch::Receiver<Pod>) -> Result<()> {
+    let pod = pod_rx.borrow().clone();
+    let uid = pod.uid().unwrap_or_default();
+    let recorded = pod.annotations().get(annotations::INSTANCE_ID).cloned();
+    match existing_instance(&shared.ctx, &shared.node, &uid).await? {
+        Some(instance) if failed_by_us(&pod) => {
+            terminate(shared, &instance.instance_id).await?;
+            release_when_deleted(shared, pod_rx).await
+        }
+        Some(instance) => attach(shared, pod_rx, instance).await,
+        None if deleting(&pod) => finish_deletion(shared, &pod, None, None).await,
+        // Finished earlier: nothing to run, the pod waits for its deletion.
+        None if finished(&pod) => release_when_deleted(shared, pod_rx).await,
+        None if recorded.is_some() => {
+            let id = recorded.unwrap_or_default();
+            let why = format!("instance {id} was stopped or terminated outside the operator");
+            instance_lost(shared, pod_rx, Some(&id), &why).await
+        }
+        None => match launch(shared, pod_rx).await? {
+            Some(instance) => attach(shared, pod_rx, instance).await,
+            None => Ok(()),
+        },
+    }
 }
 
 struct Worker {
@@ -496,15 +756,34 @@ struct Worker {
 
 /// A pod object deleted outright (grace 0, or its namespace went): its instance and binding
 /// must still go.
-async fn cleanup_deleted(ctx: &Context, node: &VirtualNode, pod: &Pod) -> Result<()> {
+async fn cleanup_deleted(shared: &Shared, pod: &Pod) -> Result<()> {
     let uid = pod.uid().unwrap_or_default();
-    if let Some(instance) = existing_instance(ctx, node, &uid).await? {
-        ctx.compute
-            .terminate_instances(std::slice::from_ref(&instance.instance_id))
-            .await?;
+    if let Some(instance) = existing_instance(&shared.ctx, &shared.node, &uid).await? {
+        terminate(shared, &instance.instance_id).await?;
         tracing::info!(pod = %pod.name_any(), instance_id = %instance.instance_id, "terminated the instance of a deleted pod");
     }
-    set_binding(ctx, node, &uid, None).await
+    set_binding(&shared.ctx, &shared.node, &uid, None).await
+}
+
+/// One pod's worker: drives the pod, retrying failures with jittered exponential backoff (cut
+/// short when the pod is deleted meanwhile).
+async fn work(shared: Shared, mut pod_rx: watch::Receiver<Pod>) {
+    let mut backoff = Backoff::default();
+    loop {
+        match drive(&shared, &mut pod_rx).await {
+            Ok(()) => return,
+            Err(error) => {
+                let delay = backoff.next_delay();
+                let pod = pod_rx.borrow().name_any();
+                tracing::warn!(%error, %pod, retry_in = ?delay, "pod worker failed; retrying");
+                let already_deleting = deleting(&pod_rx.borrow());
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = pod_rx.wait_for(deleting), if !already_deleting => {}
+                }
+            }
+        }
+    }
 }
 
 /// Runs pod workers for every pod bound to `node` until `stop` turns true.
@@ -512,6 +791,13 @@ pub async fn run(ctx: Arc<Context>, node: VirtualNode, mut stop: watch::Receiver
     let api: Api<Pod> = Api::all(ctx.client.clone());
     let config = watcher::Config::default().fields(&format!("spec.nodeName={}", node.name));
     let mut events = std::pin::pin!(watcher(api, config).default_backoff());
+    let window = Duration::from_millis(u64::from(ctx.config.sync.pod_status_batch_millis));
+    let (status, writer) = StatusWriter::start(ctx.client.clone(), window);
+    let shared = Shared {
+        ctx: ctx.clone(),
+        node: node.clone(),
+        status,
+    };
     let mut workers: HashMap<String, Worker> = HashMap::new();
     loop {
         let event = tokio::select! {
@@ -529,9 +815,9 @@ pub async fn run(ctx: Arc<Context>, node: VirtualNode, mut stop: watch::Receiver
                 if let Some(worker) = workers.remove(&pod.uid().unwrap_or_default()) {
                     worker.handle.abort();
                 }
-                let (ctx, node) = (ctx.clone(), node.clone());
+                let shared = shared.clone();
                 tokio::spawn(async move {
-                    if let Err(error) = cleanup_deleted(&ctx, &node, &pod).await {
+                    if let Err(error) = cleanup_deleted(&shared, &pod).await {
                         tracing::warn!(%error, pod = %pod.name_any(), "cleaning up after a deleted pod");
                     }
                 });
@@ -546,20 +832,7 @@ pub async fn run(ctx: Arc<Context>, node: VirtualNode, mut stop: watch::Receiver
             }
             None => {
                 let (tx, rx) = watch::channel(pod);
-                let (ctx, node) = (ctx.clone(), node.clone());
-                let handle = tokio::spawn(async move {
-                    let mut backoff = Duration::from_secs(1);
-                    loop {
-                        match drive(ctx.clone(), node.clone(), rx.clone()).await {
-                            Ok(()) => return,
-                            Err(error) => {
-                                tracing::warn!(%error, retry_in = ?backoff, "pod worker failed; retrying");
-                                tokio::time::sleep(backoff).await;
-                                backoff = (backoff * 2).min(Duration::from_secs(30));
-                            }
-                        }
-                    }
-                });
+                let handle = tokio::spawn(work(shared.clone(), rx));
                 workers.insert(uid, Worker { pod: tx, handle });
             }
         }
@@ -567,4 +840,8 @@ pub async fn run(ctx: Arc<Context>, node: VirtualNode, mut stop: watch::Receiver
     for worker in workers.values() {
         worker.handle.abort();
     }
+    // What the workers queued is still written; the writer ends with the last handle.
+    drop(workers);
+    drop(shared);
+    let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
 }

@@ -7,3 +7,4 @@ pub mod settings;
 pub mod sizing;
 pub mod spec;
 pub mod status;
+pub mod writer;

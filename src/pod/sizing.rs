@@ -131,18 +131,26 @@ fn fits(info: &InstanceTypeInfo, needs: &PodNeeds, arch: Architecture) -> bool {
 
 /// The smallest type among `allowed` that fits `needs` on `arch` (fewest GPUs, then vCPUs,
 /// then memory, then name), with the reason for the event.
+/// Every allowed type that fits, smallest first: the order in which launches fall back when EC2
+/// has no capacity for a type.
+pub fn candidates<'a>(
+    allowed: &'a [InstanceTypeInfo],
+    needs: &PodNeeds,
+    arch: Architecture,
+) -> Vec<&'a InstanceTypeInfo> {
+    let mut fitting: Vec<&InstanceTypeInfo> = allowed.iter().filter(|info| fits(info, needs, arch)).collect();
+    fitting.sort_by(|a, b| {
+        (a.gpus, a.vcpus, a.memory_mib, &a.name).cmp(&(b.gpus, b.vcpus, b.memory_mib, &b.name))
+    });
+    fitting
+}
+
 pub fn smallest_fit<'a>(
     allowed: &'a [InstanceTypeInfo],
     needs: &PodNeeds,
     arch: Architecture,
 ) -> Result<(&'a InstanceTypeInfo, String), String> {
-    let best = allowed
-        .iter()
-        .filter(|info| fits(info, needs, arch))
-        .min_by(|a, b| {
-            (a.gpus, a.vcpus, a.memory_mib, &a.name).cmp(&(b.gpus, b.vcpus, b.memory_mib, &b.name))
-        });
-    match best {
+    match candidates(allowed, needs, arch).first().copied() {
         Some(info) => {
             let why = format!(
                 "{}: the smallest allowed type with {} ({} vCPU, {} MiB, {} GPU)",
@@ -235,6 +243,12 @@ mod tests {
         let (chosen, why) = smallest_fit(&allowed, &needs, Architecture::Amd64).unwrap();
         assert_eq!(chosen.name, "t3.medium");
         assert!(why.contains("1500m CPU, 3072Mi memory"), "{why}");
+        // The fallback order when EC2 has no capacity: every fitting type, smallest first.
+        let order: Vec<&str> = candidates(&allowed, &needs, Architecture::Amd64)
+            .iter()
+            .map(|i| i.name.as_str())
+            .collect();
+        assert_eq!(order, ["t3.medium", "m5.xlarge", "g5.xlarge"]);
         let gpu = PodNeeds { gpus: 1, ..needs };
         assert_eq!(
             smallest_fit(&allowed, &gpu, Architecture::Amd64).unwrap().0.name,

@@ -147,6 +147,47 @@ pub fn pod_status(
     status
 }
 
+/// The status patch for a pod whose agent stopped answering: Ready and ContainersReady go
+/// False with the reason, every container stops being ready; the rest is left as it was.
+pub fn unreachable(previous: &Value, reason: &str, message: &str, now: &str) -> Value {
+    let conditions: Vec<Value> = previous["conditions"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|mut condition| {
+            if condition["type"] == "Ready" || condition["type"] == "ContainersReady" {
+                if condition["status"] != "False" {
+                    condition["lastTransitionTime"] = json!(now);
+                }
+                condition["status"] = json!("False");
+                condition["reason"] = json!(reason);
+                condition["message"] = json!(message);
+            }
+            condition
+        })
+        .collect();
+    let containers: Vec<Value> = previous["containerStatuses"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|mut container| {
+            container["ready"] = json!(false);
+            container
+        })
+        .collect();
+    json!({"conditions": conditions, "containerStatuses": containers})
+}
+
+/// Whether merging `patch` into `status` would change it (a patch that changes nothing is
+/// not sent).
+pub fn changes(status: &Value, patch: &Value) -> bool {
+    let mut merged = status.clone();
+    json_patch::merge(&mut merged, patch);
+    &merged != status
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -256,5 +297,37 @@ mod tests {
         assert_eq!(terminated["exitCode"], 1);
         assert_eq!(terminated["reason"], "Error");
         assert_eq!(terminated["finishedAt"], "2023-11-14T22:13:25Z");
+    }
+
+    #[test]
+    fn an_unreachable_agent_makes_the_pod_unready_and_nothing_else() {
+        let previous = json!({"phase": "Running", "podIP": "10.0.2.7",
+            "conditions": [
+                {"type": "PodScheduled", "status": "True", "lastTransitionTime": "t0"},
+                {"type": "ContainersReady", "status": "True", "lastTransitionTime": "t0"},
+                {"type": "Ready", "status": "True", "lastTransitionTime": "t0"}],
+            "containerStatuses": [{"name": "app", "ready": true, "restartCount": 1}]});
+        let patch = unreachable(&previous, "AgentUnreachable", "no answer", "t1");
+        let ready = patch["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["type"] == "Ready")
+            .unwrap();
+        assert_eq!(ready["status"], "False");
+        assert_eq!(ready["reason"], "AgentUnreachable");
+        assert_eq!(ready["lastTransitionTime"], "t1");
+        assert_eq!(patch["conditions"][0]["status"], "True");
+        assert_eq!(patch["containerStatuses"][0]["ready"], false);
+        assert_eq!(patch["containerStatuses"][0]["restartCount"], 1);
+        assert!(patch.get("phase").is_none());
+        assert!(changes(&previous, &patch));
+        let mut after = previous.clone();
+        json_patch::merge(&mut after, &patch);
+        assert!(!changes(&after, &patch), "the same patch again changes nothing");
+        assert!(!changes(
+            &after,
+            &unreachable(&after, "AgentUnreachable", "no answer", "t2")
+        ));
     }
 }

@@ -1,0 +1,206 @@
+//! Backoff for cloud calls: exponential with full jitter per retry loop, and one gate per pool
+//! shared by every pod worker, so a throttled account is not hammered by a thousand workers
+//! each backing off on its own.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::cloud;
+
+/// Exponential backoff with full jitter: attempt n waits a random time in
+/// `[base·2ⁿ / 2, base·2ⁿ]`, capped at `max`.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    initial: Duration,
+    max: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    pub fn new(initial: Duration, max: Duration) -> Backoff {
+        Backoff {
+            initial,
+            max,
+            attempt: 0,
+        }
+    }
+
+    /// The next delay; each call doubles the ceiling up to `max`.
+    pub fn next_delay(&mut self) -> Duration {
+        let ceiling = self
+            .initial
+            .saturating_mul(1u32 << self.attempt.min(16))
+            .min(self.max);
+        self.attempt = self.attempt.saturating_add(1);
+        let half = ceiling / 2;
+        half + half.mul_f64(rand::random::<f64>())
+    }
+
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+impl Default for Backoff {
+    /// 1 s doubling up to 30 s: the pace of a kubelet's pod-worker retries.
+    fn default() -> Self {
+        Backoff::new(Duration::from_secs(1), Duration::from_secs(30))
+    }
+}
+
+struct PoolGate {
+    open_at: Instant,
+    backoff: Backoff,
+}
+
+/// One gate per pool: after `RequestLimitExceeded` every caller of that pool waits until the
+/// gate reopens, and the pause grows (with jitter) while the throttling lasts.
+pub struct CloudGate {
+    pools: Mutex<HashMap<String, PoolGate>>,
+    initial: Duration,
+    max: Duration,
+    /// Throttled attempts per call before the error goes back to the caller.
+    attempts: u32,
+}
+
+impl Default for CloudGate {
+    fn default() -> Self {
+        CloudGate::new(Duration::from_millis(500), Duration::from_secs(30), 8)
+    }
+}
+
+impl CloudGate {
+    pub fn new(initial: Duration, max: Duration, attempts: u32) -> CloudGate {
+        CloudGate {
+            pools: Mutex::new(HashMap::new()),
+            initial,
+            max,
+            attempts: attempts.max(1),
+        }
+    }
+
+    /// When the pool's gate opens (now if it is not throttled).
+    pub fn open_at(&self, pool: &str) -> Instant {
+        let pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+        pools.get(pool).map_or_else(Instant::now, |g| g.open_at)
+    }
+
+    /// Records a throttled call: closes the gate for the next backoff delay, returned.
+    pub fn throttled(&self, pool: &str) -> Duration {
+        let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+        let gate = pools.entry(pool.to_string()).or_insert_with(|| PoolGate {
+            open_at: Instant::now(),
+            backoff: Backoff::new(self.initial, self.max),
+        });
+        let delay = gate.backoff.next_delay();
+        gate.open_at = gate.open_at.max(Instant::now() + delay);
+        delay
+    }
+
+    /// Records a successful call: the pool's next throttling starts from the initial delay.
+    pub fn succeeded(&self, pool: &str) {
+        let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(gate) = pools.get_mut(pool)
+            && gate.open_at <= Instant::now()
+        {
+            pools.remove(pool);
+        }
+    }
+
+    /// Runs a cloud call for `pool` through the gate: waits while it is closed, and retries
+    /// throttled attempts (each closing the gate for everyone) up to the attempt limit.
+    pub async fn call<T, F, Fut>(&self, pool: &str, mut call: F) -> cloud::Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = cloud::Result<T>>,
+    {
+        let mut attempt = 0;
+        loop {
+            tokio::time::sleep_until(self.open_at(pool)).await;
+            match call().await {
+                Err(cloud::Error::Throttled { action }) => {
+                    attempt += 1;
+                    let delay = self.throttled(pool);
+                    tracing::warn!(%pool, %action, ?delay, attempt, "EC2 throttled the pool's calls; backing off");
+                    if attempt >= self.attempts {
+                        return Err(cloud::Error::Throttled { action });
+                    }
+                }
+                other => {
+                    if other.is_ok() {
+                        self.succeeded(pool);
+                    }
+                    return other;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    #[test]
+    fn backoff_doubles_with_jitter_up_to_the_cap() {
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_millis(800));
+        let delays: Vec<Duration> = (0..6).map(|_| backoff.next_delay()).collect();
+        for (n, delay) in delays.iter().enumerate() {
+            let ceiling = Duration::from_millis(100 * (1 << n)).min(Duration::from_millis(800));
+            assert!(
+                *delay >= ceiling / 2 && *delay <= ceiling,
+                "attempt {n}: {delay:?} outside [{:?}, {ceiling:?}]",
+                ceiling / 2
+            );
+        }
+        backoff.reset();
+        assert!(backoff.next_delay() <= Duration::from_millis(100));
+    }
+
+    #[tokio::test]
+    async fn a_throttled_pool_makes_every_caller_wait_but_not_other_pools() {
+        let gate = CloudGate::new(Duration::from_millis(200), Duration::from_millis(800), 3);
+        let calls = AtomicU32::new(0);
+        let start = Instant::now();
+        // Throttled twice, then it succeeds: two pauses of 100–200 ms then 200–400 ms.
+        let result = gate
+            .call("p1", || async {
+                if calls.fetch_add(1, Ordering::SeqCst) < 2 {
+                    Err(cloud::Error::Throttled {
+                        action: "RunInstances".into(),
+                    })
+                } else {
+                    Ok(7)
+                }
+            })
+            .await;
+        assert_eq!(result, Ok(7));
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+        let waited = start.elapsed();
+        assert!(waited >= Duration::from_millis(200), "{waited:?}");
+
+        // Another caller of a throttled pool waits for the gate; another pool does not.
+        gate.throttled("p1");
+        let closed_until = gate.open_at("p1");
+        assert!(closed_until > Instant::now());
+        assert!(gate.open_at("p2") <= Instant::now());
+        let before = Instant::now();
+        gate.call("p1", || async { Ok(()) }).await.unwrap();
+        assert!(Instant::now() >= closed_until && Instant::now() > before);
+
+        // Throttled on every attempt: the error comes back after the attempt limit.
+        let result: cloud::Result<()> = gate
+            .call("p3", || async {
+                Err(cloud::Error::Throttled {
+                    action: "TerminateInstances".into(),
+                })
+            })
+            .await;
+        assert!(matches!(result, Err(cloud::Error::Throttled { .. })));
+    }
+}

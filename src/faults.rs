@@ -1,0 +1,70 @@
+//! Named fault points in the operator's control flow. A test arms a point; the next task that
+//! reaches it stops there for good and tells the test, which then kills the replica — a crash
+//! at exactly that step (between a launch and its record, between a termination and the pod's
+//! release). Unarmed, a point costs one atomic load.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use tokio::sync::oneshot;
+
+static ARMED_COUNT: AtomicUsize = AtomicUsize::new(0);
+static ARMED: Mutex<Vec<(String, oneshot::Sender<()>)>> = Mutex::new(Vec::new());
+
+/// After a launch returned the instance, before the binding records it.
+pub const POD_LAUNCHED: &str = "pod.launched";
+/// After the instance was terminated, before the binding goes and the pod is released.
+pub const POD_TERMINATED: &str = "pod.terminated";
+
+/// Arms `name` once: the next task reaching it never returns from it, and the receiver fires.
+pub fn arm(name: &str) -> oneshot::Receiver<()> {
+    let (tx, rx) = oneshot::channel();
+    ARMED
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push((name.to_string(), tx));
+    ARMED_COUNT.fetch_add(1, Ordering::SeqCst);
+    rx
+}
+
+/// A fault point: returns at once unless `name` is armed, in which case it disarms it, signals
+/// the test and waits forever (until the runtime running the task is dropped).
+pub async fn point(name: &str) {
+    if ARMED_COUNT.load(Ordering::Relaxed) == 0 {
+        return;
+    }
+    let hit = {
+        let mut armed = ARMED.lock().unwrap_or_else(|p| p.into_inner());
+        armed
+            .iter()
+            .position(|(n, _)| n == name)
+            .map(|i| armed.remove(i).1)
+    };
+    if let Some(tx) = hit {
+        ARMED_COUNT.fetch_sub(1, Ordering::SeqCst);
+        tracing::warn!(point = name, "fault point reached: this task stops here");
+        let _ = tx.send(());
+        std::future::pending::<()>().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn an_armed_point_stops_one_task_once() {
+        let hit = arm("test.point");
+        point("test.other").await;
+        let stuck = tokio::spawn(point("test.point"));
+        hit.await.expect("the point signals when reached");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!stuck.is_finished(), "the task stays at the point");
+        stuck.abort();
+        // Disarmed by the hit: the next task passes.
+        tokio::time::timeout(Duration::from_secs(1), point("test.point"))
+            .await
+            .expect("a disarmed point returns");
+    }
+}
