@@ -53,6 +53,14 @@ struct Env {
 /// A dev cluster (with its scheduler), the operator on the local backend, a template and a
 /// one-node pool.
 async fn start() -> Env {
+    start_with(|_| {}, |local| local).await
+}
+
+/// `start`, with the operator's config adjusted and its cloud wrapped (fault injection).
+async fn start_with(
+    tweak: impl FnOnce(&mut OperatorConfig),
+    wrap: impl FnOnce(Arc<dyn Compute>) -> Arc<dyn Compute>,
+) -> Env {
     let cluster = common::operator_cluster(true).await;
     let client = cluster.client();
     let dir = tempfile::tempdir().unwrap();
@@ -75,7 +83,9 @@ async fn start() -> Env {
     config.sync.agent_lost_seconds = 30;
     config.sync.pool_resync_seconds = 2;
     config.sync.orphan_grace_seconds = 1;
-    let replica = common::Replica::start(&cluster, config.clone(), compute.clone(), "replica-a");
+    tweak(&mut config);
+    let operator_compute = wrap(compute.clone());
+    let replica = common::Replica::start(&cluster, config.clone(), operator_compute, "replica-a");
 
     let template: Ec2PodTemplate = serde_json::from_value(json!({
         "apiVersion": "ec2-kubelet.io/v1alpha1", "kind": "Ec2PodTemplate",
@@ -389,5 +399,323 @@ async fn a_killed_operator_comes_back_to_the_same_instance_and_still_cleans_up()
     })
     .await;
     assert!(live_instances(&env.compute).await.is_empty(), "nothing leaks");
+    env.replica.take().unwrap().stop().await;
+}
+
+/// Reasons and messages of the events about an object.
+async fn events_of(client: &Client, name: &str) -> Vec<(String, String)> {
+    let events: Api<Event> = Api::all(client.clone());
+    events
+        .list(&ListParams::default().fields(&format!("involvedObject.name={name}")))
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .map(|e| (e.reason.unwrap_or_default(), e.message.unwrap_or_default()))
+        .collect()
+}
+
+/// Every instance ever launched for a pod UID, terminated ones included.
+async fn launched_for(compute: &LocalCompute, uid: &str) -> Vec<ec2_kubelet::cloud::Instance> {
+    compute
+        .describe_instances(&InstanceFilter::Cluster)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|i| i.tag(ec2_kubelet::crd::tags::POD_UID) == Some(uid))
+        .collect()
+}
+
+/// The pool's binding of a pod UID, if any.
+async fn binding_of(client: &Client, uid: &str) -> Option<ec2_kubelet::crd::PodBinding> {
+    let pool = Api::<Ec2NodePool>::all(client.clone()).get("pods").await.unwrap();
+    pool.status?
+        .bindings
+        .into_values()
+        .find_map(|mut node| node.remove(uid))
+}
+
+/// Replaces the (dead) replica with a new one once the old one's leases expire.
+fn restart(env: &mut Env, identity: &str) {
+    if let Some(replica) = env.replica.take() {
+        replica.kill();
+    }
+    let compute: Arc<dyn Compute> = env.compute.clone();
+    env.replica = Some(common::Replica::start(
+        &env.cluster,
+        env.config.clone(),
+        compute,
+        identity,
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crashes_between_launch_and_record_and_between_terminate_and_release_leak_nothing() {
+    let mut env = start().await;
+    let pods: Api<Pod> = Api::default_namespaced(env.client.clone());
+
+    // 1. The operator dies right after RunInstances returned, before the binding records the
+    //    instance.
+    let launched = ec2_kubelet::faults::arm(ec2_kubelet::faults::POD_LAUNCHED, "default/crashy");
+    let created = pods
+        .create(
+            &PostParams::default(),
+            &pod("crashy", "sleep 3600", "Always", json!({})),
+        )
+        .await
+        .unwrap();
+    let uid = created.uid().unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(60), launched)
+        .await
+        .expect("the launch reaches the fault point")
+        .unwrap();
+    env.replica.take().unwrap().kill();
+    let binding = binding_of(&env.client, &uid)
+        .await
+        .expect("the binding was written first");
+    assert_eq!(binding.phase, ec2_kubelet::crd::BindingPhase::Launching);
+    assert_eq!(binding.instance_id, None, "the crash came before the record");
+    assert_eq!(launched_for(&env.compute, &uid).await.len(), 1);
+
+    restart(&mut env, "replica-b");
+    phase_of(&pods, "crashy", "Running").await;
+    let instances = launched_for(&env.compute, &uid).await;
+    assert_eq!(instances.len(), 1, "launched exactly once: {instances:?}");
+    let binding = binding_of(&env.client, &uid).await.unwrap();
+    assert_eq!(
+        binding.instance_id.as_deref(),
+        Some(instances[0].instance_id.as_str())
+    );
+
+    // 2. The operator dies right after TerminateInstances, before the binding goes and the pod
+    //    is released.
+    let terminated = ec2_kubelet::faults::arm(ec2_kubelet::faults::POD_TERMINATED, "default/crashy");
+    pods.delete("crashy", &DeleteParams::default()).await.unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(60), terminated)
+        .await
+        .expect("the deletion reaches the fault point")
+        .unwrap();
+    env.replica.take().unwrap().kill();
+    assert!(live_instances(&env.compute).await.is_empty());
+    let stuck = pods.get("crashy").await.unwrap();
+    assert!(
+        stuck.metadata.deletion_timestamp.is_some(),
+        "the pod is still Terminating"
+    );
+
+    restart(&mut env, "replica-c");
+    common::eventually(60, "the pod released", || {
+        let pods = pods.clone();
+        async move { pods.get_opt("crashy").await.ok()?.is_none().then_some(()) }
+    })
+    .await;
+    assert_eq!(binding_of(&env.client, &uid).await, None, "the binding is gone");
+    assert_eq!(
+        launched_for(&env.compute, &uid).await.len(),
+        1,
+        "nothing launched after the restarts"
+    );
+    assert!(live_instances(&env.compute).await.is_empty(), "nothing leaks");
+    env.replica.take().unwrap().stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_agent_makes_its_pod_unready_then_lost_and_a_vanished_instance_fails_its_pod() {
+    let mut env = start_with(
+        |config| {
+            config.sync.agent_unreachable_seconds = 1;
+            config.sync.agent_lost_seconds = 6;
+        },
+        |local| local,
+    )
+    .await;
+    let pods: Api<Pod> = Api::default_namespaced(env.client.clone());
+    for name in ["frozen", "vanished"] {
+        pods.create(
+            &PostParams::default(),
+            &pod(name, "sleep 3600", "Always", json!({})),
+        )
+        .await
+        .unwrap();
+    }
+    let frozen = phase_of(&pods, "frozen", "Running").await;
+    let vanished = phase_of(&pods, "vanished", "Running").await;
+    let instance_of = |pod: &Pod| pod.annotations()["ec2-kubelet.io/instance-id"].clone();
+
+    // Freeze one agent (the process lives, it answers nothing): Ready=False, then InstanceLost.
+    let record: Value = serde_json::from_slice(
+        &std::fs::read(
+            env.local_dir
+                .join("instances")
+                .join(format!("{}.json", instance_of(&frozen))),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let pid = record["agent_pid"].as_i64().unwrap() as i32;
+    // SAFETY: stopping the agent process this test's cloud started.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    common::eventually(30, "frozen to turn Ready=False (AgentUnreachable)", || {
+        let pods = pods.clone();
+        async move {
+            let pod = pods.get("frozen").await.ok()?;
+            let conditions = pod.status?.conditions?;
+            conditions
+                .iter()
+                .any(|c| {
+                    c.type_ == "Ready"
+                        && c.status == "False"
+                        && c.reason.as_deref() == Some("AgentUnreachable")
+                })
+                .then_some(())
+        }
+    })
+    .await;
+    let lost = phase_of(&pods, "frozen", "Failed").await;
+    assert_eq!(lost.status.unwrap().reason.as_deref(), Some("InstanceLost"));
+
+    // Terminate the other pod's instance behind the operator's back: InstanceLost at once.
+    env.compute
+        .terminate_instances(&[instance_of(&vanished)])
+        .await
+        .unwrap();
+    let lost = phase_of(&pods, "vanished", "Failed").await;
+    let status = lost.status.unwrap();
+    assert_eq!(status.reason.as_deref(), Some("InstanceLost"));
+    assert!(
+        status
+            .message
+            .as_deref()
+            .unwrap()
+            .contains(&instance_of(&vanished)),
+        "{status:?}"
+    );
+    let ready = status
+        .conditions
+        .unwrap()
+        .into_iter()
+        .find(|c| c.type_ == "Ready")
+        .unwrap();
+    assert_eq!(ready.status, "False");
+
+    // Neither instance is left running, and neither pod is relaunched.
+    assert!(live_instances(&env.compute).await.is_empty());
+    for name in ["frozen", "vanished"] {
+        let reasons: Vec<String> = events_of(&env.client, name)
+            .await
+            .into_iter()
+            .map(|e| e.0)
+            .collect();
+        assert!(reasons.iter().any(|r| r == "InstanceLost"), "{name}: {reasons:?}");
+        assert_eq!(
+            reasons.iter().filter(|r| *r == "Launched").count(),
+            1,
+            "{name}: {reasons:?}"
+        );
+    }
+    let reasons: Vec<String> = events_of(&env.client, "frozen")
+        .await
+        .into_iter()
+        .map(|e| e.0)
+        .collect();
+    assert!(reasons.iter().any(|r| r == "AgentUnreachable"), "{reasons:?}");
+    // Deleting the failed pods releases them.
+    for name in ["frozen", "vanished"] {
+        pods.delete(name, &DeleteParams::default()).await.unwrap();
+    }
+    common::eventually(60, "the failed pods released", || {
+        let pods = pods.clone();
+        async move {
+            pods.list(&ListParams::default())
+                .await
+                .ok()?
+                .items
+                .is_empty()
+                .then_some(())
+        }
+    })
+    .await;
+    env.replica.take().unwrap().stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instance_types_follow_annotation_template_and_requests_and_survive_capacity_and_throttling() {
+    let flaky: Arc<std::sync::OnceLock<Arc<common::FlakyCompute>>> = Arc::default();
+    let cell = flaky.clone();
+    let mut env = start_with(
+        |_| {},
+        move |local| {
+            let wrapped = Arc::new(common::FlakyCompute::new(local));
+            wrapped.no_capacity.lock().unwrap().push("t3.medium".into());
+            wrapped
+                .throttle_launches
+                .store(2, std::sync::atomic::Ordering::SeqCst);
+            let _ = cell.set(wrapped.clone());
+            wrapped
+        },
+    )
+    .await;
+    let flaky = flaky.get().unwrap().clone();
+    let other: Ec2PodTemplate = serde_json::from_value(json!({
+        "apiVersion": "ec2-kubelet.io/v1alpha1", "kind": "Ec2PodTemplate",
+        "metadata": {"name": "compute", "namespace": "default"},
+        "spec": {"imageId": "ami-0123456789abcdef0", "instanceTypes": ["c5.xlarge"],
+            "agentPort": common::free_port()},
+    }))
+    .unwrap();
+    Api::<Ec2PodTemplate>::namespaced(env.client.clone(), "default")
+        .create(&PostParams::default(), &other)
+        .await
+        .unwrap();
+    let pods: Api<Pod> = Api::default_namespaced(env.client.clone());
+    let cases = [
+        // 1500m / 3Gi fits t3.medium first, but EC2 has no capacity for it: the next that fits.
+        ("sized", json!({}), "m5.xlarge"),
+        (
+            "annotated",
+            json!({"ec2-kubelet.io/instance-type": "m5.xlarge"}),
+            "m5.xlarge",
+        ),
+        (
+            "templated",
+            json!({"ec2-kubelet.io/template": "compute"}),
+            "c5.xlarge",
+        ),
+    ];
+    for (name, annotations, _) in &cases {
+        pods.create(
+            &PostParams::default(),
+            &pod(name, "sleep 3600", "Always", annotations.clone()),
+        )
+        .await
+        .unwrap();
+    }
+    for (name, _, expected) in &cases {
+        let running = phase_of(&pods, name, "Running").await;
+        let id = running.annotations()["ec2-kubelet.io/instance-id"].clone();
+        let instance = env
+            .compute
+            .describe_instances(&InstanceFilter::Ids(vec![id]))
+            .await
+            .unwrap()
+            .remove(0);
+        assert_eq!(&instance.instance_type, expected, "{name}");
+    }
+    let events = events_of(&env.client, "sized").await;
+    assert!(
+        events
+            .iter()
+            .any(|(reason, message)| reason == "InsufficientInstanceCapacity"
+                && message.contains("no capacity for t3.medium; trying m5.xlarge")),
+        "{events:?}"
+    );
+    // Two throttled launches were retried behind the pool's gate; one instance per pod.
+    let calls = flaky.launch_calls.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(
+        calls,
+        3 + 2 + 1,
+        "3 pods, 2 throttled retries, 1 capacity fallback"
+    );
+    assert_eq!(live_instances(&env.compute).await.len(), 3);
     env.replica.take().unwrap().stop().await;
 }

@@ -367,7 +367,8 @@ async fn finish_deletion(
             format!("terminated instance {}", instance.instance_id),
         )
         .await;
-        faults::point(faults::POD_TERMINATED).await;
+        let subject = format!("{}/{}", pod.namespace().unwrap_or_default(), pod.name_any());
+        faults::point(faults::POD_TERMINATED, &subject).await;
     }
     set_binding(ctx, &shared.node, &uid, None).await?;
     let namespace = pod.namespace().unwrap_or_default();
@@ -430,7 +431,11 @@ async fn launch(shared: &Shared, pod_rx: &mut watch::Receiver<Pod>) -> Result<Op
             .await
         {
             Ok(instance) => {
-                faults::point(faults::POD_LAUNCHED).await;
+                faults::point(
+                    faults::POD_LAUNCHED,
+                    &format!("{}/{}", request.namespace, request.name),
+                )
+                .await;
                 publish(
                     ctx,
                     &pod,
@@ -474,15 +479,24 @@ enum AgentWait {
     Deleting,
 }
 
-async fn ping(endpoint: &str) -> Option<AgentChannel> {
+/// Connects to an agent and pings it. HTTP/2 keepalives on the connection notice an agent that
+/// stops answering (a frozen or vanished instance) within about `unreachable`, so a status
+/// stream never hangs on a dead peer.
+async fn ping(endpoint: &str, unreachable: Duration) -> Option<AgentChannel> {
+    let probe = (unreachable / 2).clamp(Duration::from_secs(1), Duration::from_secs(15));
     let endpoint = tonic::transport::Endpoint::from_shared(endpoint.to_string())
         .ok()?
-        .connect_timeout(Duration::from_secs(2))
-        .timeout(Duration::from_secs(5));
-    let channel = endpoint.connect().await.ok()?;
-    let mut client = AgentClient::new(channel);
-    client.ping(PingRequest {}).await.ok()?;
-    Some(client)
+        .connect_timeout(probe.min(Duration::from_secs(2)))
+        .timeout(probe.max(Duration::from_secs(5)))
+        .http2_keep_alive_interval(probe)
+        .keep_alive_timeout(probe)
+        .keep_alive_while_idle(true);
+    let answer = tokio::time::timeout(probe.min(Duration::from_secs(5)), async {
+        let mut client = AgentClient::new(endpoint.connect().await.ok()?);
+        client.ping(PingRequest {}).await.ok()?;
+        Some(client)
+    });
+    answer.await.ok().flatten()
 }
 
 /// Waits until the instance's agent answers. Gives up after `sync.agentLostSeconds`, or as soon
@@ -506,7 +520,7 @@ async fn wait_for_agent(
         if deleting(&pod_rx.borrow()) {
             return Ok(AgentWait::Deleting);
         }
-        if let Some(client) = ping(endpoint).await {
+        if let Some(client) = ping(endpoint, unready_after).await {
             return Ok(AgentWait::Ready(client));
         }
         let now_ = tokio::time::Instant::now();

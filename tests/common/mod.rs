@@ -346,3 +346,113 @@ pub async fn operator_cluster(scheduler: bool) -> ec2_kubelet::devcluster::DevCl
         .unwrap();
     cluster
 }
+
+/// Runs the project's kubectl against a dev cluster (its own kubeconfig and cache in a temp
+/// dir) off the async runtime, and returns stdout; a failing command fails the test.
+pub async fn kubectl(cluster: &ec2_kubelet::devcluster::DevCluster, args: &[&str]) -> String {
+    let home = tempfile::tempdir().expect("kubectl home");
+    cluster
+        .write_kubeconfig(&home.path().join("kubeconfig"))
+        .expect("write kubeconfig");
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        let output = Command::new(tool("bin/kubectl"))
+            .args(&args)
+            .env("KUBECONFIG", home.path().join("kubeconfig"))
+            .env("KUBECACHEDIR", home.path().join("cache"))
+            .env("HOME", home.path())
+            .output()
+            .expect("run kubectl");
+        assert!(
+            output.status.success(),
+            "kubectl {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    })
+    .await
+    .unwrap()
+}
+
+/// A cloud that answers like EC2 on a bad day, in front of a real backend: no capacity for
+/// some instance types, and `RequestLimitExceeded` for the next few launches. Counts launches.
+pub struct FlakyCompute {
+    pub inner: std::sync::Arc<dyn ec2_kubelet::cloud::Compute>,
+    pub no_capacity: std::sync::Mutex<Vec<String>>,
+    pub throttle_launches: std::sync::atomic::AtomicU32,
+    pub launch_calls: std::sync::atomic::AtomicU32,
+}
+
+impl FlakyCompute {
+    pub fn new(inner: std::sync::Arc<dyn ec2_kubelet::cloud::Compute>) -> FlakyCompute {
+        FlakyCompute {
+            inner,
+            no_capacity: Default::default(),
+            throttle_launches: Default::default(),
+            launch_calls: Default::default(),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl ec2_kubelet::cloud::Compute for FlakyCompute {
+    fn backend(&self) -> &'static str {
+        self.inner.backend()
+    }
+    async fn ensure_eni(
+        &self,
+        request: &ec2_kubelet::cloud::EniRequest,
+    ) -> ec2_kubelet::cloud::Result<ec2_kubelet::cloud::Eni> {
+        self.inner.ensure_eni(request).await
+    }
+    async fn delete_eni(&self, eni_id: &str) -> ec2_kubelet::cloud::Result<()> {
+        self.inner.delete_eni(eni_id).await
+    }
+    async fn describe_enis(&self, pool: &str) -> ec2_kubelet::cloud::Result<Vec<ec2_kubelet::cloud::Eni>> {
+        self.inner.describe_enis(pool).await
+    }
+    async fn instance_types(
+        &self,
+        names: &[String],
+    ) -> ec2_kubelet::cloud::Result<Vec<ec2_kubelet::cloud::InstanceTypeInfo>> {
+        self.inner.instance_types(names).await
+    }
+    async fn launch_instance(
+        &self,
+        request: &ec2_kubelet::cloud::LaunchRequest,
+    ) -> ec2_kubelet::cloud::Result<ec2_kubelet::cloud::Instance> {
+        use std::sync::atomic::Ordering;
+        self.launch_calls.fetch_add(1, Ordering::SeqCst);
+        let throttled = self
+            .throttle_launches
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if throttled {
+            return Err(ec2_kubelet::cloud::Error::Throttled {
+                action: "RunInstances".into(),
+            });
+        }
+        if self.no_capacity.lock().unwrap().contains(&request.instance_type) {
+            return Err(ec2_kubelet::cloud::Error::InsufficientCapacity {
+                instance_type: request.instance_type.clone(),
+            });
+        }
+        self.inner.launch_instance(request).await
+    }
+    async fn describe_instances(
+        &self,
+        filter: &ec2_kubelet::cloud::InstanceFilter,
+    ) -> ec2_kubelet::cloud::Result<Vec<ec2_kubelet::cloud::Instance>> {
+        self.inner.describe_instances(filter).await
+    }
+    async fn terminate_instances(&self, instance_ids: &[String]) -> ec2_kubelet::cloud::Result<()> {
+        self.inner.terminate_instances(instance_ids).await
+    }
+    fn agent_endpoint(
+        &self,
+        instance: &ec2_kubelet::cloud::Instance,
+        port: u16,
+    ) -> ec2_kubelet::cloud::Result<String> {
+        self.inner.agent_endpoint(instance, port)
+    }
+}
