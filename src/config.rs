@@ -265,6 +265,15 @@ impl OperatorConfig {
         if let Some((field, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(invalid(field, "must be greater than 0"));
         }
+        if self.sync.agent_unreachable_seconds >= self.sync.agent_lost_seconds {
+            return Err(invalid(
+                "sync.agentUnreachableSeconds",
+                format!(
+                    "{} must be less than sync.agentLostSeconds ({}): a pod turns unready before it is given up",
+                    self.sync.agent_unreachable_seconds, self.sync.agent_lost_seconds
+                ),
+            ));
+        }
         for (field, address) in [
             ("server.metricsAddress", &self.server.metrics_address),
             ("server.healthAddress", &self.server.health_address),
@@ -354,6 +363,10 @@ mod tests {
             ),
             ("lease: {renewIntervalSeconds: 0}\n", "lease.renewIntervalSeconds"),
             ("sync: {podStatusBatchMillis: 0}\n", "sync.podStatusBatchMillis"),
+            (
+                "sync: {agentUnreachableSeconds: 300}\n",
+                "sync.agentUnreachableSeconds",
+            ),
             ("server: {healthAddress: 'localhost'}\n", "server.healthAddress"),
         ];
         for (yaml, field) in cases {

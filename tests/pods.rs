@@ -50,6 +50,22 @@ struct Env {
     _dir: tempfile::TempDir,
 }
 
+/// The operator's config in these tests: short leases and resyncs.
+fn test_config() -> OperatorConfig {
+    let mut config = OperatorConfig {
+        cluster_name: "test".into(),
+        namespace: NAMESPACE.into(),
+        ..OperatorConfig::default()
+    };
+    config.lease.duration_seconds = 3;
+    config.lease.renew_interval_seconds = 1;
+    config.sync.node_status_seconds = 2;
+    config.sync.agent_lost_seconds = 30;
+    config.sync.pool_resync_seconds = 2;
+    config.sync.orphan_grace_seconds = 1;
+    config
+}
+
 /// A dev cluster (with its scheduler), the operator on the local backend, a template and a
 /// one-node pool.
 async fn start() -> Env {
@@ -72,17 +88,7 @@ async fn start_with(
         })
         .unwrap(),
     );
-    let mut config = OperatorConfig {
-        cluster_name: "test".into(),
-        namespace: NAMESPACE.into(),
-        ..OperatorConfig::default()
-    };
-    config.lease.duration_seconds = 3;
-    config.lease.renew_interval_seconds = 1;
-    config.sync.node_status_seconds = 2;
-    config.sync.agent_lost_seconds = 30;
-    config.sync.pool_resync_seconds = 2;
-    config.sync.orphan_grace_seconds = 1;
+    let mut config = test_config();
     tweak(&mut config);
     let operator_compute = wrap(compute.clone());
     let replica = common::Replica::start(&cluster, config.clone(), operator_compute, "replica-a");
@@ -284,6 +290,19 @@ async fn pods_end_succeeded_or_failed_and_bad_annotations_fail_only_their_pod() 
             .unwrap()
             .starts_with("ec2-kubelet.io/instance-type: m5.24xlarge is not allowed by the template"),
     );
+    // What a user sees in `kubectl describe pod`: the reason, the annotation and the event.
+    let described = common::kubectl(&env.cluster, &["describe", "pod", "bad"]).await;
+    for expected in [
+        "Status:           Failed",
+        "Reason:           InvalidLaunchSettings",
+        "Warning  InvalidLaunchSettings",
+        "ec2-kubelet.io/instance-type: m5.24xlarge",
+    ] {
+        assert!(
+            described.contains(expected),
+            "{expected:?} missing from:\n{described}"
+        );
+    }
     env.replica.take().unwrap().stop().await;
 }
 
@@ -718,4 +737,154 @@ async fn instance_types_follow_annotation_template_and_requests_and_survive_capa
     );
     assert_eq!(live_instances(&env.compute).await.len(), 3);
     env.replica.take().unwrap().stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_aws_backend_runs_a_pod_against_the_ec2_emulator() {
+    use ec2_kubelet::cloud::aws::AwsCompute;
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+
+    let moto = common::Moto::start();
+    let ec2 = moto.ec2_client();
+    let network = moto.network("10.11").await;
+    let images = ec2.describe_images().owners("amazon").send().await.unwrap();
+    let image_id = images.images()[0].image_id().unwrap().to_string();
+    // The emulator's instances get 10.11.x addresses that are never dialled: the first time the
+    // operator asks for an instance's agent, a real agent process starts on loopback for it.
+    let dir = tempfile::tempdir().unwrap();
+    let agents: Arc<Mutex<HashMap<String, common::AgentProcess>>> = Arc::default();
+    let (farm, root) = (agents.clone(), dir.path().to_path_buf());
+    let resolver = Arc::new(move |instance: &ec2_kubelet::cloud::Instance, _port: u16| {
+        let mut farm = farm.lock().unwrap();
+        let agent = farm.entry(instance.instance_id.clone()).or_insert_with(|| {
+            let home = root.join(&instance.instance_id);
+            common::AgentProcess::start(&home.join("state"), &home.join("root"))
+        });
+        Some(agent.address.to_string())
+    });
+    let aws = Arc::new(AwsCompute::from_client(ec2, "test", Some(resolver)));
+
+    let cluster = common::operator_cluster(true).await;
+    let client = cluster.client();
+    let replica = common::Replica::start(&cluster, test_config(), aws.clone(), "replica-a");
+    let template: Ec2PodTemplate = serde_json::from_value(json!({
+        "apiVersion": "ec2-kubelet.io/v1alpha1", "kind": "Ec2PodTemplate",
+        "metadata": {"name": "general", "namespace": "default"},
+        "spec": {"imageId": image_id, "instanceTypes": ["t3.micro", "t3.medium", "m5.xlarge"]},
+    }))
+    .unwrap();
+    Api::<Ec2PodTemplate>::namespaced(client.clone(), "default")
+        .create(&PostParams::default(), &template)
+        .await
+        .unwrap();
+    let pool: Ec2NodePool = serde_json::from_value(json!({
+        "apiVersion": "ec2-kubelet.io/v1alpha1", "kind": "Ec2NodePool", "metadata": {"name": "pods"},
+        "spec": {"nodes": 1, "subnetIds": [network.subnet_id], "securityGroupIds": [network.group_id],
+            "templateRef": {"namespace": "default", "name": "general"}},
+    }))
+    .unwrap();
+    Api::<Ec2NodePool>::all(client.clone())
+        .create(&PostParams::default(), &pool)
+        .await
+        .unwrap();
+
+    let pods: Api<Pod> = Api::default_namespaced(client.clone());
+    let created = pods
+        .create(
+            &PostParams::default(),
+            &pod("cloud", "echo hello from EC2; sleep 3600", "Always", json!({})),
+        )
+        .await
+        .unwrap();
+    let running = phase_of(&pods, "cloud", "Running").await;
+    let status = running.status.clone().unwrap();
+    let id = running.annotations()["ec2-kubelet.io/instance-id"].clone();
+    let instance = aws
+        .describe_instances(&InstanceFilter::Ids(vec![id.clone()]))
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!(instance.instance_type, "t3.medium", "sized from the requests");
+    assert_eq!(
+        instance.tag(ec2_kubelet::crd::tags::POD_UID),
+        created.uid().as_deref()
+    );
+    let pod_ip = status.pod_ip.clone().unwrap();
+    assert!(
+        pod_ip.starts_with("10.11.1."),
+        "the instance's private IP: {pod_ip}"
+    );
+    assert_eq!(Some(pod_ip.clone()), instance.private_ip);
+    assert!(status.host_ip.as_deref().unwrap().starts_with("10.11.1."));
+    assert_eq!(agents.lock().unwrap().len(), 1, "one agent, for the one instance");
+
+    // What a user sees: the node and the IP.
+    let node = running.spec.as_ref().unwrap().node_name.clone().unwrap();
+    let wide = common::kubectl(&cluster, &["get", "pod", "cloud", "-o", "wide", "--no-headers"]).await;
+    let columns: Vec<&str> = wide.split_whitespace().collect();
+    assert_eq!(columns[0], "cloud", "{wide}");
+    assert_eq!(columns[2], "Running", "{wide}");
+    assert!(columns.contains(&pod_ip.as_str()), "{wide}");
+    assert!(columns.contains(&node.as_str()), "{wide}");
+
+    pods.delete("cloud", &DeleteParams::default()).await.unwrap();
+    common::eventually(60, "the pod released", || {
+        let pods = pods.clone();
+        async move { pods.get_opt("cloud").await.ok()?.is_none().then_some(()) }
+    })
+    .await;
+    let after = aws
+        .describe_instances(&InstanceFilter::Ids(vec![id]))
+        .await
+        .unwrap();
+    assert!(after.iter().all(|i| !i.state.is_alive()), "{after:?}");
+    assert_eq!(aws.calls.get("RunInstances"), 1);
+    assert_eq!(aws.calls.get("TerminateInstances"), 1);
+    replica.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_writes_are_coalesced_per_pod_within_the_window() {
+    use ec2_kubelet::pod::writer::StatusWriter;
+    let cluster = common::operator_cluster(false).await;
+    let client = cluster.client();
+    let pods: Api<Pod> = Api::default_namespaced(client.clone());
+    let mut created = Vec::new();
+    for name in ["a", "b"] {
+        created.push(
+            pods.create(&PostParams::default(), &pod(name, "true", "Always", json!({})))
+                .await
+                .unwrap(),
+        );
+    }
+    let version = |pod: &Pod| pod.resource_version().unwrap().parse::<u64>().unwrap();
+    let before: Vec<u64> = created.iter().map(version).collect();
+
+    let (writer, handle) = StatusWriter::start(client.clone(), std::time::Duration::from_millis(300));
+    // Ten reports for "a" and two for "b" within the window: one write each, the last wins.
+    for n in 0..10 {
+        writer.send(
+            &created[0],
+            json!({"message": format!("report {n}"), "phase": "Running"}),
+        );
+    }
+    writer.send(&created[1], json!({"message": "first"}));
+    writer.send(&created[1], json!({"reason": "Kept"}));
+    drop(writer);
+    handle.await.unwrap();
+
+    let a = pods.get("a").await.unwrap();
+    let b = pods.get("b").await.unwrap();
+    let status_a = a.status.clone().unwrap();
+    assert_eq!(status_a.message.as_deref(), Some("report 9"));
+    assert_eq!(status_a.phase.as_deref(), Some("Running"));
+    let status_b = b.status.clone().unwrap();
+    assert_eq!(status_b.message.as_deref(), Some("first"), "merged, not replaced");
+    assert_eq!(status_b.reason.as_deref(), Some("Kept"));
+    // One global resourceVersion in the dev cluster: exactly two writes happened.
+    let last = before.iter().max().unwrap();
+    let mut after = [version(&a), version(&b)];
+    after.sort();
+    assert_eq!(after, [last + 1, last + 2], "one write per pod");
 }
