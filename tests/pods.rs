@@ -888,3 +888,39 @@ async fn status_writes_are_coalesced_per_pod_within_the_window() {
     after.sort();
     assert_eq!(after, [last + 1, last + 2], "one write per pod");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_the_pool_releases_its_pods_and_terminates_their_instances() {
+    let mut env = start().await;
+    let pods: Api<Pod> = Api::default_namespaced(env.client.clone());
+    pods.create(
+        &PostParams::default(),
+        &pod("tenant", "sleep 3600", "Always", json!({})),
+    )
+    .await
+    .unwrap();
+    phase_of(&pods, "tenant", "Running").await;
+    assert_eq!(live_instances(&env.compute).await.len(), 1);
+    Api::<Ec2NodePool>::all(env.client.clone())
+        .delete("pods", &DeleteParams::default())
+        .await
+        .unwrap();
+    common::eventually(60, "the pool, its node and its pod gone", || {
+        let (client, pods) = (env.client.clone(), pods.clone());
+        async move {
+            let pool_gone = Api::<Ec2NodePool>::all(client)
+                .get_opt("pods")
+                .await
+                .ok()?
+                .is_none();
+            let pod_gone = pods.get_opt("tenant").await.ok()?.is_none();
+            (pool_gone && pod_gone).then_some(())
+        }
+    })
+    .await;
+    assert!(
+        live_instances(&env.compute).await.is_empty(),
+        "no instance outlives its pool"
+    );
+    env.replica.take().unwrap().stop().await;
+}

@@ -18,8 +18,8 @@ use kube::{Resource, ResourceExt};
 use serde_json::{Value, json};
 
 use super::{Context, Error, Result};
-use crate::cloud::{Eni, EniRequest};
-use crate::crd::{ConditionStatus, Ec2NodePool, Ec2NodePoolSpec, labels, set_condition};
+use crate::cloud::{Eni, EniRequest, InstanceFilter};
+use crate::crd::{ConditionStatus, Ec2NodePool, Ec2NodePoolSpec, labels, set_condition, tags};
 use crate::node::{NODE_LEASE_NAMESPACE, node_name};
 
 /// Held on every pool until its nodes and ENIs are gone.
@@ -245,7 +245,37 @@ async fn drain(ctx: &Context, pool: &Ec2NodePool, name: &str) -> Result<Drain> {
 }
 
 /// Deletes a node object and its heartbeat and ownership leases.
+/// Releases the pods still bound to a node that is going away, as a cluster's pod garbage
+/// collector does for pods of deleted nodes: their instances are terminated and the pods
+/// deleted with grace 0 (their controllers replace them). Nothing is left running unowned.
+async fn release_pods(ctx: &Context, node: &str) -> Result<usize> {
+    let pods: Api<Pod> = Api::all(ctx.client.clone());
+    let bound = pods
+        .list(&ListParams::default().fields(&format!("spec.nodeName={node}")))
+        .await?;
+    if bound.items.is_empty() {
+        return Ok(0);
+    }
+    let instances = ctx.compute.describe_instances(&InstanceFilter::Cluster).await?;
+    let doomed: Vec<String> = instances
+        .into_iter()
+        .filter(|i| i.state.is_alive() && i.tag(tags::NODE) == Some(node))
+        .map(|i| i.instance_id)
+        .collect();
+    if !doomed.is_empty() {
+        ctx.compute.terminate_instances(&doomed).await?;
+    }
+    for pod in &bound.items {
+        let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &pod.namespace().unwrap_or_default());
+        let params = DeleteParams::default().grace_period(0);
+        ignore_not_found(api.delete(&pod.name_any(), &params).await.map(|_| ()))?;
+    }
+    tracing::info!(%node, pods = bound.items.len(), instances = doomed.len(), "released the pods of a removed node");
+    Ok(bound.items.len())
+}
+
 async fn remove_node_objects(ctx: &Context, name: &str) -> Result<()> {
+    release_pods(ctx, name).await?;
     let nodes: Api<Node> = Api::all(ctx.client.clone());
     ignore_not_found(nodes.delete(name, &DeleteParams::default()).await.map(|_| ()))?;
     for namespace in [NODE_LEASE_NAMESPACE, ctx.config.namespace.as_str()] {
