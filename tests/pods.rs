@@ -50,16 +50,9 @@ struct Env {
     _dir: tempfile::TempDir,
 }
 
-/// The operator's config in these tests: short leases and resyncs.
+/// The operator's config in these tests: fast leases, resyncs and orphan collection.
 fn test_config() -> OperatorConfig {
-    let mut config = OperatorConfig {
-        cluster_name: "test".into(),
-        namespace: NAMESPACE.into(),
-        ..OperatorConfig::default()
-    };
-    config.lease.duration_seconds = 3;
-    config.lease.renew_interval_seconds = 1;
-    config.sync.node_status_seconds = 2;
+    let mut config = common::fast_config();
     config.sync.agent_lost_seconds = 30;
     config.sync.pool_resync_seconds = 2;
     config.sync.orphan_grace_seconds = 1;
@@ -151,6 +144,27 @@ async fn phase_of(pods: &Api<Pod>, name: &str, phase: &str) -> Pod {
     .await
 }
 
+/// Creates a long-running pod and waits until it is Running.
+async fn run_sleeper(pods: &Api<Pod>, name: &str) -> Pod {
+    pods.create(
+        &PostParams::default(),
+        &pod(name, "sleep 3600", "Always", json!({})),
+    )
+    .await
+    .unwrap();
+    phase_of(pods, name, "Running").await
+}
+
+/// Waits until the pod object is gone (released by the operator).
+async fn wait_gone(pods: &Api<Pod>, name: &str) {
+    common::eventually(60, &format!("pod {name} released"), || {
+        let pods = pods.clone();
+        let name = name.to_string();
+        async move { pods.get_opt(&name).await.ok()?.is_none().then_some(()) }
+    })
+    .await
+}
+
 async fn live_instances(compute: &LocalCompute) -> Vec<ec2_kubelet::cloud::Instance> {
     compute
         .describe_instances(&InstanceFilter::Cluster)
@@ -234,11 +248,7 @@ async fn a_pod_runs_on_its_own_right_sized_instance_and_is_cleaned_up_on_delete(
     }
 
     pods.delete("web", &DeleteParams::default()).await.unwrap();
-    common::eventually(60, "the pod object gone", || {
-        let pods = pods.clone();
-        async move { pods.get_opt("web").await.ok()?.is_none().then_some(()) }
-    })
-    .await;
+    wait_gone(&pods, "web").await;
     assert!(
         live_instances(&env.compute).await.is_empty(),
         "the instance is terminated"
@@ -373,13 +383,7 @@ async fn orphan_instances_are_terminated_and_other_clusters_are_never_touched() 
 async fn a_killed_operator_comes_back_to_the_same_instance_and_still_cleans_up() {
     let mut env = start().await;
     let pods: Api<Pod> = Api::default_namespaced(env.client.clone());
-    pods.create(
-        &PostParams::default(),
-        &pod("steady", "sleep 3600", "Always", json!({})),
-    )
-    .await
-    .unwrap();
-    phase_of(&pods, "steady", "Running").await;
+    run_sleeper(&pods, "steady").await;
     let before = live_instances(&env.compute).await;
     assert_eq!(before.len(), 1);
 
@@ -412,11 +416,7 @@ async fn a_killed_operator_comes_back_to_the_same_instance_and_still_cleans_up()
         "nothing launched twice"
     );
     pods.delete("steady", &DeleteParams::default()).await.unwrap();
-    common::eventually(60, "the pod gone", || {
-        let pods = pods.clone();
-        async move { pods.get_opt("steady").await.ok()?.is_none().then_some(()) }
-    })
-    .await;
+    wait_gone(&pods, "steady").await;
     assert!(live_instances(&env.compute).await.is_empty(), "nothing leaks");
     env.replica.take().unwrap().stop().await;
 }
@@ -523,11 +523,7 @@ async fn crashes_between_launch_and_record_and_between_terminate_and_release_lea
     );
 
     restart(&mut env, "replica-c");
-    common::eventually(60, "the pod released", || {
-        let pods = pods.clone();
-        async move { pods.get_opt("crashy").await.ok()?.is_none().then_some(()) }
-    })
-    .await;
+    wait_gone(&pods, "crashy").await;
     assert_eq!(binding_of(&env.client, &uid).await, None, "the binding is gone");
     assert_eq!(
         launched_for(&env.compute, &uid).await.len(),
@@ -829,11 +825,7 @@ async fn the_aws_backend_runs_a_pod_against_the_ec2_emulator() {
     assert!(columns.contains(&node.as_str()), "{wide}");
 
     pods.delete("cloud", &DeleteParams::default()).await.unwrap();
-    common::eventually(60, "the pod released", || {
-        let pods = pods.clone();
-        async move { pods.get_opt("cloud").await.ok()?.is_none().then_some(()) }
-    })
-    .await;
+    wait_gone(&pods, "cloud").await;
     let after = aws
         .describe_instances(&InstanceFilter::Ids(vec![id]))
         .await
@@ -893,13 +885,7 @@ async fn status_writes_are_coalesced_per_pod_within_the_window() {
 async fn deleting_the_pool_releases_its_pods_and_terminates_their_instances() {
     let mut env = start().await;
     let pods: Api<Pod> = Api::default_namespaced(env.client.clone());
-    pods.create(
-        &PostParams::default(),
-        &pod("tenant", "sleep 3600", "Always", json!({})),
-    )
-    .await
-    .unwrap();
-    phase_of(&pods, "tenant", "Running").await;
+    run_sleeper(&pods, "tenant").await;
     assert_eq!(live_instances(&env.compute).await.len(), 1);
     Api::<Ec2NodePool>::all(env.client.clone())
         .delete("pods", &DeleteParams::default())

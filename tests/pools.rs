@@ -54,14 +54,7 @@ impl Env {
 
 /// Fast leases and status so tests see renewals and takeovers in seconds.
 fn config() -> OperatorConfig {
-    let mut config = OperatorConfig {
-        cluster_name: "test".into(),
-        namespace: NAMESPACE.into(),
-        ..OperatorConfig::default()
-    };
-    config.lease.duration_seconds = 3;
-    config.lease.renew_interval_seconds = 1;
-    config.sync.node_status_seconds = 2;
+    let mut config = common::fast_config();
     config.sync.pool_resync_seconds = 30;
     config
 }

@@ -456,3 +456,17 @@ impl ec2_kubelet::cloud::Compute for FlakyCompute {
         self.inner.agent_endpoint(instance, port)
     }
 }
+
+/// The operator's config in tests: cluster `test`, the test namespace, and leases (3 s, renewed
+/// every second) and node status (2 s) fast enough to see renewals and takeovers in seconds.
+pub fn fast_config() -> ec2_kubelet::config::OperatorConfig {
+    let mut config = ec2_kubelet::config::OperatorConfig {
+        cluster_name: "test".into(),
+        namespace: OPERATOR_NAMESPACE.into(),
+        ..Default::default()
+    };
+    config.lease.duration_seconds = 3;
+    config.lease.renew_interval_seconds = 1;
+    config.sync.node_status_seconds = 2;
+    config
+}
