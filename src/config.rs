@@ -137,6 +137,13 @@ pub struct ServerConfig {
     pub health_address: String,
     /// The kubelet API of the virtual nodes (logs, exec, stats).
     pub kubelet_address: String,
+    /// PEM certificate chain the kubelet API serves (with `kubeletTlsKeyFile`); default: a
+    /// self-signed certificate made at start.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kubelet_tls_cert_file: Option<PathBuf>,
+    /// PEM private key of `kubeletTlsCertFile`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kubelet_tls_key_file: Option<PathBuf>,
 }
 
 impl Default for ServerConfig {
@@ -145,6 +152,8 @@ impl Default for ServerConfig {
             metrics_address: "0.0.0.0:9090".into(),
             health_address: "0.0.0.0:8080".into(),
             kubelet_address: "0.0.0.0:10250".into(),
+            kubelet_tls_cert_file: None,
+            kubelet_tls_key_file: None,
         }
     }
 }

@@ -27,6 +27,8 @@ pub struct DemoOptions {
     pub samples: PathBuf,
     /// Where the local backend keeps its records (a fresh directory per run).
     pub state_dir: PathBuf,
+    /// The kubelet API of the virtual nodes (`kubectl logs` and `exec` go there).
+    pub kubelet: std::net::SocketAddr,
 }
 
 /// Creates every document of a YAML file (any kind the cluster serves), as `kubectl create -f`.
@@ -71,6 +73,7 @@ pub struct Demo {
     pub cluster: DevCluster,
     stop: watch::Sender<bool>,
     operator: tokio::task::JoinHandle<()>,
+    kubelet: crate::kubelet::KubeletServer,
     compute: Arc<dyn crate::cloud::Compute>,
 }
 
@@ -79,6 +82,7 @@ impl Demo {
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
         let _ = self.operator.await;
+        self.kubelet.shutdown().await;
         if let Ok(instances) = self
             .compute
             .describe_instances(&crate::cloud::InstanceFilter::Cluster)
@@ -109,13 +113,21 @@ pub async fn start(options: &DemoOptions) -> Result<Demo, String> {
             .create_builtin("apiextensions.k8s.io", "customresourcedefinitions", None, object)
             .map_err(|e| e.message)?;
     }
-    let config = OperatorConfig {
+    let mut config = OperatorConfig {
         local: crate::config::LocalConfig {
             state_dir: Some(options.state_dir.clone()),
             agent_binary: None,
         },
         ..OperatorConfig::default()
     };
+    // Port 0 picks a free port now: nodes must publish the real one.
+    let mut kubelet_address = options.kubelet;
+    if kubelet_address.port() == 0 {
+        let probe =
+            std::net::TcpListener::bind(kubelet_address).map_err(|e| format!("{kubelet_address}: {e}"))?;
+        kubelet_address = probe.local_addr().map_err(|e| e.to_string())?;
+    }
+    config.server.kubelet_address = kubelet_address.to_string();
     let namespaces: Api<Namespace> = Api::all(client.clone());
     let namespace =
         serde_json::from_value(json!({"metadata": {"name": config.namespace}})).map_err(|e| e.to_string())?;
@@ -139,9 +151,14 @@ pub async fn start(options: &DemoOptions) -> Result<Demo, String> {
         config,
         &crate::operator::identity(),
     ));
+    let kubelet = crate::operator::start_kubelet(ctx.clone()).await?;
     let (stop, stopped) = watch::channel(false);
     let operator = tokio::spawn(crate::operator::run(ctx, stopped));
     println!("operator:     running (compute backend: local)");
+    println!(
+        "kubelet API:  https://{} (kubectl logs and exec)",
+        kubelet.address
+    );
 
     for file in ["template.yaml", "pool.yaml"] {
         for created in create_all(&client, &options.samples.join(file)).await? {
@@ -272,6 +289,7 @@ pub async fn start(options: &DemoOptions) -> Result<Demo, String> {
         cluster,
         stop,
         operator,
+        kubelet,
         compute,
     })
 }

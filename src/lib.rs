@@ -12,6 +12,7 @@ pub mod crd;
 pub mod demo;
 pub mod devcluster;
 pub mod faults;
+pub mod kubelet;
 pub mod node;
 pub mod operator;
 pub mod pod;

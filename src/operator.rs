@@ -83,6 +83,20 @@ pub async fn run(ctx: Arc<Context>, mut stop: watch::Receiver<bool>) {
     let _ = nodes.await;
 }
 
+/// Starts the kubelet API of the virtual nodes on `server.kubeletAddress`, with the configured
+/// serving certificate or a self-signed one.
+pub async fn start_kubelet(ctx: Arc<Context>) -> Result<crate::kubelet::KubeletServer, String> {
+    let server = &ctx.config.server;
+    let tls = crate::kubelet::tls::server_config(
+        server.kubelet_tls_cert_file.as_deref(),
+        server.kubelet_tls_key_file.as_deref(),
+    )?;
+    let address = server.kubelet_address.clone();
+    crate::kubelet::KubeletServer::start(ctx, &address, tls)
+        .await
+        .map_err(|e| format!("serving the kubelet API on {address}: {e}"))
+}
+
 /// A replica identity: `$POD_NAME` in a cluster, else the host name, plus a random suffix so two
 /// processes on one host differ.
 pub fn identity() -> String {

@@ -157,7 +157,15 @@ fn demo_brings_the_sample_pool_up_on_the_embedded_default() {
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = dir.path().join("kubeconfig");
     let output = Command::new(env!("CARGO_BIN_EXE_ec2-kubelet"))
-        .args(["demo", "--once", "--listen", "127.0.0.1:0", "--kubeconfig"])
+        .args([
+            "demo",
+            "--once",
+            "--listen",
+            "127.0.0.1:0",
+            "--kubelet-listen",
+            "127.0.0.1:0",
+            "--kubeconfig",
+        ])
         .arg(&kubeconfig)
         .current_dir(common::repo_root())
         .output()

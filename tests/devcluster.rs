@@ -897,9 +897,17 @@ async fn events_recorded_through_events_k8s_io_show_up_as_core_events() {
 async fn fake_kubelet() -> u16 {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
+    // Kubelets serve HTTPS; the proxy does not verify their certificates, as an API server
+    // without --kubelet-certificate-authority.
+    let tls = ec2_kubelet::kubelet::tls::server_config(None, None).unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
             tokio::spawn(async move {
+                let Ok(stream) = acceptor.accept(stream).await else {
+                    return;
+                };
                 let service =
                     hyper::service::service_fn(|request: hyper::Request<hyper::body::Incoming>| async move {
                         let body = format!("log line for {}\n", request.uri());

@@ -103,9 +103,15 @@ impl Fixture {
 fn fake_kubelet() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = listener.local_addr().unwrap().port();
+    let tls = ec2_kubelet::kubelet::tls::server_config(None, None).expect("kubelet certificate");
     std::thread::spawn(move || {
         for stream in listener.incoming().flatten() {
-            let mut reader = BufReader::new(stream.try_clone().expect("clone stream"));
+            // Kubelets serve HTTPS (the proxy does not verify the certificate).
+            let Ok(connection) = rustls::ServerConnection::new(tls.clone()) else {
+                continue;
+            };
+            let mut stream = rustls::StreamOwned::new(connection, stream);
+            let mut reader = BufReader::new(&mut stream);
             let mut request_line = String::new();
             if reader.read_line(&mut request_line).is_err() {
                 continue;
@@ -119,13 +125,15 @@ fn fake_kubelet() -> u16 {
                 .nth(1)
                 .unwrap_or_default()
                 .to_string();
+            drop(reader);
             let body = format!("hello from the kubelet at {path}\n");
-            let mut stream = stream;
             let _ = write!(
                 stream,
                 "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                 body.len()
             );
+            stream.conn.send_close_notify();
+            let _ = stream.flush();
         }
     });
     port

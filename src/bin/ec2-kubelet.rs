@@ -67,6 +67,9 @@ struct DemoArgs {
     /// The sample manifests.
     #[arg(long, default_value = "config/samples")]
     samples: PathBuf,
+    /// Address of the virtual nodes' kubelet API (`kubectl logs` and `exec` go there).
+    #[arg(long, default_value = "127.0.0.1:10250")]
+    kubelet_listen: std::net::SocketAddr,
     /// Stop once the nodes are shown instead of running until Ctrl-C.
     #[arg(long)]
     once: bool,
@@ -177,6 +180,7 @@ fn demo(args: DemoArgs) -> ExitCode {
             kubeconfig: args.kubeconfig.clone(),
             samples: args.samples.clone(),
             state_dir: state.clone(),
+            kubelet: args.kubelet_listen,
         };
         let demo = match ec2_kubelet::demo::start(&options).await {
             Ok(running) => running,
@@ -187,6 +191,8 @@ fn demo(args: DemoArgs) -> ExitCode {
             println!("Explore with kubectl (Ctrl-C stops the demo):");
             println!("  export KUBECONFIG={}", args.kubeconfig.display());
             println!("  kubectl get ecnp,nodes,pods -o wide");
+            println!("  kubectl logs -f worker-0");
+            println!("  kubectl exec hello -- uname -a");
             println!("  kubectl patch ecnp default --type merge -p '{{\"spec\":{{\"nodes\":3}}}}'");
             wait_for_termination().await;
         }
@@ -217,12 +223,17 @@ fn run(config: OperatorConfig) -> ExitCode {
         let identity = operator::identity();
         tracing::info!(%identity, backend = compute.backend(), cluster = %config.cluster_name, "starting");
         let ctx = std::sync::Arc::new(Context::new(client, compute, config, &identity));
+        let kubelet = match operator::start_kubelet(ctx.clone()).await {
+            Ok(kubelet) => kubelet,
+            Err(e) => return fail(&e),
+        };
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let running = tokio::spawn(operator::run(ctx, stopped));
         wait_for_termination().await;
         tracing::info!("stopping: releasing leases");
         let _ = stop.send(true);
         let _ = running.await;
+        kubelet.shutdown().await;
         ExitCode::SUCCESS
     })
 }

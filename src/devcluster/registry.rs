@@ -201,7 +201,7 @@ pub fn builtins() -> Vec<Arc<ResourceType>> {
             .short(&["po"])
             .all()
             .status()
-            .sub(&["binding", "log", "eviction"])
+            .sub(&["binding", "log", "eviction", "exec", "attach"])
             .printer(Printer::Pods)
             .fields(&[
                 "spec.nodeName",
@@ -653,6 +653,8 @@ impl Registry {
             for sub in &t.subresources {
                 let entry = match *sub {
                     "log" => json!({"kind": "Pod", "verbs": ["get"]}),
+                    "exec" => json!({"kind": "PodExecOptions", "verbs": ["create", "get"]}),
+                    "attach" => json!({"kind": "PodAttachOptions", "verbs": ["create", "get"]}),
                     "binding" => json!({"kind": "Binding", "verbs": ["create"]}),
                     "eviction" => {
                         json!({"kind": "Eviction", "group": "policy", "version": "v1", "verbs": ["create"]})

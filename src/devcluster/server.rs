@@ -41,6 +41,11 @@ pub struct State {
     pub watch_gate: Arc<RwLock<()>>,
 }
 
+/// An empty body (e.g. a 101 answer).
+pub fn empty() -> Body {
+    full(Bytes::new())
+}
+
 fn full(bytes: impl Into<Bytes>) -> Body {
     Full::new(bytes.into())
         .map_err(|never: Infallible| match never {})
@@ -348,6 +353,10 @@ async fn resource(
                 })
             };
             Ok(json_response(StatusCode::OK, &body, &[]))
+        }
+        (Method::GET | Method::POST, Some(name), Some(kind @ ("exec" | "attach"))) => {
+            let pod = store.get(&rt, &version, ns, &name)?;
+            super::logs::proxy_upgrade(state, &pod, kind, request, &query.0).await
         }
         (Method::GET, Some(name), Some("log")) => {
             let pod = store.get(&rt, &version, ns, &name)?;

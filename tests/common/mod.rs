@@ -348,30 +348,53 @@ pub async fn operator_cluster(scheduler: bool) -> ec2_kubelet::devcluster::DevCl
 }
 
 /// Runs the project's kubectl against a dev cluster (its own kubeconfig and cache in a temp
-/// dir) off the async runtime, and returns stdout; a failing command fails the test.
-pub async fn kubectl(cluster: &ec2_kubelet::devcluster::DevCluster, args: &[&str]) -> String {
+/// dir) off the async runtime, with `stdin` if given; returns what it printed and its status.
+pub async fn kubectl_output(
+    cluster: &ec2_kubelet::devcluster::DevCluster,
+    args: &[&str],
+    stdin: Option<&str>,
+) -> std::process::Output {
     let home = tempfile::tempdir().expect("kubectl home");
     cluster
         .write_kubeconfig(&home.path().join("kubeconfig"))
         .expect("write kubeconfig");
     let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    let stdin = stdin.map(String::from);
     tokio::task::spawn_blocking(move || {
-        let output = Command::new(tool("bin/kubectl"))
+        use std::io::Write;
+        let mut child = Command::new(tool("bin/kubectl"))
             .args(&args)
             .env("KUBECONFIG", home.path().join("kubeconfig"))
             .env("KUBECACHEDIR", home.path().join("cache"))
             .env("HOME", home.path())
-            .output()
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
             .expect("run kubectl");
-        assert!(
-            output.status.success(),
-            "kubectl {args:?}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8_lossy(&output.stdout).into_owned()
+        if let Some(text) = stdin {
+            let mut pipe = child.stdin.take().expect("kubectl stdin");
+            pipe.write_all(text.as_bytes()).expect("write kubectl stdin");
+        }
+        child.wait_with_output().expect("kubectl output")
     })
     .await
     .unwrap()
+}
+
+/// `kubectl_output` for a command that must succeed: its stdout.
+pub async fn kubectl(cluster: &ec2_kubelet::devcluster::DevCluster, args: &[&str]) -> String {
+    let output = kubectl_output(cluster, args, None).await;
+    assert!(
+        output.status.success(),
+        "kubectl {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
 /// A cloud that answers like EC2 on a bad day, in front of a real backend: no capacity for

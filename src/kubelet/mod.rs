@@ -1,0 +1,311 @@
+//! The kubelet API of the virtual nodes, served by the operator over HTTPS on
+//! `server.kubeletAddress` (the port every virtual node publishes in `daemonEndpoints`). The API
+//! server proxies `kubectl logs`, `kubectl exec`/`attach` and metrics-server's scrapes here, and
+//! each request is answered by the pod's agent:
+//!
+//! | path | agent call |
+//! | --- | --- |
+//! | `GET /containerLogs/{ns}/{pod}/{container}` | `GetLogs` (follow, tailLines, sinceSeconds, sinceTime, timestamps, previous, limitBytes) |
+//! | `GET/POST /exec/{ns}/{pod}/{container}?command=...` | `Exec`, over WebSocket (`v5.channel.k8s.io`, `v4.channel.k8s.io`) |
+//! | `GET/POST /attach/{ns}/{pod}/{container}` | `GetLogs` with follow: the container's output (read-only) |
+//! | `GET /stats/summary` | `GetStats` of every pod on the node the request is addressed to |
+//! | `GET /healthz` | none |
+
+mod exec;
+mod stats;
+pub mod tls;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use futures::StreamExt;
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use hyper::body::{Bytes, Frame, Incoming};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use k8s_openapi::api::core::v1::Pod;
+use kube::ResourceExt;
+use kube::api::Api;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::agent::proto::GetLogsRequest;
+use crate::agent::proto::agent_client::AgentClient;
+use crate::cloud::InstanceFilter;
+use crate::controller::Context;
+use crate::crd::{annotations, default_agent_port, tags};
+
+type Body = BoxBody<Bytes, std::io::Error>;
+type AgentChannel = AgentClient<tonic::transport::Channel>;
+
+fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into())
+        .map_err(|never: Infallible| match never {})
+        .boxed()
+}
+
+/// A plain-text answer, as the kubelet gives its errors.
+fn text(status: StatusCode, message: impl Into<String>) -> Response<Body> {
+    let mut response = Response::new(full(message.into()));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+/// An error answer: the status and a message for the user.
+pub(crate) struct Reply(StatusCode, String);
+
+impl Reply {
+    fn not_found(message: impl Into<String>) -> Reply {
+        Reply(StatusCode::NOT_FOUND, message.into())
+    }
+    fn bad_request(message: impl Into<String>) -> Reply {
+        Reply(StatusCode::BAD_REQUEST, message.into())
+    }
+    fn unavailable(message: impl Into<String>) -> Reply {
+        Reply(StatusCode::BAD_GATEWAY, message.into())
+    }
+    fn into_response(self) -> Response<Body> {
+        text(self.0, self.1)
+    }
+}
+
+/// Query parameters; repeated keys (`command`) keep every value in order.
+pub(crate) struct Query(Vec<(String, String)>);
+
+impl Query {
+    fn parse(raw: Option<&str>) -> Query {
+        Query(
+            form_urlencoded::parse(raw.unwrap_or_default().as_bytes())
+                .into_owned()
+                .collect(),
+        )
+    }
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+            .filter(|v| !v.is_empty())
+    }
+    fn all(&self, key: &str) -> Vec<String> {
+        self.0
+            .iter()
+            .filter(|(k, _)| k == key)
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
+    fn flag(&self, key: &str) -> bool {
+        matches!(self.get(key), Some("true" | "1"))
+    }
+    fn number(&self, key: &str) -> Result<Option<i64>, Reply> {
+        self.get(key)
+            .map(|v| {
+                v.parse()
+                    .map_err(|_| Reply::bad_request(format!("{key}: {v:?} is not an integer")))
+            })
+            .transpose()
+    }
+}
+
+/// The pod and a connection to its instance's agent.
+pub(crate) async fn pod_agent(
+    ctx: &Context,
+    namespace: &str,
+    name: &str,
+) -> Result<(Pod, AgentChannel), Reply> {
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), namespace);
+    let pod = pods
+        .get_opt(name)
+        .await
+        .map_err(|e| Reply::unavailable(format!("reading pod {namespace}/{name}: {e}")))?
+        .ok_or_else(|| Reply::not_found(format!("pod {namespace}/{name} not found")))?;
+    let instance_id = pod
+        .annotations()
+        .get(annotations::INSTANCE_ID)
+        .cloned()
+        .ok_or_else(|| Reply::not_found(format!("pod {namespace}/{name} has no instance yet")))?;
+    let instance = ctx
+        .compute
+        .describe_instances(&InstanceFilter::Ids(vec![instance_id.clone()]))
+        .await
+        .map_err(|e| Reply::unavailable(format!("describing {instance_id}: {e}")))?
+        .into_iter()
+        .find(|i| i.state.is_alive())
+        .ok_or_else(|| {
+            Reply::not_found(format!(
+                "instance {instance_id} of pod {namespace}/{name} is not running"
+            ))
+        })?;
+    let port = instance
+        .tag(tags::AGENT_PORT)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| default_agent_port() as u16);
+    let endpoint = ctx
+        .compute
+        .agent_endpoint(&instance, port)
+        .map_err(|e| Reply::unavailable(e.to_string()))?;
+    let agent = AgentClient::connect(endpoint.clone())
+        .await
+        .map_err(|e| Reply::unavailable(format!("the agent of {instance_id} at {endpoint}: {e}")))?;
+    Ok((pod, agent))
+}
+
+/// `/containerLogs/{ns}/{pod}/{container}`: the agent's log stream as the response body.
+async fn container_logs(ctx: &Context, path: &[&str], query: &Query) -> Result<Response<Body>, Reply> {
+    let [namespace, name, container] = path else {
+        return Err(Reply::bad_request(
+            "expected /containerLogs/{namespace}/{pod}/{container}",
+        ));
+    };
+    let since_unix_ms = match query.get("sinceTime") {
+        Some(time) => Some(
+            time.parse::<jiff::Timestamp>()
+                .map_err(|e| Reply::bad_request(format!("sinceTime: {e}")))?
+                .as_millisecond(),
+        ),
+        None => None,
+    };
+    let (pod, agent) = pod_agent(ctx, namespace, name).await?;
+    let request = GetLogsRequest {
+        pod_uid: pod.uid().unwrap_or_default(),
+        container: container.to_string(),
+        follow: query.flag("follow"),
+        tail_lines: query.number("tailLines")?,
+        since_seconds: query.number("sinceSeconds")?,
+        since_unix_ms,
+        timestamps: query.flag("timestamps"),
+        previous: query.flag("previous"),
+        limit_bytes: query.number("limitBytes")?,
+    };
+    log_body(agent, request).await
+}
+
+/// Streams `GetLogs` as a response body.
+pub(crate) async fn log_body(
+    mut agent: AgentChannel,
+    request: GetLogsRequest,
+) -> Result<Response<Body>, Reply> {
+    let stream = agent
+        .get_logs(request)
+        .await
+        .map_err(|status| match status.code() {
+            tonic::Code::NotFound | tonic::Code::InvalidArgument => {
+                Reply::bad_request(status.message().to_string())
+            }
+            _ => Reply::unavailable(status.message().to_string()),
+        })?
+        .into_inner();
+    let chunks = stream.map(|chunk| {
+        chunk
+            .map(|c| Frame::data(Bytes::from(c.data)))
+            .map_err(std::io::Error::other)
+    });
+    let mut response = Response::new(BodyExt::boxed(StreamBody::new(chunks)));
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("text/plain"),
+    );
+    Ok(response)
+}
+
+async fn route(ctx: Arc<Context>, request: Request<Incoming>) -> Result<Response<Body>, Reply> {
+    // Names of namespaces, pods and containers are DNS labels: no escaping to undo.
+    let path: Vec<String> = request
+        .uri()
+        .path()
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .map(String::from)
+        .collect();
+    let path: Vec<&str> = path.iter().map(String::as_str).collect();
+    let query = Query::parse(request.uri().query());
+    let method = request.method().clone();
+    match (method, path.as_slice()) {
+        (Method::GET, ["healthz"]) => Ok(text(StatusCode::OK, "ok")),
+        (Method::GET, ["containerLogs", rest @ ..]) => container_logs(&ctx, rest, &query).await,
+        (Method::GET | Method::POST, ["exec", namespace, name, container]) => {
+            let target = exec::Target::new(namespace, name, container);
+            exec::exec(ctx.clone(), request, target, query).await
+        }
+        (Method::GET | Method::POST, ["attach", namespace, name, container]) => {
+            let target = exec::Target::new(namespace, name, container);
+            exec::attach(ctx.clone(), request, target, query).await
+        }
+        (Method::GET, ["stats", "summary"]) => stats::summary(&ctx, &request).await,
+        (_, _) => Err(Reply::not_found(format!(
+            "{} is not served by the ec2-kubelet kubelet API",
+            request.uri().path()
+        ))),
+    }
+}
+
+/// The kubelet API server, running until `shutdown`.
+pub struct KubeletServer {
+    pub address: SocketAddr,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl KubeletServer {
+    /// Binds `address` and serves the kubelet API over TLS.
+    pub async fn start(
+        ctx: Arc<Context>,
+        address: &str,
+        tls: Arc<rustls::ServerConfig>,
+    ) -> std::io::Result<KubeletServer> {
+        let listener = tokio::net::TcpListener::bind(address).await?;
+        let address = listener.local_addr()?;
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+        let (stop, mut stopped) = watch::channel(false);
+        let task = tokio::spawn(async move {
+            loop {
+                let (stream, peer) = tokio::select! {
+                    _ = stopped.changed() => return,
+                    accepted = listener.accept() => match accepted {
+                        Ok(accepted) => accepted,
+                        Err(error) => { tracing::warn!(%error, "kubelet API accept"); continue }
+                    },
+                };
+                let (ctx, acceptor) = (ctx.clone(), acceptor.clone());
+                tokio::spawn(async move {
+                    let stream = match acceptor.accept(stream).await {
+                        Ok(stream) => stream,
+                        Err(error) => {
+                            tracing::debug!(%error, %peer, "kubelet API TLS handshake");
+                            return;
+                        }
+                    };
+                    let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                        let ctx = ctx.clone();
+                        async move {
+                            let path = request.uri().path().to_string();
+                            let response = route(ctx, request).await.unwrap_or_else(|reply| {
+                                tracing::debug!(%path, status = %reply.0, message = %reply.1, "kubelet API request failed");
+                                reply.into_response()
+                            });
+                            Ok::<_, Infallible>(response)
+                        }
+                    });
+                    let connection = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .with_upgrades();
+                    if let Err(error) = connection.await {
+                        tracing::debug!(%error, "kubelet API connection");
+                    }
+                });
+            }
+        });
+        tracing::info!(%address, "serving the kubelet API");
+        Ok(KubeletServer { address, stop, task })
+    }
+
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+}

@@ -1,0 +1,200 @@
+//! The kubelet API of the virtual nodes, end to end: the real kubectl against the dev cluster,
+//! whose kubelet proxy reaches the operator's kubelet API over HTTPS, which asks the pod's
+//! agent (`local` backend: a real agent process on loopback).
+
+mod common;
+
+use std::sync::Arc;
+
+use ec2_kubelet::cloud::local::{LocalCompute, LocalOptions};
+use ec2_kubelet::cloud::{Compute, InstanceFilter};
+use ec2_kubelet::controller::Context;
+use ec2_kubelet::crd::{Ec2NodePool, Ec2PodTemplate};
+use http_body_util::BodyExt;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, PostParams};
+use serde_json::{Value, json};
+
+/// A GET over TLS (any certificate) with the given `Host`, as the API server and metrics-server
+/// reach a kubelet.
+async fn https_get(address: std::net::SocketAddr, host: &str, path: &str) -> (u16, String) {
+    let tcp = tokio::net::TcpStream::connect(address).await.unwrap();
+    let connector = tokio_rustls::TlsConnector::from(ec2_kubelet::kubelet::tls::insecure_client_config());
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let tls = connector.connect(name, tcp).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let request = hyper::Request::get(path)
+        .header(hyper::header::HOST, host)
+        .body(http_body_util::Empty::<hyper::body::Bytes>::new())
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    let status = response.status().as_u16();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// Terminates the test's local instances even when it fails.
+struct Instances(Arc<LocalCompute>);
+
+impl Drop for Instances {
+    fn drop(&mut self) {
+        let compute = self.0.clone();
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                if let Ok(instances) = compute.describe_instances(&InstanceFilter::Cluster).await {
+                    let ids: Vec<String> = instances.into_iter().map(|i| i.instance_id).collect();
+                    let _ = compute.terminate_instances(&ids).await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_logs_exec_and_stats_reach_the_pods_agent_through_the_kubelet_api() {
+    let cluster = common::operator_cluster(true).await;
+    let client = cluster.client();
+    let dir = tempfile::tempdir().unwrap();
+    let compute = Arc::new(
+        LocalCompute::new(LocalOptions {
+            cluster: "test".into(),
+            dir: dir.path().join("local"),
+            agent_binary: env!("CARGO_BIN_EXE_ec2-kubelet-agent").into(),
+        })
+        .unwrap(),
+    );
+    let _instances = Instances(compute.clone());
+    let mut config = common::fast_config();
+    config.server.kubelet_address = format!("127.0.0.1:{}", common::free_port());
+    let replica = common::Replica::start(&cluster, config.clone(), compute.clone(), "replica-a");
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        compute.clone(),
+        config,
+        "kubelet-test",
+    ));
+    let kubelet = ec2_kubelet::operator::start_kubelet(ctx).await.unwrap();
+
+    let template: Ec2PodTemplate = serde_json::from_value(json!({
+        "apiVersion": "ec2-kubelet.io/v1alpha1", "kind": "Ec2PodTemplate",
+        "metadata": {"name": "general", "namespace": "default"},
+        "spec": {"imageId": "ami-0123456789abcdef0", "instanceTypes": ["t3.micro"], "agentPort": common::free_port()},
+    }))
+    .unwrap();
+    Api::<Ec2PodTemplate>::namespaced(client.clone(), "default")
+        .create(&PostParams::default(), &template)
+        .await
+        .unwrap();
+    let pool: Ec2NodePool = serde_json::from_value(json!({
+        "apiVersion": "ec2-kubelet.io/v1alpha1", "kind": "Ec2NodePool", "metadata": {"name": "pods"},
+        "spec": {"nodes": 1, "subnetIds": ["subnet-0a"], "securityGroupIds": ["sg-0a"],
+            "templateRef": {"namespace": "default", "name": "general"}},
+    }))
+    .unwrap();
+    Api::<Ec2NodePool>::all(client.clone())
+        .create(&PostParams::default(), &pool)
+        .await
+        .unwrap();
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "talker"},
+        "spec": {
+            "nodeSelector": {"type": "virtual-kubelet"},
+            "tolerations": [{"key": "virtual-kubelet.io/provider", "operator": "Exists"}],
+            "containers": [{"name": "main", "image": "local/shell",
+                "command": ["/bin/sh", "-c", "echo line-1; echo line-2; echo line-3; sleep 3600"]}],
+        },
+    }))
+    .unwrap();
+    let pods: Api<Pod> = Api::default_namespaced(client.clone());
+    pods.create(&PostParams::default(), &pod).await.unwrap();
+    let running = common::eventually(60, "talker Running", || {
+        let pods = pods.clone();
+        async move {
+            let pod = pods.get("talker").await.ok()?;
+            (pod.status.as_ref()?.phase.as_deref() == Some("Running")).then_some(pod)
+        }
+    })
+    .await;
+
+    // kubectl logs, whole and tailed.
+    let logs = common::eventually(30, "three log lines", || async {
+        let logs = common::kubectl(&cluster, &["logs", "talker"]).await;
+        logs.contains("line-3").then_some(logs)
+    })
+    .await;
+    assert_eq!(logs, "line-1\nline-2\nline-3\n");
+    assert_eq!(
+        common::kubectl(&cluster, &["logs", "talker", "--tail=1"]).await,
+        "line-3\n"
+    );
+
+    // kubectl exec: stdout and stderr apart, and the exit code.
+    let output = common::kubectl_output(
+        &cluster,
+        &[
+            "exec",
+            "talker",
+            "--",
+            "sh",
+            "-c",
+            "echo out; echo oops >&2; exit 3",
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(String::from_utf8_lossy(&output.stdout), "out\n");
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("oops"),
+        "{output:?}"
+    );
+    assert_eq!(output.status.code(), Some(3), "{output:?}");
+    // kubectl exec -i: standard input reaches the command, and its end ends `cat`.
+    let output = common::kubectl_output(
+        &cluster,
+        &["exec", "-i", "talker", "--", "cat"],
+        Some("hello stdin\n"),
+    )
+    .await;
+    assert!(output.status.success(), "{output:?}");
+    assert_eq!(String::from_utf8_lossy(&output.stdout), "hello stdin\n");
+    // A container that does not exist is an error kubectl shows.
+    let output =
+        common::kubectl_output(&cluster, &["exec", "talker", "-c", "nope", "--", "true"], None).await;
+    assert!(!output.status.success());
+
+    // /stats/summary for the node the request is addressed to, and /healthz.
+    let node = running.spec.as_ref().unwrap().node_name.clone().unwrap();
+    let host_ip = running.status.as_ref().unwrap().host_ip.clone().unwrap();
+    let host = format!("{host_ip}:{}", kubelet.address.port());
+    let (status, body) = https_get(kubelet.address, &host, "/stats/summary").await;
+    assert_eq!(status, 200, "{body}");
+    let summary: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(summary["node"]["nodeName"], node.as_str());
+    let stats = &summary["pods"][0];
+    assert_eq!(stats["podRef"]["name"], "talker");
+    assert_eq!(stats["containers"][0]["name"], "main");
+    assert!(
+        stats["containers"][0]["memory"]["workingSetBytes"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+    assert!(stats["cpu"]["time"].is_string());
+    let (status, body) = https_get(kubelet.address, "10.255.255.1:10250", "/stats/summary").await;
+    assert_eq!(status, 404, "no node has that address: {body}");
+    assert_eq!(
+        https_get(kubelet.address, &host, "/healthz").await,
+        (200, "ok".into())
+    );
+
+    replica.stop().await;
+    kubelet.shutdown().await;
+}
