@@ -13,6 +13,7 @@ pub mod demo;
 pub mod devcluster;
 pub mod faults;
 pub mod kubelet;
+pub mod metrics;
 pub mod node;
 pub mod operator;
 pub mod pod;

@@ -25,7 +25,14 @@ async fn run_controller(ctx: Arc<Context>) {
     let nodes: Api<Node> = Api::all(ctx.client.clone());
     Controller::new(pools, watcher::Config::default())
         .owns(nodes, watcher::Config::default().labels(labels::POOL))
-        .run(pool::reconcile, pool::error_policy, ctx)
+        .run(
+            |pool, ctx| async move {
+                let metrics = ctx.metrics.clone();
+                metrics.reconcile("pool", pool::reconcile(pool, ctx)).await
+            },
+            pool::error_policy,
+            ctx,
+        )
         .for_each(|result| async move {
             if let Err(error) = result {
                 tracing::debug!(%error, "pool controller");

@@ -261,7 +261,41 @@ async fn a_pod_runs_on_its_own_right_sized_instance_and_is_cleaned_up_on_delete(
         pool.status.unwrap().bindings.values().all(|b| b.is_empty()),
         "the binding is gone"
     );
-    env.replica.take().unwrap().stop().await;
+
+    // What /metrics says about that lifecycle.
+    let replica = env.replica.take().unwrap();
+    let server = ec2_kubelet::metrics::serve_metrics("127.0.0.1:0", replica.metrics.clone())
+        .await
+        .unwrap();
+    let (status, text) = common::http_get(server.address, "/metrics").await;
+    assert_eq!(status, 200);
+    let value = |series: &str| -> f64 {
+        text.lines()
+            .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{series} missing from:\n{text}"))
+    };
+    assert_eq!(
+        value(r#"ec2_kubelet_cloud_calls_total{action="RunInstances",outcome="ok"}"#),
+        1.0
+    );
+    assert_eq!(
+        value(r#"ec2_kubelet_cloud_calls_total{action="TerminateInstances",outcome="ok"}"#),
+        1.0
+    );
+    assert_eq!(
+        value(r#"ec2_kubelet_pod_launch_duration_seconds_count{pool="pods"}"#),
+        1.0
+    );
+    assert!(value(r#"ec2_kubelet_pod_launch_duration_seconds_sum{pool="pods"}"#) > 0.0);
+    assert!(value(r#"ec2_kubelet_reconciles_total{controller="pool"}"#) >= 1.0);
+    assert_eq!(value(r#"ec2_kubelet_nodes_ready{pool="pods"}"#), 1.0);
+    assert!(value("ec2_kubelet_pod_status_writes_total") >= 1.0);
+    assert!(
+        !text.contains("ec2_kubelet_cloud_throttled_total{"),
+        "nothing was throttled"
+    );
+    server.shutdown().await;
+    replica.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -731,6 +765,13 @@ async fn instance_types_follow_annotation_template_and_requests_and_survive_capa
         3 + 2 + 1,
         "3 pods, 2 throttled retries, 1 capacity fallback"
     );
+    let pool = ec2_kubelet::metrics::PoolLabels { pool: "pods".into() };
+    let metrics = &env.replica.as_ref().unwrap().metrics;
+    assert_eq!(
+        metrics.throttled.get_or_create(&pool).get(),
+        2,
+        "throttling is counted"
+    );
     assert_eq!(live_instances(&env.compute).await.len(), 3);
     env.replica.take().unwrap().stop().await;
 }
@@ -853,7 +894,12 @@ async fn status_writes_are_coalesced_per_pod_within_the_window() {
     let version = |pod: &Pod| pod.resource_version().unwrap().parse::<u64>().unwrap();
     let before: Vec<u64> = created.iter().map(version).collect();
 
-    let (writer, handle) = StatusWriter::start(client.clone(), std::time::Duration::from_millis(300));
+    let writes = prometheus_client::metrics::counter::Counter::<u64>::default();
+    let (writer, handle) = StatusWriter::start(
+        client.clone(),
+        std::time::Duration::from_millis(300),
+        writes.clone(),
+    );
     // Ten reports for "a" and two for "b" within the window: one write each, the last wins.
     for n in 0..10 {
         writer.send(
@@ -879,6 +925,7 @@ async fn status_writes_are_coalesced_per_pod_within_the_window() {
     let mut after = [version(&a), version(&b)];
     after.sort();
     assert_eq!(after, [last + 1, last + 2], "one write per pod");
+    assert_eq!(writes.get(), 2, "the writes metric counts them");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -227,6 +227,17 @@ fn run(config: OperatorConfig) -> ExitCode {
             Ok(kubelet) => kubelet,
             Err(e) => return fail(&e),
         };
+        let server = &ctx.config.server;
+        let metrics =
+            match ec2_kubelet::metrics::serve_metrics(&server.metrics_address, ctx.metrics.clone()).await {
+                Ok(metrics) => metrics,
+                Err(e) => return fail(&format!("serving metrics on {}: {e}", server.metrics_address)),
+            };
+        let health =
+            match ec2_kubelet::metrics::serve_health(&server.health_address, ctx.client.clone()).await {
+                Ok(health) => health,
+                Err(e) => return fail(&format!("serving health on {}: {e}", server.health_address)),
+            };
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let running = tokio::spawn(operator::run(ctx, stopped));
         wait_for_termination().await;
@@ -234,6 +245,8 @@ fn run(config: OperatorConfig) -> ExitCode {
         let _ = stop.send(true);
         let _ = running.await;
         kubelet.shutdown().await;
+        metrics.shutdown().await;
+        health.shutdown().await;
         ExitCode::SUCCESS
     })
 }

@@ -195,6 +195,61 @@ pub trait Compute: Send + Sync {
     fn agent_endpoint(&self, instance: &Instance, port: u16) -> Result<String>;
 }
 
+/// A backend that counts every call in the operator's metrics (`ec2_kubelet_cloud_calls_total`
+/// by action and outcome).
+pub struct Metered {
+    inner: std::sync::Arc<dyn Compute>,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
+}
+
+impl Metered {
+    pub fn new(
+        inner: std::sync::Arc<dyn Compute>,
+        metrics: std::sync::Arc<crate::metrics::Metrics>,
+    ) -> Metered {
+        Metered { inner, metrics }
+    }
+
+    fn count<T>(&self, action: &str, result: Result<T>) -> Result<T> {
+        self.metrics.cloud_call(action, &result);
+        result
+    }
+}
+
+#[async_trait::async_trait]
+impl Compute for Metered {
+    fn backend(&self) -> &'static str {
+        self.inner.backend()
+    }
+    async fn ensure_eni(&self, request: &EniRequest) -> Result<Eni> {
+        self.count("EnsureEni", self.inner.ensure_eni(request).await)
+    }
+    async fn delete_eni(&self, eni_id: &str) -> Result<()> {
+        self.count("DeleteNetworkInterface", self.inner.delete_eni(eni_id).await)
+    }
+    async fn describe_enis(&self, pool: &str) -> Result<Vec<Eni>> {
+        self.count("DescribeNetworkInterfaces", self.inner.describe_enis(pool).await)
+    }
+    async fn instance_types(&self, names: &[String]) -> Result<Vec<InstanceTypeInfo>> {
+        self.count("DescribeInstanceTypes", self.inner.instance_types(names).await)
+    }
+    async fn launch_instance(&self, request: &LaunchRequest) -> Result<Instance> {
+        self.count("RunInstances", self.inner.launch_instance(request).await)
+    }
+    async fn describe_instances(&self, filter: &InstanceFilter) -> Result<Vec<Instance>> {
+        self.count("DescribeInstances", self.inner.describe_instances(filter).await)
+    }
+    async fn terminate_instances(&self, instance_ids: &[String]) -> Result<()> {
+        self.count(
+            "TerminateInstances",
+            self.inner.terminate_instances(instance_ids).await,
+        )
+    }
+    fn agent_endpoint(&self, instance: &Instance, port: u16) -> Result<String> {
+        self.inner.agent_endpoint(instance, port)
+    }
+}
+
 /// The tags every ENI and instance of the operator carries, plus the caller's.
 pub fn owned_tags(cluster: &str, pool: &str, extra: &TagMap) -> TagMap {
     let mut tags: BTreeMap<String, String> = extra.clone();

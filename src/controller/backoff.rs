@@ -9,7 +9,11 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+
 use crate::cloud;
+use crate::metrics::PoolLabels;
 
 /// Exponential backoff with full jitter: attempt n waits a random time in
 /// `[base·2ⁿ / 2, base·2ⁿ]`, capped at `max`.
@@ -65,6 +69,8 @@ pub struct CloudGate {
     max: Duration,
     /// Throttled attempts per call before the error goes back to the caller.
     attempts: u32,
+    /// Throttled calls by pool, in the operator's metrics.
+    throttled: Option<Family<PoolLabels, Counter>>,
 }
 
 impl Default for CloudGate {
@@ -80,7 +86,14 @@ impl CloudGate {
             initial,
             max,
             attempts: attempts.max(1),
+            throttled: None,
         }
+    }
+
+    /// Counts throttled calls by pool in `family`.
+    pub fn counting(mut self, family: Family<PoolLabels, Counter>) -> CloudGate {
+        self.throttled = Some(family);
+        self
     }
 
     /// When the pool's gate opens (now if it is not throttled).
@@ -91,6 +104,9 @@ impl CloudGate {
 
     /// Records a throttled call: closes the gate for the next backoff delay, returned.
     pub fn throttled(&self, pool: &str) -> Duration {
+        if let Some(family) = &self.throttled {
+            family.get_or_create(&PoolLabels { pool: pool.into() }).inc();
+        }
         let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
         let gate = pools.entry(pool.to_string()).or_insert_with(|| PoolGate {
             open_at: Instant::now(),

@@ -22,6 +22,7 @@ pub struct Context {
     pub recorder: Recorder,
     /// Per-pool backoff shared by every pod worker (EC2 throttling).
     pub gate: backoff::CloudGate,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Context {
@@ -30,13 +31,15 @@ impl Context {
             controller: "ec2-kubelet".into(),
             instance: Some(identity.to_string()),
         };
+        let metrics = Arc::new(crate::metrics::Metrics::new());
         Context {
             recorder: Recorder::new(client.clone(), reporter),
             client,
-            compute,
+            compute: Arc::new(crate::cloud::Metered::new(compute, metrics.clone())),
             config,
             identity: identity.to_string(),
-            gate: backoff::CloudGate::default(),
+            gate: backoff::CloudGate::default().counting(metrics.throttled.clone()),
+            metrics,
         }
     }
 

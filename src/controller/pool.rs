@@ -397,6 +397,10 @@ async fn apply(pool: &Ec2NodePool, ctx: &Context) -> Result<Action> {
     let mut entries = serde_json::Map::new();
     let mut ready_nodes = 0;
     let mut pod_total = 0;
+    let mut phases: BTreeMap<String, i64> = ["Pending", "Running", "Succeeded", "Failed"]
+        .into_iter()
+        .map(|p| (p.to_string(), 0))
+        .collect();
     let current: BTreeMap<String, crate::crd::PoolNodeStatus> =
         pool.status.as_ref().map(|s| s.nodes.clone()).unwrap_or_default();
     for eni in &enis {
@@ -405,11 +409,17 @@ async fn apply(pool: &Ec2NodePool, ctx: &Context) -> Result<Action> {
             .items
             .iter()
             .any(|n| n.name_any() == node && node_ready(n));
-        let pod_count = pods
+        let on_node = pods
             .list(&ListParams::default().fields(&format!("spec.nodeName={node}")))
             .await?
-            .items
-            .len() as i32;
+            .items;
+        for pod in &on_node {
+            let phase = pod.status.as_ref().and_then(|s| s.phase.clone());
+            *phases
+                .entry(phase.unwrap_or_else(|| "Pending".into()))
+                .or_insert(0) += 1;
+        }
+        let pod_count = on_node.len() as i32;
         if ready && eni.index < wanted {
             ready_nodes += 1;
         }
@@ -441,6 +451,18 @@ async fn apply(pool: &Ec2NodePool, ctx: &Context) -> Result<Action> {
     let generation = pool.metadata.generation;
     let mut conditions = conditions_of(pool);
     let all_ready = ready_nodes as u32 >= wanted;
+    for (phase, count) in phases {
+        let labels = crate::metrics::PoolPhaseLabels {
+            pool: name.clone(),
+            phase,
+        };
+        ctx.metrics.pods.get_or_create(&labels).set(count);
+    }
+    let labels = crate::metrics::PoolLabels { pool: name.clone() };
+    ctx.metrics
+        .nodes_ready
+        .get_or_create(&labels)
+        .set(i64::from(ready_nodes));
     let summary = format!("{ready_nodes}/{wanted} nodes Ready");
     if all_ready {
         set_condition(

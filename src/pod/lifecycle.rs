@@ -636,6 +636,7 @@ async fn mirror(
     pod_rx: &mut watch::Receiver<Pod>,
     agent: &mut AgentChannel,
     placement: &status::Placement,
+    bound_at: &mut Option<tokio::time::Instant>,
 ) -> Result<Mirror> {
     let uid = pod_rx.borrow().uid().unwrap_or_default();
     let mut stream = match agent
@@ -663,6 +664,13 @@ async fn mirror(
                     if last.as_ref() != Some(&new) && status::changes(&previous, &new) {
                         shared.status.send(&pod, new.clone());
                     }
+                    if new["phase"] == "Running"
+                        && let Some(bound) = bound_at.take()
+                    {
+                        let labels = crate::metrics::PoolLabels { pool: shared.node.pool.clone() };
+                        let histogram = shared.ctx.metrics.launch_duration.get_or_create(&labels);
+                        histogram.observe(bound.elapsed().as_secs_f64());
+                    }
                     last = Some(new);
                 }
                 Some(Err(error)) => return Ok(Mirror::Lost(format!("status stream: {error}"))),
@@ -675,7 +683,12 @@ async fn mirror(
 /// Runs the pod on its instance: records the instance, waits for the agent, hands the pod
 /// over, mirrors its status, rides out agent outages up to `sync.agentLostSeconds`, and on
 /// deletion stops and terminates everything.
-async fn attach(shared: &Shared, pod_rx: &mut watch::Receiver<Pod>, instance: Instance) -> Result<()> {
+async fn attach(
+    shared: &Shared,
+    pod_rx: &mut watch::Receiver<Pod>,
+    instance: Instance,
+    mut bound_at: Option<tokio::time::Instant>,
+) -> Result<()> {
     let ctx = &shared.ctx;
     let node = &shared.node;
     let pod = pod_rx.borrow().clone();
@@ -723,13 +736,17 @@ async fn attach(shared: &Shared, pod_rx: &mut watch::Receiver<Pod>, instance: In
             set_binding(ctx, node, &uid, Some(json!({"phase": "Running"}))).await?;
             recorded_running = true;
         }
-        match mirror(shared, pod_rx, &mut agent, &placement).await? {
+        match mirror(shared, pod_rx, &mut agent, &placement, &mut bound_at).await? {
             Mirror::Deleting => {
                 let pod = pod_rx.borrow().clone();
                 return finish_deletion(shared, &pod, Some(&instance), Some(&mut agent)).await;
             }
             Mirror::Lost(why) => {
                 tracing::warn!(pod = %pod.name_any(), instance_id = %instance.instance_id, %why, "lost the agent");
+                let labels = crate::metrics::PoolLabels {
+                    pool: node.pool.clone(),
+                };
+                ctx.metrics.agent_reconnects.get_or_create(&labels).inc();
                 unreachable_since = Some(tokio::time::Instant::now());
             }
         }
@@ -739,6 +756,7 @@ async fn attach(shared: &Shared, pod_rx: &mut watch::Receiver<Pod>, instance: In
 /// Drives one pod from bound to gone. Returns when the pod is released, or with an error the
 /// caller retries.
 async fn drive(shared: &Shared, pod_rx: &mut watch::Receiver<Pod>) -> Result<()> {
+    let bound_at = tokio::time::Instant::now();
     let pod = pod_rx.borrow().clone();
     let uid = pod.uid().unwrap_or_default();
     let recorded = pod.annotations().get(annotations::INSTANCE_ID).cloned();
@@ -747,7 +765,7 @@ async fn drive(shared: &Shared, pod_rx: &mut watch::Receiver<Pod>) -> Result<()>
             terminate(shared, &instance.instance_id).await?;
             release_when_deleted(shared, pod_rx).await
         }
-        Some(instance) => attach(shared, pod_rx, instance).await,
+        Some(instance) => attach(shared, pod_rx, instance, None).await,
         None if deleting(&pod) => finish_deletion(shared, &pod, None, None).await,
         // Finished earlier: nothing to run, the pod waits for its deletion.
         None if finished(&pod) => release_when_deleted(shared, pod_rx).await,
@@ -757,7 +775,7 @@ async fn drive(shared: &Shared, pod_rx: &mut watch::Receiver<Pod>) -> Result<()>
             instance_lost(shared, pod_rx, Some(&id), &why).await
         }
         None => match launch(shared, pod_rx).await? {
-            Some(instance) => attach(shared, pod_rx, instance).await,
+            Some(instance) => attach(shared, pod_rx, instance, Some(bound_at)).await,
             None => Ok(()),
         },
     }
@@ -806,7 +824,8 @@ pub async fn run(ctx: Arc<Context>, node: VirtualNode, mut stop: watch::Receiver
     let config = watcher::Config::default().fields(&format!("spec.nodeName={}", node.name));
     let mut events = std::pin::pin!(watcher(api, config).default_backoff());
     let window = Duration::from_millis(u64::from(ctx.config.sync.pod_status_batch_millis));
-    let (status, writer) = StatusWriter::start(ctx.client.clone(), window);
+    let (status, writer) =
+        StatusWriter::start(ctx.client.clone(), window, ctx.metrics.pod_status_writes.clone());
     let shared = Shared {
         ctx: ctx.clone(),
         node: node.clone(),

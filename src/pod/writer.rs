@@ -11,6 +11,7 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, Patch, PatchParams};
 use kube::{Client, ResourceExt};
+use prometheus_client::metrics::counter::Counter;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -33,9 +34,9 @@ pub struct StatusWriter {
 impl StatusWriter {
     /// Starts the writer task of a node. It ends once every handle is dropped and what was
     /// queued is written.
-    pub fn start(client: Client, window: Duration) -> (StatusWriter, JoinHandle<()>) {
+    pub fn start(client: Client, window: Duration, writes: Counter) -> (StatusWriter, JoinHandle<()>) {
         let (tx, rx) = mpsc::unbounded_channel();
-        let handle = tokio::spawn(run(client, rx, window));
+        let handle = tokio::spawn(run(client, rx, window, writes));
         (StatusWriter { tx }, handle)
     }
 
@@ -78,7 +79,12 @@ async fn write(client: &Client, key: &PodKey, patch: &Value) -> Result<(), kube:
     }
 }
 
-async fn run(client: Client, mut rx: mpsc::UnboundedReceiver<(PodKey, Value)>, window: Duration) {
+async fn run(
+    client: Client,
+    mut rx: mpsc::UnboundedReceiver<(PodKey, Value)>,
+    window: Duration,
+    writes: Counter,
+) {
     // Patches in arrival order of their pod, merged per pod.
     let mut pending: Vec<(PodKey, Value)> = Vec::new();
     let mut open = true;
@@ -106,6 +112,7 @@ async fn run(client: Client, mut rx: mpsc::UnboundedReceiver<(PodKey, Value)>, w
         let failed: HashMap<PodKey, Value> = futures::stream::iter(batch)
             .map(|(key, patch)| {
                 let client = client.clone();
+                writes.inc();
                 async move {
                     match write(&client, &key, &patch).await {
                         Ok(()) => None,

@@ -263,6 +263,8 @@ impl Drop for AgentProcess {
 /// One operator replica, on its own runtime as if it were its own process.
 pub struct Replica {
     pub identity: String,
+    /// The replica's metrics, as its `/metrics` serves them.
+    pub metrics: std::sync::Arc<ec2_kubelet::metrics::Metrics>,
     stop: tokio::sync::watch::Sender<bool>,
     handle: tokio::task::JoinHandle<()>,
     runtime: tokio::runtime::Runtime,
@@ -283,16 +285,19 @@ impl Replica {
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let kube_config = cluster.client_config();
         let name = identity.to_string();
+        let (metrics_tx, metrics_rx) = std::sync::mpsc::channel();
         // The replica's own client, created on its runtime: nothing of it outlives a crash.
         let handle = runtime.spawn(async move {
             let client = kube::Client::try_from(kube_config).unwrap();
             let ctx = std::sync::Arc::new(ec2_kubelet::controller::Context::new(
                 client, compute, config, &name,
             ));
+            let _ = metrics_tx.send(ctx.metrics.clone());
             ec2_kubelet::operator::run(ctx, stopped).await
         });
         Replica {
             identity: identity.into(),
+            metrics: metrics_rx.recv().expect("the replica starts"),
             stop,
             handle,
             runtime,
@@ -492,4 +497,21 @@ pub fn fast_config() -> ec2_kubelet::config::OperatorConfig {
     config.lease.renew_interval_seconds = 1;
     config.sync.node_status_seconds = 2;
     config
+}
+
+/// A plain HTTP GET on loopback (HTTP/1.0, read to the end): status and body.
+pub async fn http_get(address: SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(address).await.expect("connect");
+    let request = format!("GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.expect("send");
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.expect("read");
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, body.to_string())
 }
