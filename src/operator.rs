@@ -16,6 +16,16 @@ use crate::crd::{Ec2NodePool, labels};
 use crate::node::lease::LeaseLock;
 use crate::node::supervisor::{self, stopped};
 
+/// How the operator introduces itself to the API server (audit logs, API priority and fairness).
+pub const USER_AGENT: &str = concat!("ec2-kubelet/", env!("CARGO_PKG_VERSION"));
+
+/// A Kubernetes client for the operator: `config` with the operator's User-Agent.
+pub fn client(mut config: kube::Config) -> kube::Result<kube::Client> {
+    let agent = hyper::header::HeaderValue::from_static(USER_AGENT);
+    config.headers.push((hyper::header::USER_AGENT, agent));
+    kube::Client::try_from(config)
+}
+
 /// The lease whose holder runs the pool controller.
 pub const CONTROLLER_LEASE: &str = "ec2-kubelet-controller";
 

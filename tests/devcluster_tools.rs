@@ -288,14 +288,34 @@ fn helm_installs_upgrades_and_uninstalls_the_chart() {
             "-n",
             "ec2-kubelet",
             "--create-namespace",
-            "--wait",
-            "--timeout",
-            "60s",
         ],
     );
+    // (No --wait: the dev cluster runs no controllers that would roll the Deployment out.)
     assert!(installed.contains("STATUS: deployed"), "{installed}");
     let config = fixture.kubectl(&["get", "configmap", "-n", "ec2-kubelet", "-o", "name"]);
     assert!(config.contains("configmap/demo-ec2-kubelet"), "{config}");
+    let objects = fixture.kubectl(&[
+        "get",
+        "deployment,service,serviceaccount,poddisruptionbudget,role,rolebinding",
+        "-n",
+        "ec2-kubelet",
+        "-o",
+        "name",
+    ]);
+    for expected in [
+        "deployment.apps/demo-ec2-kubelet",
+        "service/demo-ec2-kubelet",
+        "serviceaccount/demo-ec2-kubelet",
+        "poddisruptionbudget.policy/demo-ec2-kubelet",
+        "role.rbac.authorization.k8s.io/demo-ec2-kubelet-leases",
+        "rolebinding.rbac.authorization.k8s.io/demo-ec2-kubelet-leases",
+    ] {
+        assert!(objects.contains(expected), "{expected} missing: {objects}");
+    }
+    let cluster_role = fixture.kubectl(&["get", "clusterrole", "demo-ec2-kubelet", "-o", "name"]);
+    assert!(cluster_role.contains("demo-ec2-kubelet"), "{cluster_role}");
+    let node_leases = fixture.kubectl(&["get", "role", "-n", "kube-node-lease", "-o", "name"]);
+    assert!(node_leases.contains("demo-ec2-kubelet-leases"), "{node_leases}");
     let crds = fixture.kubectl(&["get", "crds", "-o", "name"]);
     assert_eq!(
         lines_with(&crds, "ec2-kubelet.io").len(),

@@ -6,8 +6,6 @@ mod common;
 
 use std::sync::Arc;
 
-use ec2_kubelet::cloud::local::{LocalCompute, LocalOptions};
-use ec2_kubelet::cloud::{Compute, InstanceFilter};
 use ec2_kubelet::controller::Context;
 use ec2_kubelet::crd::{Ec2NodePool, Ec2PodTemplate};
 use http_body_util::BodyExt;
@@ -36,42 +34,12 @@ async fn https_get(address: std::net::SocketAddr, host: &str, path: &str) -> (u1
     (status, String::from_utf8_lossy(&body).into_owned())
 }
 
-/// Terminates the test's local instances even when it fails.
-struct Instances(Arc<LocalCompute>);
-
-impl Drop for Instances {
-    fn drop(&mut self) {
-        let compute = self.0.clone();
-        let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(async {
-                if let Ok(instances) = compute.describe_instances(&InstanceFilter::Cluster).await {
-                    let ids: Vec<String> = instances.into_iter().map(|i| i.instance_id).collect();
-                    let _ = compute.terminate_instances(&ids).await;
-                }
-            });
-        })
-        .join();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_logs_exec_and_stats_reach_the_pods_agent_through_the_kubelet_api() {
     let cluster = common::operator_cluster(true).await;
     let client = cluster.client();
     let dir = tempfile::tempdir().unwrap();
-    let compute = Arc::new(
-        LocalCompute::new(LocalOptions {
-            cluster: "test".into(),
-            dir: dir.path().join("local"),
-            agent_binary: env!("CARGO_BIN_EXE_ec2-kubelet-agent").into(),
-        })
-        .unwrap(),
-    );
-    let _instances = Instances(compute.clone());
+    let (compute, _instances) = common::local_compute(&dir.path().join("local"));
     let mut config = common::fast_config();
     config.server.kubelet_address = format!("127.0.0.1:{}", common::free_port());
     let replica = common::Replica::start(&cluster, config.clone(), compute.clone(), "replica-a");

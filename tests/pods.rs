@@ -17,28 +17,6 @@ use serde_json::{Value, json};
 
 const NAMESPACE: &str = common::OPERATOR_NAMESPACE;
 
-/// Terminates every local instance when the test ends, even when it fails.
-struct Instances(Arc<LocalCompute>);
-
-impl Drop for Instances {
-    fn drop(&mut self) {
-        let compute = self.0.clone();
-        let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(async {
-                if let Ok(instances) = compute.describe_instances(&InstanceFilter::Cluster).await {
-                    let ids: Vec<String> = instances.into_iter().map(|i| i.instance_id).collect();
-                    let _ = compute.terminate_instances(&ids).await;
-                }
-            });
-        })
-        .join();
-    }
-}
-
 struct Env {
     cluster: DevCluster,
     config: OperatorConfig,
@@ -46,7 +24,7 @@ struct Env {
     local_dir: std::path::PathBuf,
     client: Client,
     compute: Arc<LocalCompute>,
-    _instances: Instances,
+    _instances: common::LocalInstances,
     _dir: tempfile::TempDir,
 }
 
@@ -73,14 +51,7 @@ async fn start_with(
     let cluster = common::operator_cluster(true).await;
     let client = cluster.client();
     let dir = tempfile::tempdir().unwrap();
-    let compute = Arc::new(
-        LocalCompute::new(LocalOptions {
-            cluster: "test".into(),
-            dir: dir.path().join("local"),
-            agent_binary: env!("CARGO_BIN_EXE_ec2-kubelet-agent").into(),
-        })
-        .unwrap(),
-    );
+    let (compute, instances) = common::local_compute(&dir.path().join("local"));
     let mut config = test_config();
     tweak(&mut config);
     let operator_compute = wrap(compute.clone());
@@ -113,7 +84,7 @@ async fn start_with(
         replica: Some(replica),
         local_dir: dir.path().join("local"),
         client,
-        _instances: Instances(compute.clone()),
+        _instances: instances,
         compute,
         _dir: dir,
     }
@@ -361,7 +332,7 @@ async fn orphan_instances_are_terminated_and_other_clusters_are_never_touched() 
         })
         .unwrap(),
     );
-    let _other_instances = Instances(other.clone());
+    let _other_instances = common::LocalInstances(other.clone());
     let request = |uid: &str| ec2_kubelet::cloud::LaunchRequest {
         pod_uid: uid.into(),
         pool: "pods".into(),

@@ -212,9 +212,12 @@ fn tempfile_dir() -> Result<PathBuf, String> {
 fn run(config: OperatorConfig) -> ExitCode {
     telemetry::init(config.log_format);
     block_on(async move {
-        let client = match kube::Client::try_default().await {
-            Ok(client) => client,
-            Err(e) => return fail(&format!("connecting to Kubernetes: {e}")),
+        let client = match kube::Config::infer().await {
+            Ok(kube_config) => match operator::client(kube_config) {
+                Ok(client) => client,
+                Err(e) => return fail(&format!("connecting to Kubernetes: {e}")),
+            },
+            Err(e) => return fail(&format!("finding the Kubernetes configuration: {e}")),
         };
         let compute = match operator::compute(&config).await {
             Ok(compute) => compute,

@@ -31,6 +31,26 @@ pub fn prepare_update(rt: &ResourceType, object: &mut Value) {
     if rt.is("", "pods") && object["spec"].is_object() {
         add_default_tolerations(&mut object["spec"]);
     }
+    if rt.is("", "secrets") {
+        fold_string_data(object);
+    }
+}
+
+/// A Secret's `stringData` is write-only: merged into `data` (base64), then dropped.
+fn fold_string_data(secret: &mut Value) {
+    use base64::Engine;
+    let Some(map) = secret.as_object_mut() else { return };
+    let Some(Value::Object(strings)) = map.remove("stringData") else {
+        return;
+    };
+    let data = map.entry("data").or_insert_with(|| json!({}));
+    if !data.is_object() {
+        *data = json!({});
+    }
+    for (key, value) in strings {
+        let text = value.as_str().unwrap_or_default();
+        data[key] = json!(base64::engine::general_purpose::STANDARD.encode(text));
+    }
 }
 
 fn set_default(object: &mut Value, key: &str, value: Value) {
@@ -85,7 +105,10 @@ pub fn prepare_create(rt: &ResourceType, object: &mut Value) {
             object["spec"]["finalizers"] = json!(["kubernetes"]);
             object["status"] = json!({"phase": "Active"});
         }
-        ("", "secrets") => set_default(object, "type", json!("Opaque")),
+        ("", "secrets") => {
+            fold_string_data(object);
+            set_default(object, "type", json!("Opaque"));
+        }
         ("apiextensions.k8s.io", "customresourcedefinitions") => {
             object["status"] = json!({});
         }
@@ -215,4 +238,16 @@ pub fn established_crd_status(crd: &Value) -> Value {
         "acceptedNames": crd["spec"]["names"],
         "storedVersions": stored,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secret_string_data_folds_into_base64_data() {
+        let mut secret = json!({"data": {"kept": "a2VwdA=="}, "stringData": {"token": "s3cret"}});
+        fold_string_data(&mut secret);
+        assert_eq!(secret, json!({"data": {"kept": "a2VwdA==", "token": "czNjcmV0"}}));
+    }
 }

@@ -27,6 +27,7 @@ use std::time::Duration;
 
 use tokio::sync::{OwnedRwLockWriteGuard, RwLock, watch};
 
+pub use server::AuditRecord;
 pub use store::Store;
 
 /// How to run a dev cluster.
@@ -44,6 +45,8 @@ pub struct DevClusterOptions {
     /// InternalIP, as a real API server does; a dev cluster's nodes are all served from this
     /// machine, so the default is 127.0.0.1.
     pub kubelet_host: Option<String>,
+    /// Record every resource request (`DevCluster::audit`): tests check RBAC rules with it.
+    pub audit: bool,
 }
 
 impl Default for DevClusterOptions {
@@ -54,6 +57,7 @@ impl Default for DevClusterOptions {
             history: store::DEFAULT_HISTORY,
             bookmark_interval: Duration::from_secs(5),
             kubelet_host: Some("127.0.0.1".into()),
+            audit: false,
         }
     }
 }
@@ -85,6 +89,7 @@ impl DevCluster {
             address,
             watch_epoch,
             watch_gate: Arc::new(RwLock::new(())),
+            audit: std::sync::Mutex::new(Vec::new()),
         });
         let accept_state = state.clone();
         let mut accept_stop = stop_rx.clone();
@@ -118,6 +123,11 @@ impl DevCluster {
     }
 
     /// The storage, for server-side checks in tests and benchmarks.
+    /// The resource requests recorded so far (with `DevClusterOptions::audit`).
+    pub fn audit(&self) -> Vec<server::AuditRecord> {
+        self.state.audit.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     pub fn store(&self) -> &Arc<Store> {
         &self.state.store
     }

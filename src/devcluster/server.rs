@@ -39,6 +39,19 @@ pub struct State {
     pub watch_epoch: watch::Sender<u64>,
     /// Held for writing while new watches must wait.
     pub watch_gate: Arc<RwLock<()>>,
+    /// Every resource request, when `options.audit` is on.
+    pub audit: std::sync::Mutex<Vec<AuditRecord>>,
+}
+
+/// One resource request as an authorizer sees it: who (User-Agent), the verb, and what.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AuditRecord {
+    pub user_agent: String,
+    pub verb: String,
+    pub group: String,
+    /// `pods`, or `pods/status` for a subresource.
+    pub resource: String,
+    pub namespace: Option<String>,
 }
 
 /// An empty body (e.g. a 101 answer).
@@ -328,6 +341,35 @@ async fn resource(
         _ => Subresource::Main,
     };
     let method = request.method().clone();
+    if state.options.audit {
+        let verb = match (&method, &name) {
+            (&Method::GET, None) if query.flag("watch") => "watch",
+            (&Method::GET, None) => "list",
+            (&Method::GET, Some(_)) => "get",
+            (&Method::POST, _) => "create",
+            (&Method::PUT, _) => "update",
+            (&Method::PATCH, _) => "patch",
+            (&Method::DELETE, None) => "deletecollection",
+            (&Method::DELETE, Some(_)) => "delete",
+            _ => "other",
+        };
+        let record = AuditRecord {
+            user_agent: request
+                .headers()
+                .get(header::USER_AGENT)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string(),
+            verb: verb.into(),
+            group: rt.group.clone(),
+            resource: match &subresource {
+                Some(sub) => format!("{}/{sub}", rt.resource),
+                None => rt.resource.clone(),
+            },
+            namespace: namespace.clone(),
+        };
+        state.audit.lock().unwrap_or_else(|p| p.into_inner()).push(record);
+    }
     match (method, name, subresource.as_deref()) {
         (Method::GET, None, None) if query.flag("watch") => {
             let format = table_wanted.then_some(include);

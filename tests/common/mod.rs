@@ -288,7 +288,7 @@ impl Replica {
         let (metrics_tx, metrics_rx) = std::sync::mpsc::channel();
         // The replica's own client, created on its runtime: nothing of it outlives a crash.
         let handle = runtime.spawn(async move {
-            let client = kube::Client::try_from(kube_config).unwrap();
+            let client = ec2_kubelet::operator::client(kube_config).unwrap();
             let ctx = std::sync::Arc::new(ec2_kubelet::controller::Context::new(
                 client, compute, config, &name,
             ));
@@ -325,15 +325,22 @@ pub const OPERATOR_NAMESPACE: &str = "ec2-kubelet-system";
 /// A dev cluster ready for the operator: our CRDs installed and the operator namespace created.
 /// Also routes the operator's logs to the test output (`RUST_LOG=ec2_kubelet=debug`).
 pub async fn operator_cluster(scheduler: bool) -> ec2_kubelet::devcluster::DevCluster {
+    operator_cluster_with(ec2_kubelet::devcluster::DevClusterOptions {
+        scheduler,
+        ..Default::default()
+    })
+    .await
+}
+
+/// `operator_cluster` with the dev cluster's options (e.g. its request audit).
+pub async fn operator_cluster_with(
+    options: ec2_kubelet::devcluster::DevClusterOptions,
+) -> ec2_kubelet::devcluster::DevCluster {
     use kube::api::{Api, PostParams};
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()
         .try_init();
-    let options = ec2_kubelet::devcluster::DevClusterOptions {
-        scheduler,
-        ..Default::default()
-    };
     let cluster = ec2_kubelet::devcluster::DevCluster::start(options).await.unwrap();
     let client = cluster.client();
     let crds: Api<
@@ -514,4 +521,46 @@ pub async fn http_get(address: SocketAddr, path: &str) -> (u16, String) {
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
     (status, body.to_string())
+}
+
+/// Terminates every instance of a `local` backend when dropped, even when the test fails.
+pub struct LocalInstances(pub std::sync::Arc<ec2_kubelet::cloud::local::LocalCompute>);
+
+impl Drop for LocalInstances {
+    fn drop(&mut self) {
+        use ec2_kubelet::cloud::{Compute, InstanceFilter};
+        let compute = self.0.clone();
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                if let Ok(instances) = compute.describe_instances(&InstanceFilter::Cluster).await {
+                    let ids: Vec<String> = instances.into_iter().map(|i| i.instance_id).collect();
+                    let _ = compute.terminate_instances(&ids).await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// A `local` backend for cluster `test` in `dir`, running real agent processes, and the guard
+/// that terminates them.
+pub fn local_compute(
+    dir: &Path,
+) -> (
+    std::sync::Arc<ec2_kubelet::cloud::local::LocalCompute>,
+    LocalInstances,
+) {
+    let compute = std::sync::Arc::new(
+        ec2_kubelet::cloud::local::LocalCompute::new(ec2_kubelet::cloud::local::LocalOptions {
+            cluster: "test".into(),
+            dir: dir.to_path_buf(),
+            agent_binary: env!("CARGO_BIN_EXE_ec2-kubelet-agent").into(),
+        })
+        .unwrap(),
+    );
+    (compute.clone(), LocalInstances(compute))
 }

@@ -19,3 +19,9 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- define "ec2-kubelet.serviceAccountName" -}}
 {{- default (include "ec2-kubelet.fullname" .) .Values.serviceAccount.name -}}
 {{- end -}}
+
+{{/* Labels that select the operator's pods. */}}
+{{- define "ec2-kubelet.selectorLabels" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
