@@ -6,10 +6,12 @@ demo:
 	cargo build --quiet --bins
 	cargo run --quiet -- demo
 
-# Every test: installs the tools the tests need into .tools/, then checks formatting and runs the suites.
+# Every test: installs the tools the tests need into .tools/, checks formatting, runs the suites,
+# then runs the demo end to end as a user would (e2e/demo.sh).
 test: tools
 	cargo fmt --all -- --check
 	cargo test --locked
+	bash e2e/demo.sh
 
 # kubectl, helm and moto (the EC2 emulator) into .tools/ (idempotent).
 tools:
