@@ -201,3 +201,77 @@ async fn errors_are_classified_and_endpoints_can_be_overridden() {
         "http://127.0.0.1:40123"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_iam_policy_allows_exactly_the_actions_the_backend_sends() {
+    let w = world().await;
+    // Every operation of the backend once.
+    let eni = w
+        .compute
+        .ensure_eni(&EniRequest {
+            pool: "p1".into(),
+            index: 0,
+            subnet_id: w.subnet_id.clone(),
+            security_group_ids: vec![w.group_id.clone()],
+            tags: TagMap::new(),
+        })
+        .await
+        .unwrap();
+    w.compute.describe_enis("p1").await.unwrap();
+    w.compute.instance_types(&["t3.micro".into()]).await.unwrap();
+    let instance = w.compute.launch_instance(&launch(&w, "uid-iam")).await.unwrap();
+    w.compute
+        .describe_instances(&InstanceFilter::Pool("p1".into()))
+        .await
+        .unwrap();
+    w.compute
+        .terminate_instances(std::slice::from_ref(&instance.instance_id))
+        .await
+        .unwrap();
+    w.compute.delete_eni(&eni.eni_id).await.unwrap();
+    let sent: Vec<String> = w
+        .compute
+        .calls
+        .actions()
+        .iter()
+        .map(|a| format!("ec2:{a}"))
+        .collect();
+
+    let policy: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(common::repo_root().join("config/iam-policy.json")).unwrap(),
+    )
+    .unwrap();
+    let mut allowed = std::collections::BTreeSet::new();
+    for statement in policy["Statement"].as_array().unwrap() {
+        assert_eq!(statement["Effect"], "Allow");
+        match &statement["Action"] {
+            serde_json::Value::String(action) => {
+                allowed.insert(action.clone());
+            }
+            actions => allowed.extend(
+                actions
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|a| a.as_str().unwrap().to_string()),
+            ),
+        }
+    }
+    for action in &sent {
+        assert!(
+            allowed.contains(action),
+            "{action} is sent but config/iam-policy.json does not allow it"
+        );
+    }
+    // Allowed and never sent: only what EC2 checks on the side (tags written by RunInstances and
+    // CreateNetworkInterface; roles passed with an instance profile).
+    let implicit = ["ec2:CreateTags", "iam:PassRole"];
+    let unused: Vec<&String> = allowed
+        .iter()
+        .filter(|a| !sent.contains(a) && !implicit.contains(&a.as_str()))
+        .collect();
+    assert!(
+        unused.is_empty(),
+        "allowed but never sent: {unused:?} (sent: {sent:?})"
+    );
+}

@@ -35,6 +35,9 @@ enum Command {
         /// Print the CRDs as one YAML stream instead of writing files.
         #[arg(long)]
         stdout: bool,
+        /// Print the CRD reference (Markdown, as in the README) instead of writing files.
+        #[arg(long)]
+        reference: bool,
     },
     /// Check Ec2NodePool / Ec2PodTemplate manifests against the CRD schemas, strictly
     /// (unknown fields are errors). Directories stand for their *.yaml files.
@@ -149,7 +152,13 @@ impl ConfigArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Crdgen { out, chart, stdout } => crdgen(&out, &chart, stdout),
+        Command::Crdgen { reference: true, .. } => {
+            print!("{}", crd::reference::markdown());
+            ExitCode::SUCCESS
+        }
+        Command::Crdgen {
+            out, chart, stdout, ..
+        } => crdgen(&out, &chart, stdout),
         Command::Validate { paths } => validate(&paths),
         Command::Config(args) => match args.load() {
             Ok(config) => {

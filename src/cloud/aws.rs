@@ -35,6 +35,19 @@ impl CallCounter {
             .or_default() += 1;
     }
 
+    /// Every action sent so far.
+    pub fn actions(&self) -> Vec<&'static str> {
+        let mut actions: Vec<&'static str> = self
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .copied()
+            .collect();
+        actions.sort();
+        actions
+    }
+
     /// Requests sent for `action` so far.
     pub fn get(&self, action: &str) -> u64 {
         self.0

@@ -3,6 +3,7 @@
 
 mod conditions;
 mod pool;
+pub mod reference;
 mod template;
 
 use std::collections::BTreeMap;
