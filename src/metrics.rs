@@ -329,6 +329,10 @@ mod tests {
                 phase: "Running".into(),
             })
             .set(2);
+        metrics
+            .launch_duration
+            .get_or_create(&PoolLabels { pool: "p".into() })
+            .observe(0.25);
         let text = metrics.encode();
         assert!(
             text.contains("ec2_kubelet_cloud_calls_total{action=\"RunInstances\",outcome=\"ok\"} 1"),
@@ -339,5 +343,6 @@ mod tests {
         );
         assert!(text.contains("ec2_kubelet_pods{pool=\"p\",phase=\"Running\"} 2"));
         assert!(text.contains("# TYPE ec2_kubelet_pod_launch_duration_seconds histogram"));
+        assert!(text.contains("ec2_kubelet_pod_launch_duration_seconds_count{pool=\"p\"} 1"));
     }
 }

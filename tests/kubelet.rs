@@ -138,6 +138,32 @@ async fn kubectl_logs_exec_and_stats_reach_the_pods_agent_through_the_kubelet_ap
         common::kubectl_output(&cluster, &["exec", "talker", "-c", "nope", "--", "true"], None).await;
     assert!(!output.status.success());
 
+    // kubectl attach: the container's output from the moment of attaching, until it ends.
+    let ticker: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "ticker"},
+        "spec": {
+            "restartPolicy": "Never",
+            "nodeSelector": {"type": "virtual-kubelet"},
+            "tolerations": [{"key": "virtual-kubelet.io/provider", "operator": "Exists"}],
+            "containers": [{"name": "main", "image": "local/shell",
+                "command": ["/bin/sh", "-c", "sleep 2; for i in 1 2 3 4 5 6; do echo tick-$i; sleep 0.5; done"]}],
+        },
+    }))
+    .unwrap();
+    pods.create(&PostParams::default(), &ticker).await.unwrap();
+    common::eventually(60, "ticker Running", || async {
+        let pod = pods.get("ticker").await.ok()?;
+        (pod.status.as_ref()?.phase.as_deref() == Some("Running")).then_some(())
+    })
+    .await;
+    let attached = common::kubectl_output(&cluster, &["attach", "ticker"], None).await;
+    let out = String::from_utf8_lossy(&attached.stdout);
+    assert!(attached.status.success(), "{attached:?}");
+    assert!(
+        out.contains("tick-6"),
+        "attach follows the output to the end: {out}"
+    );
+
     // /stats/summary for the node the request is addressed to, and /healthz.
     let node = running.spec.as_ref().unwrap().node_name.clone().unwrap();
     let host_ip = running.status.as_ref().unwrap().host_ip.clone().unwrap();
