@@ -11,8 +11,8 @@ use kube::api::Api;
 use kube::runtime::{Controller, watcher};
 use tokio::sync::watch;
 
-use crate::controller::{Context, pool};
-use crate::crd::{Ec2NodePool, labels};
+use crate::controller::{Context, pool, template};
+use crate::crd::{Ec2NodePool, Ec2PodTemplate, labels};
 use crate::node::lease::LeaseLock;
 use crate::node::supervisor::{self, stopped};
 
@@ -29,11 +29,28 @@ pub fn client(mut config: kube::Config) -> kube::Result<kube::Client> {
 /// The lease whose holder runs the pool controller.
 pub const CONTROLLER_LEASE: &str = "ec2-kubelet-controller";
 
-/// Runs the pool controller until the stream ends.
+/// Runs the pool and template controllers until their streams end.
 async fn run_controller(ctx: Arc<Context>) {
+    let templates: Api<Ec2PodTemplate> = Api::all(ctx.client.clone());
+    let template_controller = Controller::new(templates, watcher::Config::default())
+        .run(
+            |template, ctx| async move {
+                let metrics = ctx.metrics.clone();
+                metrics
+                    .reconcile("template", template::reconcile(template, ctx))
+                    .await
+            },
+            template::error_policy,
+            ctx.clone(),
+        )
+        .for_each(|result| async move {
+            if let Err(error) = result {
+                tracing::debug!(%error, "template controller");
+            }
+        });
     let pools: Api<Ec2NodePool> = Api::all(ctx.client.clone());
     let nodes: Api<Node> = Api::all(ctx.client.clone());
-    Controller::new(pools, watcher::Config::default())
+    let pool_controller = Controller::new(pools, watcher::Config::default())
         .owns(nodes, watcher::Config::default().labels(labels::POOL))
         .run(
             |pool, ctx| async move {
@@ -47,8 +64,8 @@ async fn run_controller(ctx: Arc<Context>) {
             if let Err(error) = result {
                 tracing::debug!(%error, "pool controller");
             }
-        })
-        .await;
+        });
+    futures::join!(pool_controller, template_controller);
 }
 
 /// Renews the controller lease until a renewal fails.

@@ -229,6 +229,19 @@ async fn config_iam_policy_allows_exactly_the_actions_the_backend_sends() {
         .await
         .unwrap();
     w.compute.delete_eni(&eni.eni_id).await.unwrap();
+    // What the template controller checks.
+    w.compute
+        .describe_images(&ec2_kubelet::cloud::ImageQuery::Ids(vec![w.image_id.clone()]))
+        .await
+        .unwrap();
+    w.compute
+        .existing_subnets(std::slice::from_ref(&w.subnet_id))
+        .await
+        .unwrap();
+    w.compute
+        .existing_security_groups(std::slice::from_ref(&w.group_id))
+        .await
+        .unwrap();
     let sent: Vec<String> = w
         .compute
         .calls

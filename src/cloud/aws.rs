@@ -12,8 +12,8 @@ use aws_sdk_ec2::types::{
 };
 
 use super::{
-    Compute, Eni, EniRequest, Error, Instance, InstanceFilter, InstanceState, InstanceTypeInfo,
-    LaunchRequest, Result, eni_tags, instance_tags,
+    Compute, Eni, EniRequest, Error, ImageInfo, ImageQuery, Instance, InstanceFilter, InstanceState,
+    InstanceTypeInfo, LaunchRequest, Result, eni_tags, instance_tags,
 };
 use crate::crd::{TagMap, tags};
 
@@ -502,6 +502,115 @@ impl Compute for AwsCompute {
             }
         }
         Ok(())
+    }
+
+    async fn describe_images(&self, query: &ImageQuery) -> Result<Vec<ImageInfo>> {
+        let mut request = self.client.describe_images();
+        match query {
+            // A filter (not ImageIds) so that an unknown id is left out instead of failing the call.
+            ImageQuery::Ids(ids) => {
+                request = request.filters(
+                    Filter::builder()
+                        .name("image-id")
+                        .set_values(Some(ids.clone()))
+                        .build(),
+                );
+            }
+            ImageQuery::Selector {
+                owners,
+                name,
+                tags,
+                architecture,
+            } => {
+                request = request.set_owners(Some(owners.clone()).filter(|o| !o.is_empty()));
+                if let Some(name) = name {
+                    request = request.filters(Filter::builder().name("name").values(name).build());
+                }
+                for (key, value) in tags {
+                    request = request.filters(tag_filter(key, value));
+                }
+                if let Some(architecture) = architecture {
+                    request = request.filters(
+                        Filter::builder()
+                            .name("architecture")
+                            .values(architecture)
+                            .build(),
+                    );
+                }
+                request = request.filters(Filter::builder().name("state").values("available").build());
+            }
+        }
+        self.calls.record("DescribeImages");
+        let answer = request.send().await.map_err(|e| classify("DescribeImages", e))?;
+        let mut images: Vec<ImageInfo> = answer
+            .images()
+            .iter()
+            .filter_map(|image| {
+                Some(ImageInfo {
+                    image_id: image.image_id()?.to_string(),
+                    name: image.name().unwrap_or_default().to_string(),
+                    architecture: image
+                        .architecture()
+                        .map(|a| a.as_str().to_string())
+                        .unwrap_or_default(),
+                    creation_date: image.creation_date().unwrap_or_default().to_string(),
+                })
+            })
+            .collect();
+        images.sort_by(|a, b| {
+            b.creation_date
+                .cmp(&a.creation_date)
+                .then(a.image_id.cmp(&b.image_id))
+        });
+        Ok(images)
+    }
+
+    async fn existing_subnets(&self, subnet_ids: &[String]) -> Result<Vec<String>> {
+        if subnet_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.calls.record("DescribeSubnets");
+        let answer = self
+            .client
+            .describe_subnets()
+            .filters(
+                Filter::builder()
+                    .name("subnet-id")
+                    .set_values(Some(subnet_ids.to_vec()))
+                    .build(),
+            )
+            .send()
+            .await
+            .map_err(|e| classify("DescribeSubnets", e))?;
+        Ok(answer
+            .subnets()
+            .iter()
+            .filter_map(|s| s.subnet_id().map(String::from))
+            .collect())
+    }
+
+    async fn existing_security_groups(&self, group_ids: &[String]) -> Result<Vec<String>> {
+        if group_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.calls.record("DescribeSecurityGroups");
+        let answer = self
+            .client
+            .describe_security_groups()
+            .filters(
+                Filter::builder()
+                    .name("group-id")
+                    .set_values(Some(group_ids.to_vec()))
+                    .build(),
+            )
+            .send()
+            .await
+            .map_err(|e| classify("DescribeSecurityGroups", e))?;
+        Ok(answer
+            .security_groups()
+            .iter()
+            .filter_map(|g| g.group_id().map(String::from))
+            .collect())
     }
 
     fn agent_endpoint(&self, instance: &Instance, port: u16) -> Result<String> {

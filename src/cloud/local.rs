@@ -11,8 +11,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
 use super::{
-    Compute, Eni, EniRequest, Error, Instance, InstanceFilter, InstanceState, InstanceTypeInfo,
-    LaunchRequest, Result, eni_tags, instance_tags,
+    Compute, Eni, EniRequest, Error, ImageInfo, ImageQuery, Instance, InstanceFilter, InstanceState,
+    InstanceTypeInfo, LaunchRequest, Result, eni_tags, instance_tags,
 };
 use crate::agent::stats::process_alive;
 use crate::crd::tags;
@@ -319,6 +319,51 @@ impl Compute for LocalCompute {
             resource: format!("private IP of {}", instance.instance_id),
         })?;
         Ok(format!("http://{ip}:{port}"))
+    }
+
+    /// Every well-formed AMI id exists here (instances run this machine's binaries); a
+    /// selector matches one image of its architecture.
+    async fn describe_images(&self, query: &ImageQuery) -> Result<Vec<ImageInfo>> {
+        let image = |id: &str, name: &str, architecture: &str| ImageInfo {
+            image_id: id.to_string(),
+            name: name.to_string(),
+            architecture: architecture.to_string(),
+            creation_date: "2026-01-01T00:00:00.000Z".into(),
+        };
+        Ok(match query {
+            ImageQuery::Ids(ids) => ids
+                .iter()
+                .filter(|id| id.starts_with("ami-"))
+                .map(|id| image(id, "local", "x86_64"))
+                .collect(),
+            ImageQuery::Selector {
+                name, architecture, ..
+            } => {
+                let architecture = architecture.as_deref().unwrap_or("x86_64");
+                vec![image(
+                    "ami-0000000000000000a",
+                    name.as_deref().unwrap_or("local"),
+                    architecture,
+                )]
+            }
+        })
+    }
+
+    /// Subnets and security groups are not modelled here: every well-formed id exists.
+    async fn existing_subnets(&self, subnet_ids: &[String]) -> Result<Vec<String>> {
+        Ok(subnet_ids
+            .iter()
+            .filter(|s| s.starts_with("subnet-"))
+            .cloned()
+            .collect())
+    }
+
+    async fn existing_security_groups(&self, group_ids: &[String]) -> Result<Vec<String>> {
+        Ok(group_ids
+            .iter()
+            .filter(|g| g.starts_with("sg-"))
+            .cloned()
+            .collect())
     }
 }
 

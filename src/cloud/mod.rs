@@ -154,6 +154,31 @@ impl Instance {
     }
 }
 
+/// An AMI as the operator needs to know it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ImageInfo {
+    pub image_id: String,
+    pub name: String,
+    /// EC2 architecture name (`x86_64`, `arm64`, `arm64_mac`, `x86_64_mac`).
+    pub architecture: String,
+    /// RFC 3339, as EC2 reports it.
+    pub creation_date: String,
+}
+
+/// Which images to describe: fixed ids, or the ones matching a template's `imageSelector`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ImageQuery {
+    Ids(Vec<String>),
+    Selector {
+        owners: Vec<String>,
+        /// Name pattern with `*` and `?` wildcards.
+        name: Option<String>,
+        tags: TagMap,
+        /// EC2 architecture name.
+        architecture: Option<String>,
+    },
+}
+
 /// Which instances to describe: by id, or every instance of a pool (one tag filter).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum InstanceFilter {
@@ -193,6 +218,15 @@ pub trait Compute: Send + Sync {
 
     /// The `http://host:port` at which the instance's agent answers.
     fn agent_endpoint(&self, instance: &Instance, port: u16) -> Result<String>;
+
+    /// Images by id (unknown ids are left out), or those matching a selector, newest first.
+    async fn describe_images(&self, query: &ImageQuery) -> Result<Vec<ImageInfo>>;
+
+    /// Which of these subnets exist.
+    async fn existing_subnets(&self, subnet_ids: &[String]) -> Result<Vec<String>>;
+
+    /// Which of these security groups exist.
+    async fn existing_security_groups(&self, group_ids: &[String]) -> Result<Vec<String>>;
 }
 
 /// A backend that counts every call in the operator's metrics (`ec2_kubelet_cloud_calls_total`
@@ -247,6 +281,18 @@ impl Compute for Metered {
     }
     fn agent_endpoint(&self, instance: &Instance, port: u16) -> Result<String> {
         self.inner.agent_endpoint(instance, port)
+    }
+    async fn describe_images(&self, query: &ImageQuery) -> Result<Vec<ImageInfo>> {
+        self.count("DescribeImages", self.inner.describe_images(query).await)
+    }
+    async fn existing_subnets(&self, subnet_ids: &[String]) -> Result<Vec<String>> {
+        self.count("DescribeSubnets", self.inner.existing_subnets(subnet_ids).await)
+    }
+    async fn existing_security_groups(&self, group_ids: &[String]) -> Result<Vec<String>> {
+        self.count(
+            "DescribeSecurityGroups",
+            self.inner.existing_security_groups(group_ids).await,
+        )
     }
 }
 

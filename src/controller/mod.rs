@@ -3,6 +3,7 @@
 
 pub mod backoff;
 pub mod pool;
+pub mod template;
 
 use std::sync::Arc;
 
@@ -68,6 +69,8 @@ pub enum Error {
     Finalizer(String),
     #[error("agent: {0}")]
     Agent(String),
+    #[error("{0}")]
+    InUse(String),
 }
 
 impl Error {
@@ -79,6 +82,7 @@ impl Error {
             Error::InvalidSpec { .. } => "InvalidSpec",
             Error::Finalizer(_) => "FinalizerError",
             Error::Agent(_) => "AgentUnreachable",
+            Error::InUse(_) => "InUse",
         }
     }
 }

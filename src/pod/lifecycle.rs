@@ -71,6 +71,19 @@ async fn existing_instance(ctx: &Context, node: &VirtualNode, uid: &str) -> Resu
         .find(|i| i.tag(tags::POD_UID) == Some(uid) && i.state.is_alive()))
 }
 
+/// The template's `Ready=False` condition when the template controller found it invalid (not
+/// when it is only in use).
+fn invalid_condition(
+    template: &Ec2PodTemplate,
+) -> Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+    template
+        .status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready" && c.status == "False" && c.reason != "InUse")
+}
+
 /// What to launch for a pod: the request (with the first choice of instance type), the types
 /// to fall back to in order when EC2 has no capacity, and why the first was chosen.
 struct Launch {
@@ -91,6 +104,16 @@ async fn launch_request(
         Some((template_namespace, name)) => {
             let templates: Api<Ec2PodTemplate> = Api::namespaced(ctx.client.clone(), &template_namespace);
             match templates.get_opt(&name).await? {
+                // A template the controller found invalid launches nothing else instead.
+                Some(ref template) if let Some(invalid) = invalid_condition(template) => {
+                    return Ok(Err(InvalidSetting {
+                        field: annotations::TEMPLATE.into(),
+                        message: format!(
+                            "Ec2PodTemplate {template_namespace}/{name} is invalid ({}): {}",
+                            invalid.reason, invalid.message
+                        ),
+                    }));
+                }
                 Some(template) => Some(template),
                 None => {
                     return Ok(Err(InvalidSetting {

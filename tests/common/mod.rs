@@ -490,6 +490,18 @@ impl ec2_kubelet::cloud::Compute for FlakyCompute {
     ) -> ec2_kubelet::cloud::Result<String> {
         self.inner.agent_endpoint(instance, port)
     }
+    async fn describe_images(
+        &self,
+        query: &ec2_kubelet::cloud::ImageQuery,
+    ) -> ec2_kubelet::cloud::Result<Vec<ec2_kubelet::cloud::ImageInfo>> {
+        self.inner.describe_images(query).await
+    }
+    async fn existing_subnets(&self, ids: &[String]) -> ec2_kubelet::cloud::Result<Vec<String>> {
+        self.inner.existing_subnets(ids).await
+    }
+    async fn existing_security_groups(&self, ids: &[String]) -> ec2_kubelet::cloud::Result<Vec<String>> {
+        self.inner.existing_security_groups(ids).await
+    }
 }
 
 /// The operator's config in tests: cluster `test`, the test namespace, and leases (3 s, renewed
