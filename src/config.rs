@@ -166,6 +166,10 @@ pub struct LocalConfig {
     pub agent_binary: Option<PathBuf>,
     /// Where instances keep their state and logs (default: a temporary directory).
     pub state_dir: Option<PathBuf>,
+    /// A stand-in instance metadata service the local agents poll for spot interruption
+    /// notices (default: none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub imds_endpoint: Option<String>,
 }
 
 /// A configuration that cannot be used, naming the field at fault.

@@ -117,6 +117,7 @@ pub async fn start(options: &DemoOptions) -> Result<Demo, String> {
         local: crate::config::LocalConfig {
             state_dir: Some(options.state_dir.clone()),
             agent_binary: None,
+            imds_endpoint: None,
         },
         ..OperatorConfig::default()
     };

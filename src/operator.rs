@@ -180,6 +180,7 @@ pub async fn compute(
                 cluster: config.cluster_name.clone(),
                 dir,
                 agent_binary,
+                imds_endpoint: config.local.imds_endpoint.clone(),
             };
             let compute = LocalCompute::new(options).map_err(|e| format!("local compute backend: {e}"))?;
             Ok(Arc::new(compute))

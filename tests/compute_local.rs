@@ -16,6 +16,7 @@ fn backend(dir: &std::path::Path) -> LocalCompute {
         cluster: "test".into(),
         dir: dir.to_path_buf(),
         agent_binary: env!("CARGO_BIN_EXE_ec2-kubelet-agent").into(),
+        imds_endpoint: None,
     })
     .expect("local backend")
 }

@@ -329,6 +329,7 @@ async fn orphan_instances_are_terminated_and_other_clusters_are_never_touched() 
             cluster: "other".into(),
             dir: env.local_dir.clone(),
             agent_binary: env!("CARGO_BIN_EXE_ec2-kubelet-agent").into(),
+            imds_endpoint: None,
         })
         .unwrap(),
     );

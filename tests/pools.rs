@@ -47,6 +47,7 @@ impl Env {
             cluster: "test".into(),
             dir: self.dir.path().join("local"),
             agent_binary: env!("CARGO_BIN_EXE_ec2-kubelet-agent").into(),
+            imds_endpoint: None,
         };
         Arc::new(LocalCompute::new(options).unwrap())
     }

@@ -288,3 +288,179 @@ async fn a_template_in_use_is_kept_and_an_invalid_one_fails_its_pods() {
     let _ = pods.delete("misled", &DeleteParams::default()).await;
     replica.stop().await;
 }
+
+/// A stand-in instance metadata service (IMDSv2) on loopback: 404 for the spot
+/// instance-action until `armed`, then a termination notice.
+async fn fake_imds(armed: Arc<std::sync::atomic::AtomicBool>) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let armed = armed.clone();
+            tokio::spawn(async move {
+                let service =
+                    hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
+                        let armed = armed.load(std::sync::atomic::Ordering::SeqCst);
+                        async move {
+                            let token_ok = request
+                                .headers()
+                                .get("X-aws-ec2-metadata-token")
+                                .is_some_and(|t| t == "imds-token");
+                            let (status, body) = match (request.method().as_str(), request.uri().path()) {
+                                ("PUT", "/latest/api/token") => (200, "imds-token".to_string()),
+                                ("GET", "/latest/meta-data/spot/instance-action") if !token_ok => {
+                                    (401, String::new())
+                                }
+                                ("GET", "/latest/meta-data/spot/instance-action") if armed => (
+                                    200,
+                                    r#"{"action": "terminate", "time": "2026-11-23T02:00:00Z"}"#.to_string(),
+                                ),
+                                _ => (404, String::new()),
+                            };
+                            let mut response = hyper::Response::new(http_body_util::Full::new(
+                                hyper::body::Bytes::from(body),
+                            ));
+                            *response.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
+                            Ok::<_, std::convert::Infallible>(response)
+                        }
+                    });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    format!("http://{address}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spot_interruption_fails_its_pod_and_a_darwin_pool_has_darwin_nodes() {
+    use ec2_kubelet::cloud::local::{LocalCompute, LocalOptions};
+    use k8s_openapi::api::core::v1::Node;
+    let armed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let imds = fake_imds(armed.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let compute = Arc::new(
+        LocalCompute::new(LocalOptions {
+            cluster: "test".into(),
+            dir: dir.path().join("local"),
+            agent_binary: env!("CARGO_BIN_EXE_ec2-kubelet-agent").into(),
+            imds_endpoint: Some(imds),
+        })
+        .unwrap(),
+    );
+    let _instances = common::LocalInstances(compute.clone());
+    let cluster = common::operator_cluster(true).await;
+    let client = cluster.client();
+    let replica = common::Replica::start(&cluster, common::fast_config(), compute.clone(), "replica-a");
+    create_template(
+        &client,
+        "spot",
+        json!({"imageId": "ami-0123456789abcdef0", "instanceTypes": ["t3.micro"], "spot": true,
+            "agentPort": common::free_port()}),
+    )
+    .await;
+    let pools: Api<Ec2NodePool> = Api::all(client.clone());
+    for (name, extra) in [
+        ("spotty", json!({})),
+        ("macs", json!({"os": "darwin", "arch": "arm64"})),
+    ] {
+        let mut spec = json!({"nodes": 1, "subnetIds": ["subnet-0a"], "securityGroupIds": ["sg-0a"],
+            "templateRef": {"namespace": "default", "name": "spot"}});
+        json_patch::merge(&mut spec, &extra);
+        let pool: Ec2NodePool = serde_json::from_value(json!({
+            "apiVersion": "ec2-kubelet.io/v1alpha1", "kind": "Ec2NodePool", "metadata": {"name": name}, "spec": spec,
+        }))
+        .unwrap();
+        pools.create(&PostParams::default(), &pool).await.unwrap();
+    }
+
+    // The darwin pool's node says so, for nodeSelectors such as kubernetes.io/os: darwin.
+    let nodes: Api<Node> = Api::all(client.clone());
+    let mac = common::eventually(30, "the darwin node", || {
+        let nodes = nodes.clone();
+        async move {
+            let listed = nodes
+                .list(&ListParams::default().labels("ec2-kubelet.io/pool=macs"))
+                .await
+                .ok()?;
+            listed.items.into_iter().next()
+        }
+    })
+    .await;
+    let labels = mac.metadata.labels.clone().unwrap();
+    assert_eq!(labels["kubernetes.io/os"], "darwin");
+    assert_eq!(labels["kubernetes.io/arch"], "arm64");
+    assert_eq!(mac.status.unwrap().node_info.unwrap().operating_system, "darwin");
+
+    // A pod on the spot pool runs, then EC2 announces the reclaim.
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "bargain"},
+        "spec": {
+            "nodeSelector": {"ec2-kubelet.io/pool": "spotty"},
+            "tolerations": [{"key": "virtual-kubelet.io/provider", "operator": "Exists"}],
+            "containers": [{"name": "main", "image": "local/shell", "command": ["sleep", "3600"]}],
+        },
+    }))
+    .unwrap();
+    let pods: Api<Pod> = Api::default_namespaced(client.clone());
+    pods.create(&PostParams::default(), &pod).await.unwrap();
+    common::eventually(60, "bargain Running", || {
+        let pods = pods.clone();
+        async move {
+            let pod = pods.get("bargain").await.ok()?;
+            (pod.status?.phase.as_deref() == Some("Running")).then_some(())
+        }
+    })
+    .await;
+    armed.store(true, std::sync::atomic::Ordering::SeqCst);
+    let failed = common::eventually(30, "bargain Failed with SpotInterrupted", || {
+        let pods = pods.clone();
+        async move {
+            let pod = pods.get("bargain").await.ok()?;
+            (pod.status.as_ref()?.reason.as_deref() == Some("SpotInterrupted")).then_some(pod)
+        }
+    })
+    .await;
+    let status = failed.status.unwrap();
+    assert_eq!(status.phase.as_deref(), Some("Failed"));
+    assert!(
+        status
+            .message
+            .as_deref()
+            .unwrap()
+            .contains("2026-11-23T02:00:00Z"),
+        "{status:?}"
+    );
+    let conditions = status.conditions.unwrap();
+    let disruption = conditions.iter().find(|c| c.type_ == "DisruptionTarget").unwrap();
+    assert_eq!(
+        (disruption.status.as_str(), disruption.reason.as_deref()),
+        ("True", Some("SpotInterrupted"))
+    );
+    let ready = conditions.iter().find(|c| c.type_ == "Ready").unwrap();
+    assert_eq!(ready.status, "False");
+    let events: Api<Event> = Api::default_namespaced(client.clone());
+    let reasons: Vec<String> = events
+        .list(&ListParams::default().fields("involvedObject.name=bargain"))
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter_map(|e| e.reason)
+        .collect();
+    assert!(reasons.iter().any(|r| r == "SpotInterrupted"), "{reasons:?}");
+    common::eventually(30, "the reclaimed instance terminated", || {
+        let compute = compute.clone();
+        async move {
+            use ec2_kubelet::cloud::{Compute, InstanceFilter};
+            let instances = compute
+                .describe_instances(&InstanceFilter::Pool("spotty".into()))
+                .await
+                .ok()?;
+            instances.iter().all(|i| !i.state.is_alive()).then_some(())
+        }
+    })
+    .await;
+    replica.stop().await;
+}

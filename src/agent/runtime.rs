@@ -45,6 +45,8 @@ pub struct Runtime {
     pub boot_id: String,
     pub agent_instance_id: String,
     pub started_at: i64,
+    /// When the instance is reclaimed (a spot interruption notice), once one was seen.
+    spot_notice: Mutex<Option<i64>>,
 }
 
 /// One pod: its spec, its live status, and the signal that stops it.
@@ -162,6 +164,7 @@ impl Runtime {
             boot_id,
             agent_instance_id: format!("{:016x}", rand::random::<u64>()),
             started_at: now_ms(),
+            spot_notice: Mutex::new(None),
         }))
     }
 
@@ -209,6 +212,9 @@ impl Runtime {
             return Err(e);
         }
         tracing::info!(pod = %format!("{}/{}", pod.spec.namespace, pod.spec.name), pod_uid = %pod.spec.uid, "launching pod");
+        if let Some(at) = self.spot_notice() {
+            pod.mark_spot_interruption(at);
+        }
         pod.start(false);
         Ok(false)
     }
@@ -254,6 +260,20 @@ impl Runtime {
 
     pub fn subscribe(&self) -> broadcast::Receiver<PodStatus> {
         self.hub.subscribe()
+    }
+
+    /// The instance got a spot interruption notice (reclaimed at `at_unix_ms`): every pod's
+    /// status says so from now on, pods launched later included.
+    pub fn spot_interruption(&self, at_unix_ms: i64) {
+        *self.spot_notice.lock().unwrap_or_else(|p| p.into_inner()) = Some(at_unix_ms);
+        let pods: Vec<Arc<PodRuntime>> = self.pods().values().cloned().collect();
+        for pod in pods {
+            pod.mark_spot_interruption(at_unix_ms);
+        }
+    }
+
+    fn spot_notice(&self) -> Option<i64> {
+        *self.spot_notice.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -433,6 +453,20 @@ impl PodRuntime {
         if self.is_running(index) {
             self.update(index, |c, _| c.started = true);
         }
+    }
+
+    fn mark_spot_interruption(&self, at_unix_ms: i64) {
+        let snapshot = {
+            let mut guard = self.status.lock().unwrap_or_else(|p| p.into_inner());
+            if guard.status.spot_interruption {
+                return;
+            }
+            guard.status.spot_interruption = true;
+            guard.status.spot_interruption_at_unix_ms = at_unix_ms;
+            guard.status.revision += 1;
+            guard.status.clone()
+        };
+        let _ = self.hub.send(snapshot);
     }
 
     fn set_reason(&self, reason: &str, message: &str) {

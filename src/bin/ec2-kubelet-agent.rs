@@ -53,6 +53,13 @@ struct AgentArgs {
     /// Require client certificates signed by this CA (mutual TLS).
     #[arg(long, requires = "tls_cert")]
     tls_client_ca: Option<PathBuf>,
+    /// Poll the instance metadata service here for spot interruption notices (on EC2:
+    /// http://169.254.169.254, which the bootstrap passes); unset: no polling.
+    #[arg(long, env = "EC2_KUBELET_AGENT_IMDS")]
+    imds_endpoint: Option<String>,
+    /// How often to poll for a spot interruption notice (EC2 gives two minutes' warning).
+    #[arg(long, default_value_t = 5_000)]
+    imds_poll_ms: u64,
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
 }
@@ -124,6 +131,17 @@ async fn run(args: AgentArgs) -> Result<(), String> {
     };
     let runtime = Runtime::new(config).map_err(|e| format!("state dir {}: {e}", args.state_dir.display()))?;
     let recovered = runtime.recover();
+    if let Some(endpoint) = &args.imds_endpoint {
+        let endpoint: hyper::Uri = endpoint
+            .parse()
+            .map_err(|e| format!("--imds-endpoint {endpoint}: {e}"))?;
+        let every = Duration::from_millis(args.imds_poll_ms.max(100));
+        tokio::spawn(ec2_kubelet::agent::imds::watch_spot(
+            runtime.clone(),
+            endpoint,
+            every,
+        ));
+    }
     let (listener, address) = server::bind(args.listen)
         .await
         .map_err(|e| format!("listen {}: {e}", args.listen))?;

@@ -43,7 +43,7 @@ impl AgentBootstrap {
             "mkdir -p /var/lib/ec2-kubelet-agent\n\
              cat > /etc/systemd/system/ec2-kubelet-agent.service <<'UNIT'\n\
              [Unit]\nDescription=ec2-kubelet agent\nAfter=network-online.target\n\
-             [Service]\nExecStart={} --listen 0.0.0.0:{} --state-dir /var/lib/ec2-kubelet-agent --log-format json\n\
+             [Service]\nExecStart={} --listen 0.0.0.0:{} --state-dir /var/lib/ec2-kubelet-agent --imds-endpoint http://169.254.169.254 --log-format json\n\
              Restart=always\nKillMode=process\n\
              [Install]\nWantedBy=multi-user.target\nUNIT\n\
              systemctl daemon-reload\nsystemctl enable --now ec2-kubelet-agent.service\n",

@@ -25,6 +25,9 @@ pub struct LocalOptions {
     pub dir: PathBuf,
     /// The `ec2-kubelet-agent` binary started for every instance.
     pub agent_binary: PathBuf,
+    /// Passed to every agent as `--imds-endpoint` (a stand-in metadata service: tests send spot
+    /// interruption notices through it); `None`: agents do not poll.
+    pub imds_endpoint: Option<String>,
 }
 
 /// The built-in instance type catalogue: (name, vCPUs, memory MiB, GPUs, architecture).
@@ -163,6 +166,12 @@ impl LocalCompute {
             .arg(dir.join("state"))
             .arg("--root-dir")
             .arg(dir.join("root"))
+            .args(
+                self.options
+                    .imds_endpoint
+                    .iter()
+                    .flat_map(|endpoint| ["--imds-endpoint", endpoint.as_str(), "--imds-poll-ms", "200"]),
+            )
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err)

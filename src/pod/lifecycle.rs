@@ -302,7 +302,7 @@ fn failed_by_us(pod: &Pod) -> bool {
     status_field(pod, |s| s.phase.as_ref()) == "Failed"
         && matches!(
             status_field(pod, |s| s.reason.as_ref()),
-            "InstanceLost" | "InvalidLaunchSettings"
+            "InstanceLost" | "InvalidLaunchSettings" | "SpotInterrupted"
         )
 }
 
@@ -350,6 +350,41 @@ async fn instance_lost(
     if let Some(instance_id) = instance_id {
         terminate(shared, instance_id).await?;
     }
+    release_when_deleted(shared, pod_rx).await
+}
+
+/// EC2 is reclaiming the pod's spot instance: the pod fails with `SpotInterrupted` (so its
+/// controller replaces it right away, not two minutes later), with a `DisruptionTarget`
+/// condition and an event; the instance is terminated and the pod released once deleted.
+async fn spot_interrupted(
+    shared: &Shared,
+    pod_rx: &mut watch::Receiver<Pod>,
+    instance: &Instance,
+    at_unix_ms: i64,
+) -> Result<()> {
+    let pod = pod_rx.borrow().clone();
+    let at = jiff::Timestamp::from_millisecond(at_unix_ms)
+        .map(|t| t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string())
+        .unwrap_or_else(|_| "soon".into());
+    let message = format!(
+        "spot instance {} is being reclaimed by EC2 at {at}",
+        instance.instance_id
+    );
+    let previous = serde_json::to_value(pod.status.clone().unwrap_or_default()).unwrap_or_default();
+    let mut patch = status::unreachable(&previous, "SpotInterrupted", &message, &now());
+    if let Some(conditions) = patch["conditions"].as_array_mut() {
+        conditions.retain(|c| c["type"] != "DisruptionTarget");
+        conditions.push(
+            json!({"type": "DisruptionTarget", "status": "True", "reason": "SpotInterrupted",
+            "message": message, "lastTransitionTime": now()}),
+        );
+    }
+    patch["phase"] = json!("Failed");
+    patch["reason"] = json!("SpotInterrupted");
+    patch["message"] = json!(message);
+    shared.status.send(&pod, patch);
+    publish(&shared.ctx, &pod, EventType::Warning, "SpotInterrupted", message).await;
+    terminate(shared, &instance.instance_id).await?;
     release_when_deleted(shared, pod_rx).await
 }
 
@@ -650,6 +685,8 @@ async fn hand_over(shared: &Shared, pod: &Pod, agent: &mut AgentChannel, instanc
 enum Mirror {
     Deleting,
     Lost(String),
+    /// A spot interruption notice: the instance is reclaimed at this time (unix ms).
+    SpotInterrupted(i64),
 }
 
 /// Mirrors the agent's status stream into the pod (through the node's writer, only what
@@ -679,6 +716,9 @@ async fn mirror(
                 return Err(Error::Agent("the pod worker was stopped".into()));
             },
             report = stream.next() => match report {
+                Some(Ok(report)) if report.spot_interruption => {
+                    return Ok(Mirror::SpotInterrupted(report.spot_interruption_at_unix_ms));
+                }
                 Some(Ok(report)) => {
                     let pod = pod_rx.borrow().clone();
                     let spec_json = serde_json::to_value(pod.spec.clone().unwrap_or_default()).unwrap_or_default();
@@ -764,6 +804,7 @@ async fn attach(
                 let pod = pod_rx.borrow().clone();
                 return finish_deletion(shared, &pod, Some(&instance), Some(&mut agent)).await;
             }
+            Mirror::SpotInterrupted(at) => return spot_interrupted(shared, pod_rx, &instance, at).await,
             Mirror::Lost(why) => {
                 tracing::warn!(pod = %pod.name_any(), instance_id = %instance.instance_id, %why, "lost the agent");
                 let labels = crate::metrics::PoolLabels {

@@ -571,6 +571,7 @@ pub fn local_compute(
             cluster: "test".into(),
             dir: dir.to_path_buf(),
             agent_binary: env!("CARGO_BIN_EXE_ec2-kubelet-agent").into(),
+            imds_endpoint: None,
         })
         .unwrap(),
     );
