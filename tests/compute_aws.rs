@@ -288,3 +288,28 @@ async fn config_iam_policy_allows_exactly_the_actions_the_backend_sends() {
         "allowed but never sent: {unused:?} (sent: {sent:?})"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spot_launches_spot_capacity_and_placement_is_accepted() {
+    let w = world().await;
+    let request = LaunchRequest {
+        spot: true,
+        placement: Some(ec2_kubelet::crd::Placement {
+            tenancy: ec2_kubelet::crd::Tenancy::Dedicated,
+            ..Default::default()
+        }),
+        ..launch(&w, "uid-placed")
+    };
+    let instance = w.compute.launch_instance(&request).await.unwrap();
+    let described = w
+        ._moto
+        .ec2_client()
+        .describe_instances()
+        .instance_ids(&instance.instance_id)
+        .send()
+        .await
+        .unwrap();
+    let raw = &described.reservations()[0].instances()[0];
+    // (The emulator keeps no tenancy; the placement's mapping is unit-tested in src/cloud/aws.rs.)
+    assert_eq!(raw.instance_lifecycle().map(|l| l.as_str()), Some("spot"));
+}

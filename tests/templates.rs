@@ -126,6 +126,7 @@ async fn templates_are_checked_against_ec2_with_a_reason_per_invalid_field() {
     let templates: Api<Ec2PodTemplate> = Api::namespaced(client.clone(), "default");
     let status = templates.get("valid").await.unwrap().status.unwrap();
     assert_eq!(status.resolved_image_id.as_deref(), Some(image_id.as_str()));
+    assert_eq!(status.architecture.as_deref(), Some("x86_64"));
     assert_eq!(status.available_instance_types, ["t3.micro", "t3.medium"]);
     assert_eq!(status.observed_generation, Some(1));
     assert_eq!(ready(&client, "selected").await.0, "True");
@@ -392,6 +393,37 @@ async fn a_spot_interruption_fails_its_pod_and_a_darwin_pool_has_darwin_nodes() 
     assert_eq!(labels["kubernetes.io/os"], "darwin");
     assert_eq!(labels["kubernetes.io/arch"], "arm64");
     assert_eq!(mac.status.unwrap().node_info.unwrap().operating_system, "darwin");
+    // The `spot` template launches x86_64 Linux images: a pod on the darwin/arm64 pool refuses it.
+    let misfit: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "misfit"},
+        "spec": {
+            "nodeSelector": {"ec2-kubelet.io/pool": "macs"},
+            "tolerations": [{"key": "virtual-kubelet.io/provider", "operator": "Exists"}],
+            "containers": [{"name": "main", "image": "local/shell", "command": ["true"]}],
+        },
+    }))
+    .unwrap();
+    let pods: Api<Pod> = Api::default_namespaced(client.clone());
+    pods.create(&PostParams::default(), &misfit).await.unwrap();
+    let refused = common::eventually(60, "misfit refused", || {
+        let pods = pods.clone();
+        async move {
+            let pod = pods.get("misfit").await.ok()?;
+            (pod.status.as_ref()?.phase.as_deref() == Some("Failed")).then_some(pod)
+        }
+    })
+    .await
+    .status
+    .unwrap();
+    assert_eq!(refused.reason.as_deref(), Some("InvalidLaunchSettings"));
+    assert!(
+        refused
+            .message
+            .as_deref()
+            .unwrap()
+            .contains("launches x86_64 images, but the pool's nodes are darwin/arm64"),
+        "{refused:?}"
+    );
 
     // A pod on the spot pool runs, then EC2 announces the reclaim.
     let pod: Pod = serde_json::from_value(json!({
@@ -403,7 +435,6 @@ async fn a_spot_interruption_fails_its_pod_and_a_darwin_pool_has_darwin_nodes() 
         },
     }))
     .unwrap();
-    let pods: Api<Pod> = Api::default_namespaced(client.clone());
     pods.create(&PostParams::default(), &pod).await.unwrap();
     common::eventually(60, "bargain Running", || {
         let pods = pods.clone();

@@ -67,6 +67,15 @@ pub struct AwsCompute {
     pub calls: CallCounter,
 }
 
+/// RunInstances' placement for a template's `placement`.
+fn ec2_placement(placement: &crate::crd::Placement) -> aws_sdk_ec2::types::Placement {
+    aws_sdk_ec2::types::Placement::builder()
+        .tenancy(aws_sdk_ec2::types::Tenancy::from(placement.tenancy.as_str()))
+        .set_host_id(placement.host_id.clone())
+        .set_host_resource_group_arn(placement.host_resource_group_arn.clone())
+        .build()
+}
+
 /// The idempotency token of a pod's launch on one instance type (EC2 allows 64 ASCII characters).
 fn client_token(pod_uid: &str, instance_type: &str) -> String {
     let mut token = format!("{pod_uid}-{instance_type}");
@@ -437,6 +446,9 @@ impl Compute for AwsCompute {
                     .build(),
             );
         }
+        if let Some(placement) = &request.placement {
+            run = run.placement(ec2_placement(placement));
+        }
         self.calls.record("RunInstances");
         let output = run.send().await.map_err(|e| match classify("RunInstances", e) {
             Error::InsufficientCapacity { .. } => Error::InsufficientCapacity {
@@ -629,6 +641,18 @@ impl Compute for AwsCompute {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mac_hosts_map_to_a_host_tenancy_placement() {
+        let placement = ec2_placement(&crate::crd::Placement {
+            tenancy: crate::crd::Tenancy::Host,
+            host_id: Some("h-0123456789abcdef0".into()),
+            host_resource_group_arn: None,
+        });
+        assert_eq!(placement.tenancy(), Some(&aws_sdk_ec2::types::Tenancy::Host));
+        assert_eq!(placement.host_id(), Some("h-0123456789abcdef0"));
+        assert_eq!(placement.host_resource_group_arn(), None);
+    }
     use aws_sdk_ec2::error::ErrorMetadata;
     use aws_sdk_ec2::operation::run_instances::RunInstancesError;
     use aws_smithy_runtime_api::http::{Response, StatusCode};

@@ -44,6 +44,7 @@ const CATALOGUE: &[(&str, u32, u64, u32, &str)] = &[
     ("m7g.large", 2, 8192, 0, "arm64"),
     ("g5.xlarge", 4, 16384, 1, "x86_64"),
     ("g5.2xlarge", 8, 32768, 1, "x86_64"),
+    ("g6.xlarge", 4, 16384, 1, "x86_64"),
     ("mac2.metal", 12, 32768, 0, "arm64_mac"),
 ];
 

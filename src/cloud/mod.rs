@@ -113,6 +113,8 @@ pub struct LaunchRequest {
     pub user_data: Option<String>,
     pub key_name: Option<String>,
     pub spot: bool,
+    /// Tenancy and Dedicated Host of the instance (Mac instances need a host).
+    pub placement: Option<crate::crd::Placement>,
     pub agent_port: u16,
     /// Tags beyond the ones the backend writes itself.
     pub tags: TagMap,

@@ -220,7 +220,8 @@ async fn apply(template: &Ec2PodTemplate, ctx: &Context) -> Result<Action> {
                 now(),
             );
             (
-                json!({"resolvedImageId": checked.image_id, "availableInstanceTypes": checked.instance_types,
+                json!({"resolvedImageId": checked.image_id, "architecture": checked.architecture,
+                    "availableInstanceTypes": checked.instance_types,
                     "conditions": conditions, "observedGeneration": generation}),
                 changed,
             )
@@ -237,8 +238,8 @@ async fn apply(template: &Ec2PodTemplate, ctx: &Context) -> Result<Action> {
                 now(),
             );
             (
-                json!({"resolvedImageId": null, "availableInstanceTypes": [], "conditions": conditions,
-                    "observedGeneration": generation}),
+                json!({"resolvedImageId": null, "architecture": null, "availableInstanceTypes": [],
+                    "conditions": conditions, "observedGeneration": generation}),
                 changed,
             )
         }

@@ -22,7 +22,7 @@ pub use pool::{
 };
 pub use template::{
     BlockDeviceMapping, EbsVolume, EbsVolumeType, Ec2PodTemplate, Ec2PodTemplateSpec, Ec2PodTemplateStatus,
-    ImageSelector,
+    ImageSelector, Placement, Tenancy,
 };
 
 /// API group of every ec2-kubelet resource.

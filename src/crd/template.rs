@@ -105,6 +105,51 @@ pub struct Ec2PodTemplateSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 65535))]
     pub agent_port: Option<i32>,
+
+    /// Where instances are placed: dedicated hardware or a Dedicated Host (needed for Mac
+    /// instances such as `mac2.metal`, whose hosts are allocated for at least 24 hours).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<Placement>,
+}
+
+/// EC2 placement of a template's instances.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.hostId) || self.tenancy == 'host'")
+    .message("placement.hostId needs placement.tenancy: host"))]
+pub struct Placement {
+    /// `default` (shared hardware), `dedicated` (Dedicated Instances) or `host` (Dedicated Hosts).
+    #[serde(default)]
+    pub tenancy: Tenancy,
+    /// The Dedicated Host to launch on (`h-...`); without it EC2 picks one of the account's hosts
+    /// with auto-placement.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^h-[0-9a-f]{8,17}$"))]
+    pub host_id: Option<String>,
+    /// A host resource group (License Manager) to launch into.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^arn:aws[a-z-]*:resource-groups:[a-z0-9-]+:[0-9]{12}:group/[\w.-]+$"))]
+    pub host_resource_group_arn: Option<String>,
+}
+
+/// EC2 tenancy.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Tenancy {
+    #[default]
+    Default,
+    Dedicated,
+    Host,
+}
+
+impl Tenancy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tenancy::Default => "default",
+            Tenancy::Dedicated => "dedicated",
+            Tenancy::Host => "host",
+        }
+    }
 }
 
 /// Criteria for choosing an AMI; the newest matching image wins.
@@ -201,6 +246,9 @@ pub struct Ec2PodTemplateStatus {
     /// The AMI instances are launched from (`imageId`, or the newest match of `imageSelector`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resolved_image_id: Option<String>,
+    /// The EC2 architecture of the resolved image (`x86_64`, `arm64`, `arm64_mac`, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub architecture: Option<String>,
     /// The allowed instance types EC2 offers and that match the image's architecture.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub available_instance_types: Vec<String>,

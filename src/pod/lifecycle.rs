@@ -84,6 +84,33 @@ fn invalid_condition(
         .find(|c| c.type_ == "Ready" && c.status == "False" && c.reason != "InUse")
 }
 
+/// A template whose image does not fit the pool's `os`/`arch` (an x86_64 image for an arm64
+/// pool, a Linux image for a darwin pool): its instances would not be what the nodes claim.
+fn architecture_mismatch(
+    template: &Ec2PodTemplate,
+    pool: &crate::crd::Ec2NodePoolSpec,
+) -> Option<InvalidSetting> {
+    let image_arch = template.status.as_ref()?.architecture.as_deref()?;
+    let (cpu, mac) = match image_arch.strip_suffix("_mac") {
+        Some(cpu) => (cpu, true),
+        None => (image_arch, false),
+    };
+    let darwin = pool.os.as_str() == "darwin";
+    if cpu == pool.arch.ec2_name() && mac == darwin {
+        return None;
+    }
+    Some(InvalidSetting {
+        field: annotations::TEMPLATE.into(),
+        message: format!(
+            "Ec2PodTemplate {}/{} launches {image_arch} images, but the pool's nodes are {}/{}: use a template whose image matches the pool's os and arch",
+            template.namespace().unwrap_or_default(),
+            template.name_any(),
+            pool.os.as_str(),
+            pool.arch.as_str()
+        ),
+    })
+}
+
 /// What to launch for a pod: the request (with the first choice of instance type), the types
 /// to fall back to in order when EC2 has no capacity, and why the first was chosen.
 struct Launch {
@@ -129,6 +156,12 @@ async fn launch_request(
         .as_ref()
         .and_then(|t| t.status.as_ref())
         .and_then(|s| s.resolved_image_id.clone());
+    if let Some(mismatch) = template
+        .as_ref()
+        .and_then(|t| architecture_mismatch(t, &node.spec))
+    {
+        return Ok(Err(mismatch));
+    }
     let node_subnet = node.spec.subnet_ids[node.index as usize % node.spec.subnet_ids.len().max(1)].clone();
     let uid = pod.uid().unwrap_or_default();
     let settings = match settings::resolve(
@@ -225,6 +258,7 @@ async fn launch_request(
         user_data: settings.user_data,
         key_name: settings.key_name,
         spot: settings.spot,
+        placement: template.as_ref().and_then(|t| t.spec.placement.clone()),
         agent_port: settings.agent_port,
         tags: launch_tags,
     };
