@@ -199,6 +199,43 @@ async fn a_template_in_use_is_kept_and_an_invalid_one_fails_its_pods() {
         .create(&PostParams::default(), &pool)
         .await
         .unwrap();
+    // Pools say whether their template is usable.
+    for (name, template) in [("misled-pool", "broken"), ("orphan-pool", "missing")] {
+        let pool: Ec2NodePool = serde_json::from_value(json!({
+            "apiVersion": "ec2-kubelet.io/v1alpha1", "kind": "Ec2NodePool", "metadata": {"name": name},
+            "spec": {"nodes": 0, "subnetIds": ["subnet-0a"], "securityGroupIds": ["sg-0a"],
+                "templateRef": {"namespace": "default", "name": template}},
+        }))
+        .unwrap();
+        Api::<Ec2NodePool>::all(client.clone())
+            .create(&PostParams::default(), &pool)
+            .await
+            .unwrap();
+    }
+    let template_ready = |pool: &'static str| {
+        let pools: Api<Ec2NodePool> = Api::all(client.clone());
+        async move {
+            common::eventually(30, &format!("{pool}'s TemplateReady"), || {
+                let pools = pools.clone();
+                async move {
+                    let pool = pools.get(pool).await.ok()?;
+                    let condition = pool
+                        .status?
+                        .conditions
+                        .into_iter()
+                        .find(|c| c.type_ == "TemplateReady" && c.status != "Unknown")?;
+                    Some((condition.status, condition.reason, condition.message))
+                }
+            })
+            .await
+        }
+    };
+    assert_eq!(template_ready("pods").await.1, "TemplateValid");
+    let (status, reason, message) = template_ready("misled-pool").await;
+    assert_eq!((status.as_str(), reason.as_str()), ("False", "TemplateInvalid"));
+    assert!(message.contains("InstanceTypeNotOffered"), "{message}");
+    assert_eq!(template_ready("orphan-pool").await.1, "TemplateNotFound");
+
     let pod = |name: &str, annotations: Value| -> Pod {
         serde_json::from_value(json!({
             "metadata": {"name": name, "annotations": annotations},

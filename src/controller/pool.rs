@@ -507,6 +507,17 @@ async fn apply(pool: &Ec2NodePool, ctx: &Context) -> Result<Action> {
         generation,
         now(),
     );
+    if let Some((status, reason, message)) = template_condition(ctx, pool).await? {
+        set_condition(
+            &mut conditions,
+            "TemplateReady",
+            status,
+            reason,
+            &message,
+            generation,
+            now(),
+        );
+    }
     let patch = json!({"status": {
         "observedGeneration": generation,
         "readyNodes": ready_nodes,
@@ -523,6 +534,55 @@ async fn apply(pool: &Ec2NodePool, ctx: &Context) -> Result<Action> {
     } else {
         resync
     })
+}
+
+/// The pool's `TemplateReady` condition: whether its `templateRef` exists and the template
+/// controller found it valid (pods launch from it; its nodes do not need it).
+async fn template_condition(
+    ctx: &Context,
+    pool: &Ec2NodePool,
+) -> Result<Option<(ConditionStatus, &'static str, String)>> {
+    let Some(reference) = &pool.spec.template_ref else {
+        return Ok(None);
+    };
+    let templates: Api<crate::crd::Ec2PodTemplate> =
+        Api::namespaced(ctx.client.clone(), &reference.namespace);
+    let name = format!("{}/{}", reference.namespace, reference.name);
+    Ok(Some(match templates.get_opt(&reference.name).await? {
+        None => (
+            ConditionStatus::False,
+            "TemplateNotFound",
+            format!(
+                "spec.templateRef: Ec2PodTemplate {name} does not exist: create it or point templateRef at another"
+            ),
+        ),
+        Some(template) => {
+            let ready = template
+                .status
+                .as_ref()
+                .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"));
+            match ready {
+                Some(c) if c.status == "False" && c.reason != "InUse" => (
+                    ConditionStatus::False,
+                    "TemplateInvalid",
+                    format!(
+                        "spec.templateRef: Ec2PodTemplate {name} is invalid ({}): {}",
+                        c.reason, c.message
+                    ),
+                ),
+                Some(c) if c.status == "True" || c.reason == "InUse" => (
+                    ConditionStatus::True,
+                    "TemplateValid",
+                    format!("Ec2PodTemplate {name} is valid"),
+                ),
+                _ => (
+                    ConditionStatus::Unknown,
+                    "TemplateNotChecked",
+                    format!("Ec2PodTemplate {name} has not been checked yet"),
+                ),
+            }
+        }
+    }))
 }
 
 /// Terminates the pool's instances whose pod no longer exists (after `sync.orphanGraceSeconds`,
