@@ -99,7 +99,7 @@ fn granted(rules: &serde_yaml::Value) -> std::collections::BTreeSet<(String, Str
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_chart_grants_exactly_what_the_operator_uses() {
-    use ec2_kubelet::crd::{Ec2NodePool, Ec2PodTemplate};
+    use ec2_kubelet::crd::Ec2NodePool;
     use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Secret};
     use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
     use serde_json::json;
@@ -153,16 +153,7 @@ async fn the_chart_grants_exactly_what_the_operator_uses() {
         "kubelet",
     ));
     let kubelet = ec2_kubelet::operator::start_kubelet(ctx).await.unwrap();
-    let template: Ec2PodTemplate = serde_json::from_value(json!({
-        "apiVersion": "ec2-kubelet.io/v1alpha1", "kind": "Ec2PodTemplate",
-        "metadata": {"name": "general", "namespace": "default"},
-        "spec": {"imageId": "ami-0123456789abcdef0", "instanceTypes": ["t3.micro"], "agentPort": common::free_port()},
-    }))
-    .unwrap();
-    Api::<Ec2PodTemplate>::namespaced(client.clone(), "default")
-        .create(&PostParams::default(), &template)
-        .await
-        .unwrap();
+    common::create_template(&client, "general", json!({"imageId": "ami-0123456789abcdef0", "instanceTypes": ["t3.micro"], "agentPort": common::free_port()})).await;
     let pools: Api<Ec2NodePool> = Api::all(client.clone());
     let pool: Ec2NodePool = serde_json::from_value(json!({
         "apiVersion": "ec2-kubelet.io/v1alpha1", "kind": "Ec2NodePool", "metadata": {"name": "rbac"},

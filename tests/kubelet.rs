@@ -7,7 +7,6 @@ mod common;
 use std::sync::Arc;
 
 use ec2_kubelet::controller::Context;
-use ec2_kubelet::crd::{Ec2NodePool, Ec2PodTemplate};
 use http_body_util::BodyExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, PostParams};
@@ -51,36 +50,24 @@ async fn kubectl_logs_exec_and_stats_reach_the_pods_agent_through_the_kubelet_ap
     ));
     let kubelet = ec2_kubelet::operator::start_kubelet(ctx).await.unwrap();
 
-    let template: Ec2PodTemplate = serde_json::from_value(json!({
-        "apiVersion": "ec2-kubelet.io/v1alpha1", "kind": "Ec2PodTemplate",
-        "metadata": {"name": "general", "namespace": "default"},
-        "spec": {"imageId": "ami-0123456789abcdef0", "instanceTypes": ["t3.micro"], "agentPort": common::free_port()},
-    }))
-    .unwrap();
-    Api::<Ec2PodTemplate>::namespaced(client.clone(), "default")
-        .create(&PostParams::default(), &template)
-        .await
-        .unwrap();
-    let pool: Ec2NodePool = serde_json::from_value(json!({
-        "apiVersion": "ec2-kubelet.io/v1alpha1", "kind": "Ec2NodePool", "metadata": {"name": "pods"},
-        "spec": {"nodes": 1, "subnetIds": ["subnet-0a"], "securityGroupIds": ["sg-0a"],
-            "templateRef": {"namespace": "default", "name": "general"}},
-    }))
-    .unwrap();
-    Api::<Ec2NodePool>::all(client.clone())
-        .create(&PostParams::default(), &pool)
-        .await
-        .unwrap();
-    let pod: Pod = serde_json::from_value(json!({
-        "metadata": {"name": "talker"},
-        "spec": {
-            "nodeSelector": {"type": "virtual-kubelet"},
-            "tolerations": [{"key": "virtual-kubelet.io/provider", "operator": "Exists"}],
-            "containers": [{"name": "main", "image": "local/shell",
-                "command": ["/bin/sh", "-c", "echo line-1; echo line-2; echo line-3; sleep 3600"]}],
-        },
-    }))
-    .unwrap();
+    common::create_template(&client, "general", json!({"imageId": "ami-0123456789abcdef0", "instanceTypes": ["t3.micro"], "agentPort": common::free_port()})).await;
+    common::create_pool(
+        &client,
+        "pods",
+        json!({"nodes": 1, "subnetIds": ["subnet-0a"], "securityGroupIds": ["sg-0a"],
+            "templateRef": {"namespace": "default", "name": "general"}}),
+    )
+    .await;
+    let pod = common::virtual_pod(
+        "talker",
+        None,
+        &[
+            "/bin/sh",
+            "-c",
+            "echo line-1; echo line-2; echo line-3; sleep 3600",
+        ],
+        json!({}),
+    );
     let pods: Api<Pod> = Api::default_namespaced(client.clone());
     pods.create(&PostParams::default(), &pod).await.unwrap();
     let running = common::eventually(60, "talker Running", || {
@@ -139,17 +126,16 @@ async fn kubectl_logs_exec_and_stats_reach_the_pods_agent_through_the_kubelet_ap
     assert!(!output.status.success());
 
     // kubectl attach: the container's output from the moment of attaching, until it ends.
-    let ticker: Pod = serde_json::from_value(json!({
-        "metadata": {"name": "ticker"},
-        "spec": {
-            "restartPolicy": "Never",
-            "nodeSelector": {"type": "virtual-kubelet"},
-            "tolerations": [{"key": "virtual-kubelet.io/provider", "operator": "Exists"}],
-            "containers": [{"name": "main", "image": "local/shell",
-                "command": ["/bin/sh", "-c", "sleep 2; for i in 1 2 3 4 5 6; do echo tick-$i; sleep 0.5; done"]}],
-        },
-    }))
-    .unwrap();
+    let ticker = common::virtual_pod(
+        "ticker",
+        None,
+        &[
+            "/bin/sh",
+            "-c",
+            "sleep 2; for i in 1 2 3 4 5 6; do echo tick-$i; sleep 0.5; done",
+        ],
+        json!({"spec": {"restartPolicy": "Never"}}),
+    );
     pods.create(&PostParams::default(), &ticker).await.unwrap();
     common::eventually(60, "ticker Running", || async {
         let pod = pods.get("ticker").await.ok()?;

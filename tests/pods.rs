@@ -8,7 +8,7 @@ use std::sync::Arc;
 use ec2_kubelet::cloud::local::{LocalCompute, LocalOptions};
 use ec2_kubelet::cloud::{Compute, InstanceFilter};
 use ec2_kubelet::config::OperatorConfig;
-use ec2_kubelet::crd::{Ec2NodePool, Ec2PodTemplate};
+use ec2_kubelet::crd::Ec2NodePool;
 use ec2_kubelet::devcluster::DevCluster;
 use k8s_openapi::api::core::v1::{Event, Pod};
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
@@ -57,27 +57,20 @@ async fn start_with(
     let operator_compute = wrap(compute.clone());
     let replica = common::Replica::start(&cluster, config.clone(), operator_compute, "replica-a");
 
-    let template: Ec2PodTemplate = serde_json::from_value(json!({
-        "apiVersion": "ec2-kubelet.io/v1alpha1", "kind": "Ec2PodTemplate",
-        "metadata": {"name": "general", "namespace": "default"},
-        "spec": {"imageId": "ami-0123456789abcdef0", "instanceTypes": ["t3.micro", "t3.medium", "m5.xlarge"],
-            "instanceType": "t3.micro", "agentPort": common::free_port()},
-    }))
-    .unwrap();
-    Api::<Ec2PodTemplate>::namespaced(client.clone(), "default")
-        .create(&PostParams::default(), &template)
-        .await
-        .unwrap();
-    let pool: Ec2NodePool = serde_json::from_value(json!({
-        "apiVersion": "ec2-kubelet.io/v1alpha1", "kind": "Ec2NodePool", "metadata": {"name": "pods"},
-        "spec": {"nodes": 1, "subnetIds": ["subnet-0a"], "securityGroupIds": ["sg-0a"],
-            "templateRef": {"namespace": "default", "name": "general"}},
-    }))
-    .unwrap();
-    Api::<Ec2NodePool>::all(client.clone())
-        .create(&PostParams::default(), &pool)
-        .await
-        .unwrap();
+    common::create_template(
+        &client,
+        "general",
+        json!({"imageId": "ami-0123456789abcdef0", "instanceTypes": ["t3.micro", "t3.medium", "m5.xlarge"],
+            "instanceType": "t3.micro", "agentPort": common::free_port()}),
+    )
+    .await;
+    common::create_pool(
+        &client,
+        "pods",
+        json!({"nodes": 1, "subnetIds": ["subnet-0a"], "securityGroupIds": ["sg-0a"],
+            "templateRef": {"namespace": "default", "name": "general"}}),
+    )
+    .await;
     Env {
         cluster,
         config,
@@ -677,17 +670,13 @@ async fn instance_types_follow_annotation_template_and_requests_and_survive_capa
     )
     .await;
     let flaky = flaky.get().unwrap().clone();
-    let other: Ec2PodTemplate = serde_json::from_value(json!({
-        "apiVersion": "ec2-kubelet.io/v1alpha1", "kind": "Ec2PodTemplate",
-        "metadata": {"name": "compute", "namespace": "default"},
-        "spec": {"imageId": "ami-0123456789abcdef0", "instanceTypes": ["c5.xlarge"],
-            "agentPort": common::free_port()},
-    }))
-    .unwrap();
-    Api::<Ec2PodTemplate>::namespaced(env.client.clone(), "default")
-        .create(&PostParams::default(), &other)
-        .await
-        .unwrap();
+    common::create_template(
+        &env.client,
+        "compute",
+        json!({"imageId": "ami-0123456789abcdef0", "instanceTypes": ["c5.xlarge"],
+            "agentPort": common::free_port()}),
+    )
+    .await;
     let pods: Api<Pod> = Api::default_namespaced(env.client.clone());
     let cases = [
         // 1500m / 3Gi fits t3.medium first, but EC2 has no capacity for it: the next that fits.
@@ -777,26 +766,19 @@ async fn the_aws_backend_runs_a_pod_against_the_ec2_emulator() {
     let cluster = common::operator_cluster(true).await;
     let client = cluster.client();
     let replica = common::Replica::start(&cluster, test_config(), aws.clone(), "replica-a");
-    let template: Ec2PodTemplate = serde_json::from_value(json!({
-        "apiVersion": "ec2-kubelet.io/v1alpha1", "kind": "Ec2PodTemplate",
-        "metadata": {"name": "general", "namespace": "default"},
-        "spec": {"imageId": image_id, "instanceTypes": ["t3.micro", "t3.medium", "m5.xlarge"]},
-    }))
-    .unwrap();
-    Api::<Ec2PodTemplate>::namespaced(client.clone(), "default")
-        .create(&PostParams::default(), &template)
-        .await
-        .unwrap();
-    let pool: Ec2NodePool = serde_json::from_value(json!({
-        "apiVersion": "ec2-kubelet.io/v1alpha1", "kind": "Ec2NodePool", "metadata": {"name": "pods"},
-        "spec": {"nodes": 1, "subnetIds": [network.subnet_id], "securityGroupIds": [network.group_id],
-            "templateRef": {"namespace": "default", "name": "general"}},
-    }))
-    .unwrap();
-    Api::<Ec2NodePool>::all(client.clone())
-        .create(&PostParams::default(), &pool)
-        .await
-        .unwrap();
+    common::create_template(
+        &client,
+        "general",
+        json!({"imageId": image_id, "instanceTypes": ["t3.micro", "t3.medium", "m5.xlarge"]}),
+    )
+    .await;
+    common::create_pool(
+        &client,
+        "pods",
+        json!({"nodes": 1, "subnetIds": [network.subnet_id], "securityGroupIds": [network.group_id],
+            "templateRef": {"namespace": "default", "name": "general"}}),
+    )
+    .await;
 
     let pods: Api<Pod> = Api::default_namespaced(client.clone());
     let created = pods

@@ -13,18 +13,6 @@ use kube::Client;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use serde_json::{Value, json};
 
-async fn create_template(client: &Client, name: &str, spec: Value) {
-    let template: Ec2PodTemplate = serde_json::from_value(json!({
-        "apiVersion": "ec2-kubelet.io/v1alpha1", "kind": "Ec2PodTemplate",
-        "metadata": {"name": name, "namespace": "default"}, "spec": spec,
-    }))
-    .unwrap();
-    Api::<Ec2PodTemplate>::namespaced(client.clone(), "default")
-        .create(&PostParams::default(), &template)
-        .await
-        .unwrap();
-}
-
 /// The template's Ready condition once the controller has looked at it: (status, reason, message).
 async fn ready(client: &Client, name: &str) -> (String, String, String) {
     let templates: Api<Ec2PodTemplate> = Api::namespaced(client.clone(), "default");
@@ -81,8 +69,8 @@ async fn templates_are_checked_against_ec2_with_a_reason_per_invalid_field() {
 
     let valid = json!({"imageId": image_id, "instanceTypes": ["t3.micro", "t3.medium"],
         "subnetIds": [network.subnet_id], "securityGroupIds": [network.group_id]});
-    create_template(&client, "valid", valid.clone()).await;
-    create_template(
+    common::create_template(&client, "valid", valid.clone()).await;
+    common::create_template(
         &client,
         "selected",
         json!({"imageSelector": {"owners": ["amazon"], "name": format!("{prefix}*"), "architecture": "amd64"},
@@ -118,7 +106,7 @@ async fn templates_are_checked_against_ec2_with_a_reason_per_invalid_field() {
     ] {
         let mut spec = valid.clone();
         json_patch::merge(&mut spec, &change);
-        create_template(&client, name, spec).await;
+        common::create_template(&client, name, spec).await;
         invalid.push((name, reason, field));
     }
 
@@ -175,13 +163,13 @@ async fn a_template_in_use_is_kept_and_an_invalid_one_fails_its_pods() {
     let mut config = common::fast_config();
     config.sync.pool_resync_seconds = 2;
     let replica = common::Replica::start(&cluster, config, compute, "replica-a");
-    create_template(
+    common::create_template(
         &client,
         "general",
         json!({"imageId": "ami-0123456789abcdef0", "instanceTypes": ["t3.micro"], "agentPort": common::free_port()}),
     )
     .await;
-    create_template(
+    common::create_template(
         &client,
         "broken",
         json!({"imageId": "ami-0123456789abcdef0", "instanceTypes": ["zz9.huge"]}),
@@ -189,16 +177,13 @@ async fn a_template_in_use_is_kept_and_an_invalid_one_fails_its_pods() {
     .await;
     assert_eq!(ready(&client, "general").await.0, "True");
     assert_eq!(ready(&client, "broken").await.1, "InstanceTypeNotOffered");
-    let pool: Ec2NodePool = serde_json::from_value(json!({
-        "apiVersion": "ec2-kubelet.io/v1alpha1", "kind": "Ec2NodePool", "metadata": {"name": "pods"},
-        "spec": {"nodes": 1, "subnetIds": ["subnet-0a"], "securityGroupIds": ["sg-0a"],
-            "templateRef": {"namespace": "default", "name": "general"}},
-    }))
-    .unwrap();
-    Api::<Ec2NodePool>::all(client.clone())
-        .create(&PostParams::default(), &pool)
-        .await
-        .unwrap();
+    common::create_pool(
+        &client,
+        "pods",
+        json!({"nodes": 1, "subnetIds": ["subnet-0a"], "securityGroupIds": ["sg-0a"],
+            "templateRef": {"namespace": "default", "name": "general"}}),
+    )
+    .await;
     // Pools say whether their template is usable.
     for (name, template) in [("misled-pool", "broken"), ("orphan-pool", "missing")] {
         let pool: Ec2NodePool = serde_json::from_value(json!({
@@ -391,7 +376,7 @@ async fn a_spot_interruption_fails_its_pod_and_a_darwin_pool_has_darwin_nodes() 
     let cluster = common::operator_cluster(true).await;
     let client = cluster.client();
     let replica = common::Replica::start(&cluster, common::fast_config(), compute.clone(), "replica-a");
-    create_template(
+    common::create_template(
         &client,
         "spot",
         json!({"imageId": "ami-0123456789abcdef0", "instanceTypes": ["t3.micro"], "spot": true,
@@ -431,15 +416,7 @@ async fn a_spot_interruption_fails_its_pod_and_a_darwin_pool_has_darwin_nodes() 
     assert_eq!(labels["kubernetes.io/arch"], "arm64");
     assert_eq!(mac.status.unwrap().node_info.unwrap().operating_system, "darwin");
     // The `spot` template launches x86_64 Linux images: a pod on the darwin/arm64 pool refuses it.
-    let misfit: Pod = serde_json::from_value(json!({
-        "metadata": {"name": "misfit"},
-        "spec": {
-            "nodeSelector": {"ec2-kubelet.io/pool": "macs"},
-            "tolerations": [{"key": "virtual-kubelet.io/provider", "operator": "Exists"}],
-            "containers": [{"name": "main", "image": "local/shell", "command": ["true"]}],
-        },
-    }))
-    .unwrap();
+    let misfit = common::virtual_pod("misfit", Some("macs"), &["true"], json!({}));
     let pods: Api<Pod> = Api::default_namespaced(client.clone());
     pods.create(&PostParams::default(), &misfit).await.unwrap();
     let refused = common::eventually(60, "misfit refused", || {
@@ -463,15 +440,7 @@ async fn a_spot_interruption_fails_its_pod_and_a_darwin_pool_has_darwin_nodes() 
     );
 
     // A pod on the spot pool runs, then EC2 announces the reclaim.
-    let pod: Pod = serde_json::from_value(json!({
-        "metadata": {"name": "bargain"},
-        "spec": {
-            "nodeSelector": {"ec2-kubelet.io/pool": "spotty"},
-            "tolerations": [{"key": "virtual-kubelet.io/provider", "operator": "Exists"}],
-            "containers": [{"name": "main", "image": "local/shell", "command": ["sleep", "3600"]}],
-        },
-    }))
-    .unwrap();
+    let pod = common::virtual_pod("bargain", Some("spotty"), &["sleep", "3600"], json!({}));
     pods.create(&PostParams::default(), &pod).await.unwrap();
     common::eventually(60, "bargain Running", || {
         let pods = pods.clone();

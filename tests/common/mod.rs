@@ -577,3 +577,52 @@ pub fn local_compute(
     );
     (compute.clone(), LocalInstances(compute))
 }
+
+/// Creates an `Ec2PodTemplate` in `default`.
+pub async fn create_template(client: &kube::Client, name: &str, spec: serde_json::Value) {
+    let template: ec2_kubelet::crd::Ec2PodTemplate = serde_json::from_value(serde_json::json!({
+        "apiVersion": "ec2-kubelet.io/v1alpha1", "kind": "Ec2PodTemplate",
+        "metadata": {"name": name, "namespace": "default"}, "spec": spec,
+    }))
+    .unwrap();
+    kube::Api::<ec2_kubelet::crd::Ec2PodTemplate>::namespaced(client.clone(), "default")
+        .create(&Default::default(), &template)
+        .await
+        .unwrap();
+}
+
+/// Creates an `Ec2NodePool`.
+pub async fn create_pool(client: &kube::Client, name: &str, spec: serde_json::Value) {
+    let pool: ec2_kubelet::crd::Ec2NodePool = serde_json::from_value(serde_json::json!({
+        "apiVersion": "ec2-kubelet.io/v1alpha1", "kind": "Ec2NodePool", "metadata": {"name": name}, "spec": spec,
+    }))
+    .unwrap();
+    kube::Api::<ec2_kubelet::crd::Ec2NodePool>::all(client.clone())
+        .create(&Default::default(), &pool)
+        .await
+        .unwrap();
+}
+
+/// A one-container pod (`local/shell`) for virtual nodes: it tolerates their taint and selects
+/// them (or the nodes of `pool`).
+pub fn virtual_pod(
+    name: &str,
+    pool: Option<&str>,
+    command: &[&str],
+    extra: serde_json::Value,
+) -> k8s_openapi::api::core::v1::Pod {
+    let selector = match pool {
+        Some(pool) => serde_json::json!({"ec2-kubelet.io/pool": pool}),
+        None => serde_json::json!({"type": "virtual-kubelet"}),
+    };
+    let mut pod = serde_json::json!({
+        "metadata": {"name": name},
+        "spec": {
+            "nodeSelector": selector,
+            "tolerations": [{"key": "virtual-kubelet.io/provider", "operator": "Exists"}],
+            "containers": [{"name": "main", "image": "local/shell", "command": command}],
+        },
+    });
+    json_patch::merge(&mut pod, &extra);
+    serde_json::from_value(pod).unwrap()
+}
