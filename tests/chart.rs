@@ -191,11 +191,7 @@ async fn the_chart_grants_exactly_what_the_operator_uses() {
     .unwrap();
     let pods: Api<Pod> = Api::default_namespaced(client.clone());
     pods.create(&PostParams::default(), &pod).await.unwrap();
-    common::eventually(60, "the pod Running", || async {
-        let pod = pods.get("rbac").await.ok()?;
-        (pod.status?.phase.as_deref() == Some("Running")).then_some(())
-    })
-    .await;
+    common::phase_of(&pods, "rbac", "Running").await;
     common::eventually(60, "the pod's logs through the kubelet API", || async {
         let logs = common::kubectl_output(&cluster, &["logs", "rbac"], None).await;
         (String::from_utf8_lossy(&logs.stdout) == "hi-s3cret\n").then_some(())

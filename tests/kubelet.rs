@@ -70,14 +70,7 @@ async fn kubectl_logs_exec_and_stats_reach_the_pods_agent_through_the_kubelet_ap
     );
     let pods: Api<Pod> = Api::default_namespaced(client.clone());
     pods.create(&PostParams::default(), &pod).await.unwrap();
-    let running = common::eventually(60, "talker Running", || {
-        let pods = pods.clone();
-        async move {
-            let pod = pods.get("talker").await.ok()?;
-            (pod.status.as_ref()?.phase.as_deref() == Some("Running")).then_some(pod)
-        }
-    })
-    .await;
+    let running = common::phase_of(&pods, "talker", "Running").await;
 
     // kubectl logs, whole and tailed.
     let logs = common::eventually(30, "three log lines", || async {
@@ -137,11 +130,7 @@ async fn kubectl_logs_exec_and_stats_reach_the_pods_agent_through_the_kubelet_ap
         json!({"spec": {"restartPolicy": "Never"}}),
     );
     pods.create(&PostParams::default(), &ticker).await.unwrap();
-    common::eventually(60, "ticker Running", || async {
-        let pod = pods.get("ticker").await.ok()?;
-        (pod.status.as_ref()?.phase.as_deref() == Some("Running")).then_some(())
-    })
-    .await;
+    common::phase_of(&pods, "ticker", "Running").await;
     let attached = common::kubectl_output(&cluster, &["attach", "ticker"], None).await;
     let out = String::from_utf8_lossy(&attached.stdout);
     assert!(attached.status.success(), "{attached:?}");

@@ -97,17 +97,6 @@ fn pod(name: &str, script: &str, restart_policy: &str, annotations: Value) -> Po
     .unwrap()
 }
 
-async fn phase_of(pods: &Api<Pod>, name: &str, phase: &str) -> Pod {
-    common::eventually(60, &format!("pod {name} to be {phase}"), || {
-        let pods = pods.clone();
-        async move {
-            let pod = pods.get(name).await.ok()?;
-            (pod.status.as_ref()?.phase.as_deref() == Some(phase)).then_some(pod)
-        }
-    })
-    .await
-}
-
 /// Creates a long-running pod and waits until it is Running.
 async fn run_sleeper(pods: &Api<Pod>, name: &str) -> Pod {
     pods.create(
@@ -116,7 +105,7 @@ async fn run_sleeper(pods: &Api<Pod>, name: &str) -> Pod {
     )
     .await
     .unwrap();
-    phase_of(pods, name, "Running").await
+    common::phase_of(pods, name, "Running").await
 }
 
 /// Waits until the pod object is gone (released by the operator).
@@ -280,8 +269,8 @@ async fn pods_end_succeeded_or_failed_and_bad_annotations_fail_only_their_pod() 
         .await
         .unwrap();
 
-    phase_of(&pods, "ok", "Succeeded").await;
-    let broken = phase_of(&pods, "broken", "Failed").await;
+    common::phase_of(&pods, "ok", "Succeeded").await;
+    let broken = common::phase_of(&pods, "broken", "Failed").await;
     let terminated = broken.status.unwrap().container_statuses.unwrap()[0]
         .state
         .clone()
@@ -289,7 +278,7 @@ async fn pods_end_succeeded_or_failed_and_bad_annotations_fail_only_their_pod() 
         .terminated
         .unwrap();
     assert_eq!(terminated.exit_code, 1);
-    let bad = phase_of(&pods, "bad", "Failed").await;
+    let bad = common::phase_of(&pods, "bad", "Failed").await;
     let status = bad.status.unwrap();
     assert_eq!(status.reason.as_deref(), Some("InvalidLaunchSettings"));
     assert!(
@@ -407,7 +396,7 @@ async fn a_killed_operator_comes_back_to_the_same_instance_and_still_cleans_up()
     })
     .await;
     // It re-attaches to the running pod: still exactly one instance, the same one.
-    phase_of(&pods, "steady", "Running").await;
+    common::phase_of(&pods, "steady", "Running").await;
     let after = live_instances(&env.compute).await;
     assert_eq!(
         after.iter().map(|i| &i.instance_id).collect::<Vec<_>>(),
@@ -496,7 +485,7 @@ async fn crashes_between_launch_and_record_and_between_terminate_and_release_lea
     assert_eq!(launched_for(&env.compute, &uid).await.len(), 1);
 
     restart(&mut env, "replica-b");
-    phase_of(&pods, "crashy", "Running").await;
+    common::phase_of(&pods, "crashy", "Running").await;
     let instances = launched_for(&env.compute, &uid).await;
     assert_eq!(instances.len(), 1, "launched exactly once: {instances:?}");
     let binding = binding_of(&env.client, &uid).await.unwrap();
@@ -552,8 +541,8 @@ async fn a_frozen_agent_makes_its_pod_unready_then_lost_and_a_vanished_instance_
         .await
         .unwrap();
     }
-    let frozen = phase_of(&pods, "frozen", "Running").await;
-    let vanished = phase_of(&pods, "vanished", "Running").await;
+    let frozen = common::phase_of(&pods, "frozen", "Running").await;
+    let vanished = common::phase_of(&pods, "vanished", "Running").await;
     let instance_of = |pod: &Pod| pod.annotations()["ec2-kubelet.io/instance-id"].clone();
 
     // Freeze one agent (the process lives, it answers nothing): Ready=False, then InstanceLost.
@@ -585,7 +574,7 @@ async fn a_frozen_agent_makes_its_pod_unready_then_lost_and_a_vanished_instance_
         }
     })
     .await;
-    let lost = phase_of(&pods, "frozen", "Failed").await;
+    let lost = common::phase_of(&pods, "frozen", "Failed").await;
     assert_eq!(lost.status.unwrap().reason.as_deref(), Some("InstanceLost"));
 
     // Terminate the other pod's instance behind the operator's back: InstanceLost at once.
@@ -593,7 +582,7 @@ async fn a_frozen_agent_makes_its_pod_unready_then_lost_and_a_vanished_instance_
         .terminate_instances(&[instance_of(&vanished)])
         .await
         .unwrap();
-    let lost = phase_of(&pods, "vanished", "Failed").await;
+    let lost = common::phase_of(&pods, "vanished", "Failed").await;
     let status = lost.status.unwrap();
     assert_eq!(status.reason.as_deref(), Some("InstanceLost"));
     assert!(
@@ -701,7 +690,7 @@ async fn instance_types_follow_annotation_template_and_requests_and_survive_capa
         .unwrap();
     }
     for (name, _, expected) in &cases {
-        let running = phase_of(&pods, name, "Running").await;
+        let running = common::phase_of(&pods, name, "Running").await;
         let id = running.annotations()["ec2-kubelet.io/instance-id"].clone();
         let instance = env
             .compute
@@ -788,7 +777,7 @@ async fn the_aws_backend_runs_a_pod_against_the_ec2_emulator() {
         )
         .await
         .unwrap();
-    let running = phase_of(&pods, "cloud", "Running").await;
+    let running = common::phase_of(&pods, "cloud", "Running").await;
     let status = running.status.clone().unwrap();
     let id = running.annotations()["ec2-kubelet.io/instance-id"].clone();
     let instance = aws

@@ -419,16 +419,7 @@ async fn a_spot_interruption_fails_its_pod_and_a_darwin_pool_has_darwin_nodes() 
     let misfit = common::virtual_pod("misfit", Some("macs"), &["true"], json!({}));
     let pods: Api<Pod> = Api::default_namespaced(client.clone());
     pods.create(&PostParams::default(), &misfit).await.unwrap();
-    let refused = common::eventually(60, "misfit refused", || {
-        let pods = pods.clone();
-        async move {
-            let pod = pods.get("misfit").await.ok()?;
-            (pod.status.as_ref()?.phase.as_deref() == Some("Failed")).then_some(pod)
-        }
-    })
-    .await
-    .status
-    .unwrap();
+    let refused = common::phase_of(&pods, "misfit", "Failed").await.status.unwrap();
     assert_eq!(refused.reason.as_deref(), Some("InvalidLaunchSettings"));
     assert!(
         refused
@@ -442,14 +433,7 @@ async fn a_spot_interruption_fails_its_pod_and_a_darwin_pool_has_darwin_nodes() 
     // A pod on the spot pool runs, then EC2 announces the reclaim.
     let pod = common::virtual_pod("bargain", Some("spotty"), &["sleep", "3600"], json!({}));
     pods.create(&PostParams::default(), &pod).await.unwrap();
-    common::eventually(60, "bargain Running", || {
-        let pods = pods.clone();
-        async move {
-            let pod = pods.get("bargain").await.ok()?;
-            (pod.status?.phase.as_deref() == Some("Running")).then_some(())
-        }
-    })
-    .await;
+    common::phase_of(&pods, "bargain", "Running").await;
     armed.store(true, std::sync::atomic::Ordering::SeqCst);
     let failed = common::eventually(30, "bargain Failed with SpotInterrupted", || {
         let pods = pods.clone();

@@ -626,3 +626,19 @@ pub fn virtual_pod(
     json_patch::merge(&mut pod, &extra);
     serde_json::from_value(pod).unwrap()
 }
+
+/// Waits (up to 60 s) until the pod is in `phase`, and returns it.
+pub async fn phase_of(
+    pods: &kube::Api<k8s_openapi::api::core::v1::Pod>,
+    name: &str,
+    phase: &str,
+) -> k8s_openapi::api::core::v1::Pod {
+    eventually(60, &format!("pod {name} to be {phase}"), || {
+        let pods = pods.clone();
+        async move {
+            let pod = pods.get(name).await.ok()?;
+            (pod.status.as_ref()?.phase.as_deref() == Some(phase)).then_some(pod)
+        }
+    })
+    .await
+}
