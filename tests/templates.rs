@@ -407,7 +407,11 @@ async fn a_spot_interruption_fails_its_pod_and_a_darwin_pool_has_darwin_nodes() 
                 .list(&ListParams::default().labels("ec2-kubelet.io/pool=macs"))
                 .await
                 .ok()?;
-            listed.items.into_iter().next()
+            // Registration comes first, the status (nodeInfo) with the next write.
+            listed
+                .items
+                .into_iter()
+                .find(|n| n.status.as_ref().is_some_and(|s| s.node_info.is_some()))
         }
     })
     .await;
