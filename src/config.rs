@@ -118,7 +118,7 @@ impl Default for SyncConfig {
             node_status_seconds: 60,
             pool_resync_seconds: 300,
             template_resync_seconds: 600,
-            pod_status_batch_millis: 100,
+            pod_status_batch_millis: 20,
             agent_unreachable_seconds: 30,
             agent_lost_seconds: 300,
             drain_timeout_seconds: 600,

@@ -67,6 +67,7 @@ pub struct Metrics {
     pub throttled: Family<PoolLabels, Counter>,
     pub agent_reconnects: Family<PoolLabels, Counter>,
     pub pod_status_writes: Counter,
+    pub binding_writes: Counter,
 }
 
 impl Default for Metrics {
@@ -89,6 +90,7 @@ impl Metrics {
             throttled: Family::default(),
             agent_reconnects: Family::default(),
             pod_status_writes: Counter::default(),
+            binding_writes: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -140,6 +142,11 @@ impl Metrics {
             "pod_status_writes",
             "Pod status patches sent to the API server",
             metrics.pod_status_writes.clone(),
+        );
+        registry.register(
+            "binding_writes",
+            "Pool status patches carrying pod bindings (batched per pool)",
+            metrics.binding_writes.clone(),
         );
         Metrics { registry, ..metrics }
     }

@@ -1,14 +1,17 @@
 //! The operator process: node tasks in every replica (each node run by the replica holding its
 //! lease), and the pool controller in the replica holding the controller lease.
 
+use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Node;
+use kube::ResourceExt;
 use kube::api::Api;
-use kube::runtime::{Controller, watcher};
+use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::{Controller, WatchStreamExt, watcher};
 use tokio::sync::watch;
 
 use crate::controller::{Context, pool, template};
@@ -50,8 +53,37 @@ async fn run_controller(ctx: Arc<Context>) {
         });
     let pools: Api<Ec2NodePool> = Api::all(ctx.client.clone());
     let nodes: Api<Node> = Api::all(ctx.client.clone());
-    let pool_controller = Controller::new(pools, watcher::Config::default())
-        .owns(nodes, watcher::Config::default().labels(labels::POOL))
+    let templates: Api<Ec2PodTemplate> = Api::all(ctx.client.clone());
+    let (reader, writer) = reflector::store();
+    // Bindings and counts in the status change with every pod: they trigger nothing (the
+    // periodic resync recounts); spec, deletion and node readiness do.
+    let pool_events = watcher(pools, watcher::Config::default())
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects()
+        .predicate_filter(pool_trigger, Default::default());
+    // Node heartbeats change nothing for the pool: readiness and cordoning do.
+    let node_events = watcher(nodes, watcher::Config::default().labels(labels::POOL))
+        .default_backoff()
+        .touched_objects()
+        .predicate_filter(node_trigger, Default::default());
+    let referring = reader.clone();
+    let pool_controller = Controller::for_stream(pool_events, reader)
+        .owns_stream(node_events)
+        .watches(templates, watcher::Config::default(), move |template| {
+            let (namespace, name) = (template.namespace().unwrap_or_default(), template.name_any());
+            referring
+                .state()
+                .into_iter()
+                .filter(|pool| {
+                    pool.spec
+                        .template_ref
+                        .as_ref()
+                        .is_some_and(|r| r.namespace == namespace && r.name == name)
+                })
+                .map(|pool| ObjectRef::from_obj(&*pool))
+                .collect::<Vec<_>>()
+        })
         .run(
             |pool, ctx| async move {
                 let metrics = ctx.metrics.clone();
@@ -66,6 +98,42 @@ async fn run_controller(ctx: Arc<Context>) {
             }
         });
     futures::join!(pool_controller, template_controller);
+}
+
+fn hash_of(value: impl Hash) -> u64 {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    value.hash(&mut hasher);
+    hasher.finish()
+}
+
+/// What of a pool makes the pool controller reconcile it.
+fn pool_trigger(pool: &Ec2NodePool) -> Option<u64> {
+    let readiness: Vec<(&String, bool)> = pool
+        .status
+        .iter()
+        .flat_map(|s| s.nodes.iter().map(|(name, node)| (name, node.ready)))
+        .collect();
+    Some(hash_of((
+        pool.metadata.generation,
+        pool.metadata.deletion_timestamp.is_some(),
+        &pool.metadata.finalizers,
+        readiness,
+    )))
+}
+
+/// What of a pool's node makes the pool controller reconcile the pool.
+fn node_trigger(node: &Node) -> Option<u64> {
+    let ready = node
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|c| c.iter().find(|c| c.type_ == "Ready"))
+        .map(|c| c.status.clone());
+    Some(hash_of((
+        ready,
+        node.spec.as_ref().and_then(|s| s.unschedulable),
+        node.metadata.deletion_timestamp.is_some(),
+    )))
 }
 
 /// Renews the controller lease until a renewal fails.

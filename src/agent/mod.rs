@@ -2,6 +2,7 @@
 //! processes (each under a shim that owns its logs), reports their state, streams logs and
 //! runs exec sessions. State lives in a directory, so a restarted agent re-adopts its pods.
 
+pub mod client;
 pub mod exec;
 pub mod imds;
 pub mod logs;
@@ -11,6 +12,8 @@ pub mod server;
 pub mod shim;
 pub mod state;
 pub mod stats;
+
+pub use client::INSTANCE_HEADER;
 
 pub mod proto {
     //! Generated from `proto/ec2kubelet/agent/v1/agent.proto`.

@@ -392,9 +392,12 @@ impl Compute for AwsCompute {
     }
 
     async fn launch_instance(&self, request: &LaunchRequest) -> Result<Instance> {
-        // Look up by tag first: EC2's ClientToken expires, and emulators ignore it.
-        let existing = self
-            .instances_by(
+        // Look up by tag first (unless the caller just did): EC2's ClientToken expires, and
+        // emulators ignore it.
+        let existing = if request.known_absent {
+            Vec::new()
+        } else {
+            self.instances_by(
                 None,
                 vec![
                     tag_filter(tags::CLUSTER, &self.cluster),
@@ -406,7 +409,8 @@ impl Compute for AwsCompute {
                         .build(),
                 ],
             )
-            .await?;
+            .await?
+        };
         if let Some(instance) = existing.into_iter().next() {
             return Ok(instance);
         }

@@ -1,10 +1,12 @@
 //! `Compute`: the operator's only door to the cloud. Controllers never import `aws_sdk_ec2`;
-//! they talk to this trait, implemented by `aws` (real EC2) and `local` (agent processes on
-//! loopback, the embedded default).
+//! they talk to this trait, implemented by `aws` (real EC2), `local` (agent processes on
+//! loopback, the embedded default) and `sim` (an in-process simulator for benchmarks).
 
 pub mod aws;
 pub mod bootstrap;
 pub mod local;
+pub mod sim;
+pub mod snapshot;
 
 use std::collections::BTreeMap;
 
@@ -113,6 +115,9 @@ pub struct LaunchRequest {
     pub user_data: Option<String>,
     pub key_name: Option<String>,
     pub spot: bool,
+    /// The caller has just seen (in a snapshot taken after the pod's binding was written) that
+    /// no live instance carries the pod's UID, so the backend need not look it up again.
+    pub known_absent: bool,
     /// Tenancy and Dedicated Host of the instance (Mac instances need a host).
     pub placement: Option<crate::crd::Placement>,
     pub agent_port: u16,
@@ -193,7 +198,7 @@ pub enum InstanceFilter {
 /// The operator's only door to the cloud.
 #[async_trait::async_trait]
 pub trait Compute: Send + Sync {
-    /// `aws` or `local`.
+    /// `aws`, `local` or `sim`.
     fn backend(&self) -> &'static str;
 
     /// Creates the ENI of node `index` of a pool, or returns it if it exists (found by tags).

@@ -24,6 +24,13 @@ pub struct Context {
     /// Per-pool backoff shared by every pod worker (EC2 throttling).
     pub gate: backoff::CloudGate,
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Connections to agents, shared by every caller of one agent.
+    pub agents: crate::agent::client::Connections,
+    /// Batched binding writes, one writer per pool.
+    pub bindings: crate::pod::bindings::BindingWriters,
+    /// Each pool's instances and ENIs, read in shared batches.
+    pub instances: crate::cloud::snapshot::Snapshots<Vec<crate::cloud::Instance>>,
+    pub enis: crate::cloud::snapshot::Snapshots<Vec<crate::cloud::Eni>>,
 }
 
 impl Context {
@@ -41,7 +48,34 @@ impl Context {
             identity: identity.to_string(),
             gate: backoff::CloudGate::default().counting(metrics.throttled.clone()),
             metrics,
+            agents: Default::default(),
+            bindings: Default::default(),
+            instances: Default::default(),
+            enis: Default::default(),
         }
+    }
+
+    /// The instances of `pool` as of a `DescribeInstances` that started at or after
+    /// `not_before` (shared by every caller; through the pool's throttling gate).
+    pub async fn pool_instances(
+        &self,
+        pool: &str,
+        not_before: std::time::Instant,
+    ) -> Result<Arc<Vec<crate::cloud::Instance>>> {
+        let filter = crate::cloud::InstanceFilter::Pool(pool.to_string());
+        let fetch = || self.gate.call(pool, || self.compute.describe_instances(&filter));
+        Ok(self.instances.get(pool, not_before, fetch).await?)
+    }
+
+    /// The ENIs of `pool` as of a `DescribeNetworkInterfaces` that started at or after
+    /// `not_before` (shared by every caller).
+    pub async fn pool_enis(
+        &self,
+        pool: &str,
+        not_before: std::time::Instant,
+    ) -> Result<Arc<Vec<crate::cloud::Eni>>> {
+        let fetch = || self.compute.describe_enis(pool);
+        Ok(self.enis.get(pool, not_before, fetch).await?)
     }
 
     /// The port of the kubelet API the operator serves for every virtual node.
@@ -71,6 +105,8 @@ pub enum Error {
     Agent(String),
     #[error("{0}")]
     InUse(String),
+    #[error("pool status: {0}")]
+    Binding(String),
 }
 
 impl Error {
@@ -83,6 +119,7 @@ impl Error {
             Error::Finalizer(_) => "FinalizerError",
             Error::Agent(_) => "AgentUnreachable",
             Error::InUse(_) => "InUse",
+            Error::Binding(_) => "BindingWriteFailed",
         }
     }
 }

@@ -314,8 +314,8 @@ async fn apply(pool: &Ec2NodePool, ctx: &Context) -> Result<Action> {
         report_invalid(ctx, pool, error.reason(), &error.to_string()).await?;
         return Ok(resync);
     }
-    let mut enis = match ctx.compute.describe_enis(&name).await {
-        Ok(enis) => enis,
+    let mut enis = match ctx.pool_enis(&name, std::time::Instant::now()).await {
+        Ok(enis) => enis.to_vec(),
         Err(error) => {
             report_invalid(
                 ctx,
@@ -324,7 +324,7 @@ async fn apply(pool: &Ec2NodePool, ctx: &Context) -> Result<Action> {
                 &format!("describing the pool's ENIs: {error}"),
             )
             .await?;
-            return Err(error.into());
+            return Err(error);
         }
     };
     let wanted = spec.nodes.max(0) as u32;
@@ -600,10 +600,7 @@ async fn collect_orphans(ctx: &Context, pool: &Ec2NodePool) -> Result<()> {
         .collect();
     let grace = i64::from(ctx.config.sync.orphan_grace_seconds) * 1000;
     let now = jiff::Timestamp::now().as_millisecond();
-    let instances = ctx
-        .compute
-        .describe_instances(&crate::cloud::InstanceFilter::Pool(name.clone()))
-        .await?;
+    let instances = ctx.pool_instances(&name, std::time::Instant::now()).await?;
     let orphans: Vec<&crate::cloud::Instance> = instances
         .iter()
         .filter(|i| i.state.is_alive() && now - i.launch_time >= grace)

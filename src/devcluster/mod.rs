@@ -128,6 +128,12 @@ impl DevCluster {
         self.state.audit.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// Takes the resource requests recorded so far, leaving none (long benchmarks count them in
+    /// rounds).
+    pub fn take_audit(&self) -> Vec<server::AuditRecord> {
+        std::mem::take(&mut *self.state.audit.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
     pub fn store(&self) -> &Arc<Store> {
         &self.state.store
     }

@@ -31,13 +31,13 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::agent::proto::GetLogsRequest;
-use crate::agent::proto::agent_client::AgentClient;
 use crate::cloud::InstanceFilter;
 use crate::controller::Context;
 use crate::crd::{annotations, default_agent_port, tags};
 
 type Body = BoxBody<Bytes, std::io::Error>;
-type AgentChannel = AgentClient<tonic::transport::Channel>;
+use crate::agent::client::AgentChannel;
+use std::time::Duration;
 
 fn full(bytes: impl Into<Bytes>) -> Body {
     Full::new(bytes.into())
@@ -149,9 +149,12 @@ pub(crate) async fn pod_agent(
         .compute
         .agent_endpoint(&instance, port)
         .map_err(|e| Reply::unavailable(e.to_string()))?;
-    let agent = AgentClient::connect(endpoint.clone())
+    let channel = ctx
+        .agents
+        .connect(&endpoint, Duration::from_secs(15))
         .await
         .map_err(|e| Reply::unavailable(format!("the agent of {instance_id} at {endpoint}: {e}")))?;
+    let agent = crate::agent::client::for_instance(channel, &instance_id);
     Ok((pod, agent))
 }
 

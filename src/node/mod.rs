@@ -163,8 +163,18 @@ pub fn node_status(node: &VirtualNode, health: &Health, kubelet_port: u16, trans
 }
 
 /// Whether the node's ENI still exists, asked of the cloud.
-async fn check_health(ctx: &Context, node: &VirtualNode) -> Health {
-    match ctx.compute.describe_enis(&node.pool).await {
+async fn check_health(ctx: &Context, node: &VirtualNode, max_age: Duration) -> Health {
+    // One snapshot of the pool's ENIs serves every node of the pool checking within `max_age`.
+    let not_before = Instant::now().checked_sub(max_age).unwrap_or_else(Instant::now);
+    let mut enis = ctx.pool_enis(&node.pool, not_before).await;
+    if enis
+        .as_ref()
+        .is_ok_and(|enis| !enis.iter().any(|e| e.eni_id == node.eni_id))
+    {
+        // Missing from an older snapshot (taken before the ENI was made?): ask again.
+        enis = ctx.pool_enis(&node.pool, Instant::now()).await;
+    }
+    match enis {
         Ok(enis) if enis.iter().any(|e| e.eni_id == node.eni_id) => Health {
             ready: true,
             reason: "KubeletReady".into(),
@@ -308,7 +318,7 @@ pub async fn run(
         renew_node_lease(&ctx, &current, duration).await?;
         let due = last_health.is_none() || last_status.elapsed() >= status_every;
         if due {
-            let health = check_health(&ctx, &current).await;
+            let health = check_health(&ctx, &current, status_every).await;
             let changed = last_health.as_ref().is_none_or(|h| h.ready != health.ready);
             if changed || transition.is_empty() {
                 transition = jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string();

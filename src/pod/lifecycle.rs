@@ -20,17 +20,15 @@ use tokio::task::JoinHandle;
 use super::settings::{self, InvalidSetting};
 use super::writer::StatusWriter;
 use super::{sizing, spec, status};
-use crate::agent::proto::agent_client::AgentClient;
+use crate::agent::client::{self, AgentChannel};
 use crate::agent::proto::{LaunchPodRequest, PingRequest, TerminatePodRequest, WatchPodStatusRequest};
-use crate::cloud::{self, Instance, InstanceFilter, LaunchRequest};
+use crate::cloud::{self, Instance, LaunchRequest};
 use crate::controller::backoff::Backoff;
 use crate::controller::{Context, Error, Result};
-use crate::crd::{Ec2NodePool, Ec2PodTemplate, annotations, tags};
+use crate::crd::{Ec2PodTemplate, annotations, tags};
 use crate::faults;
 use crate::node::VirtualNode;
 use crate::node::supervisor::stopped;
-
-type AgentChannel = AgentClient<tonic::transport::Channel>;
 
 async fn publish(ctx: &Context, pod: &Pod, type_: EventType, reason: &str, note: String) {
     let event = Event {
@@ -49,26 +47,30 @@ fn pods(ctx: &Context, namespace: &str) -> Api<Pod> {
     Api::namespaced(ctx.client.clone(), namespace)
 }
 
-/// Writes (or with `None`, removes) the pod's binding in the pool status, keyed by node and UID.
+/// Writes (or with `None`, removes) the pod's binding in the pool status, keyed by node and UID
+/// (batched with the other pods of the pool); returns once it is durable.
 async fn set_binding(ctx: &Context, node: &VirtualNode, uid: &str, binding: Option<Value>) -> Result<()> {
-    let pools: Api<Ec2NodePool> = Api::all(ctx.client.clone());
-    let patch = json!({"status": {"bindings": {node.name.clone(): {uid: binding}}}});
-    pools
-        .patch_status(&node.pool, &PatchParams::default(), &Patch::Merge(&patch))
-        .await?;
-    Ok(())
+    ctx.bindings
+        .of(&ctx.client, &node.pool, &ctx.metrics.binding_writes)
+        .set(&node.name, uid, binding)
+        .await
+        .map_err(Error::Binding)
 }
 
-/// The instance already launched for this pod, found by its `pod-uid` tag.
-async fn existing_instance(ctx: &Context, node: &VirtualNode, uid: &str) -> Result<Option<Instance>> {
-    let filter = InstanceFilter::Pool(node.pool.clone());
-    let instances = ctx
-        .gate
-        .call(&node.pool, || ctx.compute.describe_instances(&filter))
-        .await?;
+/// The instance already launched for this pod, found by its `pod-uid` tag in a snapshot of the
+/// pool's instances taken after `asked` (one `DescribeInstances` serves every pod that asks
+/// meanwhile).
+async fn existing_instance(
+    ctx: &Context,
+    node: &VirtualNode,
+    uid: &str,
+    asked: std::time::Instant,
+) -> Result<Option<Instance>> {
+    let instances = ctx.pool_instances(&node.pool, asked).await?;
     Ok(instances
-        .into_iter()
-        .find(|i| i.tag(tags::POD_UID) == Some(uid) && i.state.is_alive()))
+        .iter()
+        .find(|i| i.tag(tags::POD_UID) == Some(uid) && i.state.is_alive())
+        .cloned())
 }
 
 /// The template's `Ready=False` condition when the template controller found it invalid (not
@@ -258,6 +260,7 @@ async fn launch_request(
         user_data: settings.user_data,
         key_name: settings.key_name,
         spot: settings.spot,
+        known_absent: false,
         placement: template.as_ref().and_then(|t| t.spec.placement.clone()),
         agent_port: settings.agent_port,
         tags: launch_tags,
@@ -433,14 +436,6 @@ async fn finish_deletion(
     let ctx = &shared.ctx;
     let uid = pod.uid().unwrap_or_default();
     if let Some(instance) = instance {
-        publish(
-            ctx,
-            pod,
-            EventType::Normal,
-            "Terminating",
-            "stopping the pod's containers".into(),
-        )
-        .await;
         if let Some(agent) = agent {
             let request = TerminatePodRequest {
                 pod_uid: uid.clone(),
@@ -456,7 +451,10 @@ async fn finish_deletion(
             pod,
             EventType::Normal,
             "Terminated",
-            format!("terminated instance {}", instance.instance_id),
+            format!(
+                "stopped the containers and terminated instance {}",
+                instance.instance_id
+            ),
         )
         .await;
         let subject = format!("{}/{}", pod.namespace().unwrap_or_default(), pod.name_any());
@@ -480,6 +478,10 @@ async fn finish_deletion(
 /// Launches the pod's instance, falling back through the allowed types that fit when EC2 has
 /// no capacity. `None` when there is nothing to launch (bad settings, or deleted meanwhile):
 /// the pod was dealt with.
+///
+/// Called only after [`drive`] found no live instance of the pod in a snapshot taken since, so
+/// the backend skips its own look-up (capacity errors launch nothing; any other error sends the
+/// worker back through `drive`).
 async fn launch(shared: &Shared, pod_rx: &mut watch::Receiver<Pod>) -> Result<Option<Instance>> {
     let ctx = &shared.ctx;
     let node = &shared.node;
@@ -496,17 +498,10 @@ async fn launch(shared: &Shared, pod_rx: &mut watch::Receiver<Pod>) -> Result<Op
             return Ok(None);
         }
     };
-    publish(
-        ctx,
-        &pod,
-        EventType::Normal,
-        "Launching",
-        format!("launching {why}"),
-    )
-    .await;
     let binding = json!({"namespace": request.namespace, "name": request.name,
         "instanceType": request.instance_type, "phase": "Launching", "launchTime": now()});
     set_binding(ctx, node, &request.pod_uid, Some(binding)).await?;
+    request.known_absent = true;
     let types: Vec<String> = std::iter::once(request.instance_type.clone())
         .chain(fallbacks)
         .collect();
@@ -533,7 +528,7 @@ async fn launch(shared: &Shared, pod_rx: &mut watch::Receiver<Pod>) -> Result<Op
                     &pod,
                     EventType::Normal,
                     "Launched",
-                    format!("launched {} ({})", instance.instance_id, instance.instance_type),
+                    format!("launched {}: {why}", instance.instance_id),
                 )
                 .await;
                 return Ok(Some(instance));
@@ -571,24 +566,27 @@ enum AgentWait {
     Deleting,
 }
 
-/// Connects to an agent and pings it. HTTP/2 keepalives on the connection notice an agent that
-/// stops answering (a frozen or vanished instance) within about `unreachable`, so a status
-/// stream never hangs on a dead peer.
-async fn ping(endpoint: &str, unreachable: Duration) -> Option<AgentChannel> {
+/// Connects to an agent (or reuses the open connection to it) and pings it. HTTP/2 keepalives
+/// on the connection notice an agent that stops answering (a frozen or vanished instance)
+/// within about `unreachable`, so a status stream never hangs on a dead peer.
+async fn ping(
+    ctx: &Context,
+    endpoint: &str,
+    instance_id: &str,
+    unreachable: Duration,
+) -> Option<AgentChannel> {
     let probe = (unreachable / 2).clamp(Duration::from_secs(1), Duration::from_secs(15));
-    let endpoint = tonic::transport::Endpoint::from_shared(endpoint.to_string())
-        .ok()?
-        .connect_timeout(probe.min(Duration::from_secs(2)))
-        .timeout(probe.max(Duration::from_secs(5)))
-        .http2_keep_alive_interval(probe)
-        .keep_alive_timeout(probe)
-        .keep_alive_while_idle(true);
     let answer = tokio::time::timeout(probe.min(Duration::from_secs(5)), async {
-        let mut client = AgentClient::new(endpoint.connect().await.ok()?);
-        client.ping(PingRequest {}).await.ok()?;
-        Some(client)
+        let channel = ctx.agents.connect(endpoint, probe).await.ok()?;
+        let mut agent = client::for_instance(channel, instance_id);
+        agent.ping(PingRequest {}).await.ok()?;
+        Some(agent)
     });
-    answer.await.ok().flatten()
+    let agent = answer.await.ok().flatten();
+    if agent.is_none() {
+        ctx.agents.forget(endpoint);
+    }
+    agent
 }
 
 /// Waits until the instance's agent answers. Gives up after `sync.agentLostSeconds`, or as soon
@@ -612,7 +610,7 @@ async fn wait_for_agent(
         if deleting(&pod_rx.borrow()) {
             return Ok(AgentWait::Deleting);
         }
-        if let Some(client) = ping(endpoint, unready_after).await {
+        if let Some(client) = ping(&shared.ctx, endpoint, &instance.instance_id, unready_after).await {
             return Ok(AgentWait::Ready(client));
         }
         let now_ = tokio::time::Instant::now();
@@ -640,13 +638,11 @@ async fn wait_for_agent(
         }
         if now_ >= next_check {
             next_check = now_ + check_every;
-            let ids = InstanceFilter::Ids(vec![instance.instance_id.clone()]);
-            let found = shared
-                .ctx
-                .gate
-                .call(&shared.node.pool, || shared.ctx.compute.describe_instances(&ids))
-                .await?;
-            match found.first() {
+            // A snapshot of the pool no older than the check interval: every waiting pod of the
+            // pool shares it.
+            let not_before = std::time::Instant::now() - check_every;
+            let found = shared.ctx.pool_instances(&shared.node.pool, not_before).await?;
+            match found.iter().find(|i| i.instance_id == instance.instance_id) {
                 Some(current) if current.state.is_alive() => {}
                 Some(current) => {
                     return Ok(AgentWait::Lost(format!(
@@ -689,26 +685,9 @@ async fn hand_over(shared: &Shared, pod: &Pod, agent: &mut AgentChannel, instanc
                 })
                 .await
                 .map_err(|e| Error::Agent(format!("LaunchPod: {e}")))?;
-            if !reply.into_inner().already_known {
-                let id = &instance.instance_id;
-                let ctx = &shared.ctx;
-                publish(
-                    ctx,
-                    pod,
-                    EventType::Normal,
-                    "AgentReady",
-                    format!("the agent of {id} answers"),
-                )
-                .await;
-                publish(
-                    ctx,
-                    pod,
-                    EventType::Normal,
-                    "Started",
-                    format!("containers started on {id}"),
-                )
-                .await;
-            }
+            // No event: the pod's status says its containers started (and when); events cost a
+            // write each, and a pod lifecycle stays within a handful of writes.
+            let _ = reply.into_inner().already_known;
         }
         Err(invalid) => fail_pod(shared, pod, "CreateContainerConfigError", &invalid.to_string()).await,
     }
@@ -784,7 +763,7 @@ async fn attach(
     shared: &Shared,
     pod_rx: &mut watch::Receiver<Pod>,
     instance: Instance,
-    mut bound_at: Option<tokio::time::Instant>,
+    bound_at: Option<tokio::time::Instant>,
 ) -> Result<()> {
     let ctx = &shared.ctx;
     let node = &shared.node;
@@ -811,34 +790,52 @@ async fn attach(
         pod_ip: instance.private_ip.clone(),
         host_ip: node.private_ip.clone(),
     };
+    let outcome = run_on(shared, pod_rx, &instance, &endpoint, &placement, bound_at).await;
+    // The instance is done with (or the worker retries and dials again).
+    ctx.agents.forget(&endpoint);
+    outcome
+}
+
+/// The part of [`attach`] that talks to the agent at `endpoint`.
+async fn run_on(
+    shared: &Shared,
+    pod_rx: &mut watch::Receiver<Pod>,
+    instance: &Instance,
+    endpoint: &str,
+    placement: &status::Placement,
+    mut bound_at: Option<tokio::time::Instant>,
+) -> Result<()> {
+    let ctx = &shared.ctx;
+    let node = &shared.node;
+    let uid = pod_rx.borrow().uid().unwrap_or_default();
     let mut unreachable_since = None;
     let mut recorded_running = false;
     loop {
-        let mut agent = match wait_for_agent(shared, pod_rx, &instance, &endpoint, unreachable_since).await? {
+        let mut agent = match wait_for_agent(shared, pod_rx, instance, endpoint, unreachable_since).await? {
             AgentWait::Ready(agent) => agent,
             AgentWait::Lost(why) => {
                 return instance_lost(shared, pod_rx, Some(&instance.instance_id), &why).await;
             }
             AgentWait::Deleting => {
                 let pod = pod_rx.borrow().clone();
-                return finish_deletion(shared, &pod, Some(&instance), None).await;
+                return finish_deletion(shared, &pod, Some(instance), None).await;
             }
         };
         if unreachable_since.take().is_some() {
-            tracing::info!(pod = %pod.name_any(), instance_id = %instance.instance_id, "the agent answers again");
+            tracing::info!(pod = %pod_rx.borrow().name_any(), instance_id = %instance.instance_id, "the agent answers again");
         }
         let pod = pod_rx.borrow().clone();
-        hand_over(shared, &pod, &mut agent, &instance).await?;
+        hand_over(shared, &pod, &mut agent, instance).await?;
         if !recorded_running {
             set_binding(ctx, node, &uid, Some(json!({"phase": "Running"}))).await?;
             recorded_running = true;
         }
-        match mirror(shared, pod_rx, &mut agent, &placement, &mut bound_at).await? {
+        match mirror(shared, pod_rx, &mut agent, placement, &mut bound_at).await? {
             Mirror::Deleting => {
                 let pod = pod_rx.borrow().clone();
-                return finish_deletion(shared, &pod, Some(&instance), Some(&mut agent)).await;
+                return finish_deletion(shared, &pod, Some(instance), Some(&mut agent)).await;
             }
-            Mirror::SpotInterrupted(at) => return spot_interrupted(shared, pod_rx, &instance, at).await,
+            Mirror::SpotInterrupted(at) => return spot_interrupted(shared, pod_rx, instance, at).await,
             Mirror::Lost(why) => {
                 tracing::warn!(pod = %pod.name_any(), instance_id = %instance.instance_id, %why, "lost the agent");
                 let labels = crate::metrics::PoolLabels {
@@ -858,7 +855,8 @@ async fn drive(shared: &Shared, pod_rx: &mut watch::Receiver<Pod>) -> Result<()>
     let pod = pod_rx.borrow().clone();
     let uid = pod.uid().unwrap_or_default();
     let recorded = pod.annotations().get(annotations::INSTANCE_ID).cloned();
-    match existing_instance(&shared.ctx, &shared.node, &uid).await? {
+    let asked = std::time::Instant::now();
+    match existing_instance(&shared.ctx, &shared.node, &uid, asked).await? {
         Some(instance) if failed_by_us(&pod) => {
             terminate(shared, &instance.instance_id).await?;
             release_when_deleted(shared, pod_rx).await
@@ -888,7 +886,8 @@ struct Worker {
 /// must still go.
 async fn cleanup_deleted(shared: &Shared, pod: &Pod) -> Result<()> {
     let uid = pod.uid().unwrap_or_default();
-    if let Some(instance) = existing_instance(&shared.ctx, &shared.node, &uid).await? {
+    let asked = std::time::Instant::now();
+    if let Some(instance) = existing_instance(&shared.ctx, &shared.node, &uid, asked).await? {
         terminate(shared, &instance.instance_id).await?;
         tracing::info!(pod = %pod.name_any(), instance_id = %instance.instance_id, "terminated the instance of a deleted pod");
     }

@@ -1,5 +1,5 @@
 //! The pod status writes of one virtual node, coalesced: pod workers hand their status patches
-//! to the node's writer, which waits a short window (100 ms by default), merges the patches of
+//! to the node's writer, which waits a short window (20 ms by default), merges the patches of
 //! each pod (later ones win) and sends one merge patch per changed pod. A pod whose state flaps
 //! within the window costs one write, and a node with a thousand pods does not open a thousand
 //! concurrent requests.

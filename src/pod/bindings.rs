@@ -1,0 +1,151 @@
+//! The binding writes of one pool, batched: pod workers of every node of the pool hand their
+//! binding changes to the pool's writer and wait until they are durable. The writer sends one
+//! merge patch of the pool status with everything queued since its previous write, so an idle
+//! pool writes at once and a busy one (a burst of pods) writes far less often than once per
+//! change. Nothing is acknowledged before the API server has it: a binding is still written
+//! before its instance is launched.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use kube::Client;
+use kube::api::{Api, Patch, PatchParams};
+use prometheus_client::metrics::counter::Counter;
+use serde_json::{Map, Value, json};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::crd::Ec2NodePool;
+
+struct Change {
+    node: String,
+    uid: String,
+    binding: Option<Value>,
+    done: oneshot::Sender<Result<(), String>>,
+}
+
+/// The binding writer of one pool; cheap to clone.
+#[derive(Clone)]
+pub struct BindingWriter {
+    tx: mpsc::UnboundedSender<Change>,
+}
+
+impl BindingWriter {
+    /// Starts the writer task of `pool`; it ends once every handle is dropped.
+    pub fn start(client: Client, pool: String, writes: Counter) -> BindingWriter {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(run(client, pool, rx, writes));
+        BindingWriter { tx }
+    }
+
+    /// Writes (or with `None`, removes) the binding of pod `uid` on `node`, merged into what
+    /// is there; returns once the API server has it.
+    pub async fn set(&self, node: &str, uid: &str, binding: Option<Value>) -> Result<(), String> {
+        let (done, written) = oneshot::channel();
+        let change = Change {
+            node: node.to_string(),
+            uid: uid.to_string(),
+            binding,
+            done,
+        };
+        self.tx
+            .send(change)
+            .map_err(|_| "the binding writer stopped".to_string())?;
+        written
+            .await
+            .map_err(|_| "the binding writer stopped".to_string())?
+    }
+}
+
+/// One merge patch for a batch of changes (later changes to a pod merge over earlier ones).
+fn merged(batch: &[Change]) -> Value {
+    let mut nodes: Map<String, Value> = Map::new();
+    for change in batch {
+        let pods = nodes
+            .entry(change.node.clone())
+            .or_insert_with(|| Value::Object(Map::new()));
+        let patch = change.binding.clone().unwrap_or(Value::Null);
+        match pods.get_mut(&change.uid) {
+            Some(queued) if queued.is_object() && patch.is_object() => json_patch::merge(queued, &patch),
+            _ => {
+                pods[&change.uid] = patch;
+            }
+        }
+    }
+    json!({"status": {"bindings": nodes}})
+}
+
+async fn run(client: Client, pool: String, mut rx: mpsc::UnboundedReceiver<Change>, writes: Counter) {
+    let pools: Api<Ec2NodePool> = Api::all(client);
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while let Ok(more) = rx.try_recv() {
+            batch.push(more);
+        }
+        writes.inc();
+        let result = match pools
+            .patch_status(&pool, &PatchParams::default(), &Patch::Merge(&merged(&batch)))
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(error) => Err(format!(
+                "writing {} binding(s) of pool {pool}: {error}",
+                batch.len()
+            )),
+        };
+        for change in batch {
+            let _ = change.done.send(result.clone());
+        }
+    }
+}
+
+/// The binding writers of every pool, started on first use.
+#[derive(Default)]
+pub struct BindingWriters {
+    writers: Mutex<HashMap<String, BindingWriter>>,
+}
+
+impl BindingWriters {
+    pub fn of(&self, client: &Client, pool: &str, writes: &Counter) -> BindingWriter {
+        let mut writers = self.writers.lock().unwrap_or_else(|p| p.into_inner());
+        writers
+            .entry(pool.to_string())
+            .or_insert_with(|| BindingWriter::start(client.clone(), pool.to_string(), writes.clone()))
+            .clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn change(node: &str, uid: &str, binding: Option<Value>) -> Change {
+        Change {
+            node: node.into(),
+            uid: uid.into(),
+            binding,
+            done: oneshot::channel().0,
+        }
+    }
+
+    #[test]
+    fn a_batch_is_one_merge_patch_keyed_by_node_and_uid() {
+        let batch = [
+            change("n1", "a", Some(json!({"phase": "Launching", "name": "a"}))),
+            change("n2", "b", Some(json!({"phase": "Launching"}))),
+            change("n1", "a", Some(json!({"phase": "Running"}))),
+            change("n1", "c", None),
+        ];
+        assert_eq!(
+            merged(&batch),
+            json!({"status": {"bindings": {
+                "n1": {"a": {"phase": "Running", "name": "a"}, "c": null},
+                "n2": {"b": {"phase": "Launching"}},
+            }}})
+        );
+        // A removal after a write removes; a write after a removal writes.
+        let batch = [change("n1", "a", Some(json!({"x": 1}))), change("n1", "a", None)];
+        assert_eq!(merged(&batch)["status"]["bindings"]["n1"]["a"], Value::Null);
+        let batch = [change("n1", "a", None), change("n1", "a", Some(json!({"x": 1})))];
+        assert_eq!(merged(&batch)["status"]["bindings"]["n1"]["a"], json!({"x": 1}));
+    }
+}
