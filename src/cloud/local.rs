@@ -48,6 +48,27 @@ const CATALOGUE: &[(&str, u32, u64, u32, &str)] = &[
     ("mac2.metal", 12, 32768, 0, "arm64_mac"),
 ];
 
+/// The built-in catalogue's facts about these types (unknown names are left out); shared by
+/// the `sim` backend.
+pub(crate) fn catalogue(names: &[String]) -> Vec<InstanceTypeInfo> {
+    CATALOGUE
+        .iter()
+        .filter(|(name, ..)| names.iter().any(|n| n == name))
+        .map(|(name, vcpus, memory_mib, gpus, arch)| InstanceTypeInfo {
+            name: (*name).into(),
+            vcpus: *vcpus,
+            memory_mib: *memory_mib,
+            gpus: *gpus,
+            architectures: vec![(*arch).into()],
+        })
+        .collect()
+}
+
+/// Whether the built-in catalogue has this type.
+pub(crate) fn offered(instance_type: &str) -> bool {
+    CATALOGUE.iter().any(|(name, ..)| *name == instance_type)
+}
+
 /// An instance record: what EC2 would report, plus the agent process behind it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct InstanceRecord {
@@ -232,21 +253,11 @@ impl Compute for LocalCompute {
     }
 
     async fn instance_types(&self, names: &[String]) -> Result<Vec<InstanceTypeInfo>> {
-        Ok(CATALOGUE
-            .iter()
-            .filter(|(name, ..)| names.iter().any(|n| n == name))
-            .map(|(name, vcpus, memory_mib, gpus, arch)| InstanceTypeInfo {
-                name: (*name).into(),
-                vcpus: *vcpus,
-                memory_mib: *memory_mib,
-                gpus: *gpus,
-                architectures: vec![(*arch).into()],
-            })
-            .collect())
+        Ok(catalogue(names))
     }
 
     async fn launch_instance(&self, request: &LaunchRequest) -> Result<Instance> {
-        if !CATALOGUE.iter().any(|(name, ..)| *name == request.instance_type) {
+        if !offered(&request.instance_type) {
             return Err(Error::InstanceTypeNotFound {
                 instance_type: request.instance_type.clone(),
             });

@@ -385,17 +385,6 @@ pub struct SimCompute {
     cloud: Arc<SimCloud>,
 }
 
-const CATALOGUE: &[(&str, u32, u64, u32, &str)] = &[
-    ("t3.micro", 2, 1024, 0, "x86_64"),
-    ("t3.small", 2, 2048, 0, "x86_64"),
-    ("t3.medium", 2, 4096, 0, "x86_64"),
-    ("m5.large", 2, 8192, 0, "x86_64"),
-    ("m5.xlarge", 4, 16384, 0, "x86_64"),
-    ("c5.xlarge", 4, 8192, 0, "x86_64"),
-    ("g5.xlarge", 4, 16384, 1, "x86_64"),
-    ("m7g.large", 2, 8192, 0, "arm64"),
-];
-
 #[async_trait::async_trait]
 impl Compute for SimCompute {
     fn backend(&self) -> &'static str {
@@ -447,18 +436,8 @@ impl Compute for SimCompute {
     }
 
     async fn instance_types(&self, names: &[String]) -> Result<Vec<InstanceTypeInfo>> {
-        // Cached by real backends: not an API call per pod.
-        Ok(CATALOGUE
-            .iter()
-            .filter(|(name, ..)| names.iter().any(|n| n == name))
-            .map(|(name, vcpus, memory_mib, gpus, arch)| InstanceTypeInfo {
-                name: (*name).into(),
-                vcpus: *vcpus,
-                memory_mib: *memory_mib,
-                gpus: *gpus,
-                architectures: vec![(*arch).into()],
-            })
-            .collect())
+        // The local backend's catalogue; cached by real backends, so not an API call per pod.
+        Ok(super::local::catalogue(names))
     }
 
     async fn launch_instance(&self, request: &LaunchRequest) -> Result<Instance> {
@@ -468,7 +447,7 @@ impl Compute for SimCompute {
             timeline.run_instances.get_or_insert_with(Instant::now);
         }
         self.cloud.call("RunInstances").await?;
-        if !CATALOGUE.iter().any(|(name, ..)| *name == request.instance_type) {
+        if !super::local::offered(&request.instance_type) {
             return Err(Error::InstanceTypeNotFound {
                 instance_type: request.instance_type.clone(),
             });
