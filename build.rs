@@ -10,6 +10,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // 1 KiB buffers: the operator holds one status stream per pod (src/agent/codec.rs).
+        .codec_path("crate::agent::codec::AgentCodec")
         .compile_fds(descriptors)?;
     Ok(())
 }

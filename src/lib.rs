@@ -19,3 +19,4 @@ pub mod operator;
 pub mod pod;
 pub mod schema;
 pub mod telemetry;
+pub mod warm;

@@ -68,6 +68,10 @@ pub struct Metrics {
     pub agent_reconnects: Family<PoolLabels, Counter>,
     pub pod_status_writes: Counter,
     pub binding_writes: Counter,
+    pub warm_hits: Family<PoolLabels, Counter>,
+    pub warm_misses: Family<PoolLabels, Counter>,
+    pub warm_refill_duration: Family<PoolLabels, Histogram, fn() -> Histogram>,
+    pub warm_instances: Family<PoolPhaseLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -91,8 +95,32 @@ impl Metrics {
             agent_reconnects: Family::default(),
             pod_status_writes: Counter::default(),
             binding_writes: Counter::default(),
+            warm_hits: Family::default(),
+            warm_misses: Family::default(),
+            warm_refill_duration: Family::new_with_constructor(duration_histogram as fn() -> Histogram),
+            warm_instances: Family::default(),
             registry: Registry::default(),
         };
+        registry.register(
+            "warm_hits",
+            "Pods that claimed a warm instance, by pool",
+            metrics.warm_hits.clone(),
+        );
+        registry.register(
+            "warm_misses",
+            "Pods of a pool with a warm pool that found no matching warm instance and launched cold",
+            metrics.warm_misses.clone(),
+        );
+        registry.register(
+            "warm_refill_duration_seconds",
+            "Time from launching a warm instance until its agent answered, by pool",
+            metrics.warm_refill_duration.clone(),
+        );
+        registry.register(
+            "warm_instances",
+            "Warm instances by pool and state (Launching, Ready)",
+            metrics.warm_instances.clone(),
+        );
         registry.register(
             "reconciles",
             "Reconciles run, by controller",

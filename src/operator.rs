@@ -67,6 +67,7 @@ async fn run_controller(ctx: Arc<Context>) {
         .default_backoff()
         .touched_objects()
         .predicate_filter(node_trigger, Default::default());
+    let warm_pools = crate::warm::run(ctx.clone(), reader.clone());
     let referring = reader.clone();
     let pool_controller = Controller::for_stream(pool_events, reader)
         .owns_stream(node_events)
@@ -97,7 +98,7 @@ async fn run_controller(ctx: Arc<Context>) {
                 tracing::debug!(%error, "pool controller");
             }
         });
-    futures::join!(pool_controller, template_controller);
+    futures::join!(pool_controller, template_controller, warm_pools);
 }
 
 fn hash_of(value: impl Hash) -> u64 {

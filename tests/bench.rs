@@ -133,11 +133,15 @@ fn the_bench_runs_the_operator_and_counts_exactly_one_launch_and_termination_per
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_ec2-kubelet-bench"))
         .args([
             "--scenario",
-            "burst,ceiling",
+            "burst,ceiling,warm",
             "--pods",
             "30",
             "--nodes",
             "3",
+            "--warm-pods",
+            "3",
+            "--boot-seconds",
+            "2",
             "--timeout-seconds",
             "120",
         ])
@@ -158,7 +162,7 @@ fn the_bench_runs_the_operator_and_counts_exactly_one_launch_and_termination_per
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(lines.len(), 2, "one JSON line per scenario");
+    assert_eq!(lines.len(), 3, "one JSON line per scenario");
     let burst = &lines[0]["figures"];
     assert_eq!(lines[0]["scenario"], "burst");
     assert_eq!(burst["ec2_calls"]["RunInstances"], 30, "{burst}");
@@ -174,4 +178,12 @@ fn the_bench_runs_the_operator_and_counts_exactly_one_launch_and_termination_per
             .unwrap()
             > 0.0
     );
+    // Warm vs cold: the warm pods were served without a launch, the cold ones each launched.
+    assert!(stdout.contains("served warm (ClaimedWarmInstance)"), "{stdout}");
+    let warm = &lines[2]["figures"];
+    assert_eq!(lines[2]["scenario"], "warm");
+    assert_eq!(warm["run_instances_for_warm_pods"], 0, "{warm}");
+    assert_eq!(warm["run_instances_for_cold_pods"], 3, "{warm}");
+    assert_eq!(warm["warm_to_running"]["count"], 3, "{warm}");
+    assert_eq!(warm["cold_to_running"]["count"], 3, "{warm}");
 }

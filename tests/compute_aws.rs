@@ -220,10 +220,25 @@ async fn config_iam_policy_allows_exactly_the_actions_the_backend_sends() {
     w.compute.describe_enis("p1").await.unwrap();
     w.compute.instance_types(&["t3.micro".into()]).await.unwrap();
     let instance = w.compute.launch_instance(&launch(&w, "uid-iam")).await.unwrap();
+    // A warm instance's claim re-tags it.
+    let claimed = TagMap::from([(
+        ec2_kubelet::crd::tags::POD_UID.to_string(),
+        "uid-claimed".to_string(),
+    )]);
     w.compute
+        .tag_instance(&instance.instance_id, &claimed)
+        .await
+        .unwrap();
+    let described = w
+        .compute
         .describe_instances(&InstanceFilter::Pool("p1".into()))
         .await
         .unwrap();
+    let retagged = described
+        .iter()
+        .find(|i| i.instance_id == instance.instance_id)
+        .unwrap();
+    assert_eq!(retagged.tag(ec2_kubelet::crd::tags::POD_UID), Some("uid-claimed"));
     w.compute
         .terminate_instances(std::slice::from_ref(&instance.instance_id))
         .await
@@ -276,9 +291,11 @@ async fn config_iam_policy_allows_exactly_the_actions_the_backend_sends() {
             "{action} is sent but config/iam-policy.json does not allow it"
         );
     }
-    // Allowed and never sent: only what EC2 checks on the side (tags written by RunInstances and
-    // CreateNetworkInterface; roles passed with an instance profile).
-    let implicit = ["ec2:CreateTags", "iam:PassRole"];
+    // Allowed and never sent: only what EC2 checks on the side (roles passed with an instance
+    // profile). CreateTags is sent (the re-tag of a claimed warm instance) and also checked on
+    // the side (tags written by RunInstances and CreateNetworkInterface).
+    assert!(sent.contains(&"ec2:CreateTags".to_string()), "{sent:?}");
+    let implicit = ["iam:PassRole"];
     let unused: Vec<&String> = allowed
         .iter()
         .filter(|a| !sent.contains(a) && !implicit.contains(&a.as_str()))

@@ -199,7 +199,7 @@ fn kubectl_applies_gets_describes_logs_and_deletes() {
     );
     let pools = fixture.kubectl(&["get", "ecnp"]);
     let header: Vec<&str> = pools.lines().next().unwrap().split_whitespace().collect();
-    assert_eq!(header, ["NAME", "NODES", "READY", "PODS", "AGE"]);
+    assert_eq!(header, ["NAME", "NODES", "READY", "PODS", "WARM", "AGE"]);
     let row: Vec<&str> = pools.lines().nth(1).unwrap().split_whitespace().collect();
     assert_eq!(&row[..2], ["default", "2"]);
     let templates = fixture.kubectl(&["get", "ecpt", "general"]);

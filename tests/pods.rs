@@ -193,7 +193,7 @@ async fn a_pod_runs_on_its_own_right_sized_instance_and_is_cleaned_up_on_delete(
         .into_iter()
         .filter_map(|e| e.reason)
         .collect();
-    for reason in ["Scheduled", "Launched"] {
+    for reason in ["Scheduled", "LaunchedInstance"] {
         assert!(
             reasons.iter().any(|r| r == reason),
             "{reason} missing from {reasons:?}"
@@ -611,7 +611,7 @@ async fn a_frozen_agent_makes_its_pod_unready_then_lost_and_a_vanished_instance_
             .collect();
         assert!(reasons.iter().any(|r| r == "InstanceLost"), "{name}: {reasons:?}");
         assert_eq!(
-            reasons.iter().filter(|r| *r == "Launched").count(),
+            reasons.iter().filter(|r| *r == "LaunchedInstance").count(),
             1,
             "{name}: {reasons:?}"
         );
@@ -729,27 +729,14 @@ async fn instance_types_follow_annotation_template_and_requests_and_survive_capa
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_aws_backend_runs_a_pod_against_the_ec2_emulator() {
     use ec2_kubelet::cloud::aws::AwsCompute;
-    use std::collections::HashMap;
-    use std::sync::Mutex;
 
     let moto = common::Moto::start();
     let ec2 = moto.ec2_client();
     let network = moto.network("10.11").await;
     let images = ec2.describe_images().owners("amazon").send().await.unwrap();
     let image_id = images.images()[0].image_id().unwrap().to_string();
-    // The emulator's instances get 10.11.x addresses that are never dialled: the first time the
-    // operator asks for an instance's agent, a real agent process starts on loopback for it.
     let dir = tempfile::tempdir().unwrap();
-    let agents: Arc<Mutex<HashMap<String, common::AgentProcess>>> = Arc::default();
-    let (farm, root) = (agents.clone(), dir.path().to_path_buf());
-    let resolver = Arc::new(move |instance: &ec2_kubelet::cloud::Instance, _port: u16| {
-        let mut farm = farm.lock().unwrap();
-        let agent = farm.entry(instance.instance_id.clone()).or_insert_with(|| {
-            let home = root.join(&instance.instance_id);
-            common::AgentProcess::start(&home.join("state"), &home.join("root"))
-        });
-        Some(agent.address.to_string())
-    });
+    let (resolver, agents) = common::loopback_agents(dir.path());
     let aws = Arc::new(AwsCompute::from_client(ec2, "test", Some(resolver)));
 
     let cluster = common::operator_cluster(true).await;

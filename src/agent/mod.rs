@@ -3,6 +3,7 @@
 //! runs exec sessions. State lives in a directory, so a restarted agent re-adopts its pods.
 
 pub mod client;
+pub mod codec;
 pub mod exec;
 pub mod imds;
 pub mod logs;

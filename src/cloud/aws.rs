@@ -500,6 +500,22 @@ impl Compute for AwsCompute {
         }
     }
 
+    async fn tag_instance(&self, instance_id: &str, new_tags: &TagMap) -> Result<()> {
+        self.calls.record("CreateTags");
+        let tags: Vec<Tag> = new_tags
+            .iter()
+            .map(|(key, value)| Tag::builder().key(key).value(value).build())
+            .collect();
+        self.client
+            .create_tags()
+            .resources(instance_id)
+            .set_tags(Some(tags))
+            .send()
+            .await
+            .map_err(|e| classify("CreateTags", e))?;
+        Ok(())
+    }
+
     async fn terminate_instances(&self, instance_ids: &[String]) -> Result<()> {
         for chunk in instance_ids.chunks(1000) {
             self.calls.record("TerminateInstances");

@@ -15,7 +15,7 @@ use super::{
     InstanceTypeInfo, LaunchRequest, Result, eni_tags, instance_tags,
 };
 use crate::agent::stats::process_alive;
-use crate::crd::tags;
+use crate::crd::{TagMap, tags};
 
 /// Where the local cloud lives and what it runs.
 #[derive(Debug, Clone)]
@@ -309,6 +309,21 @@ impl Compute for LocalCompute {
                 InstanceFilter::Cluster => i.tag(tags::CLUSTER) == Some(cluster),
             })
             .collect())
+    }
+
+    async fn tag_instance(&self, instance_id: &str, new_tags: &TagMap) -> Result<()> {
+        let _guard = self.lock.lock().await;
+        let Some(mut record) = self
+            .instances()?
+            .into_iter()
+            .find(|r| r.instance.instance_id == instance_id)
+        else {
+            return Err(Error::NotFound {
+                resource: format!("instance {instance_id}"),
+            });
+        };
+        record.instance.tags.extend(new_tags.clone());
+        write_record(&self.instance_path(instance_id), &record)
     }
 
     async fn terminate_instances(&self, instance_ids: &[String]) -> Result<()> {

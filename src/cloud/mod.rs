@@ -223,6 +223,10 @@ pub trait Compute: Send + Sync {
     /// Terminates instances; terminating one that is gone is not an error.
     async fn terminate_instances(&self, instance_ids: &[String]) -> Result<()>;
 
+    /// Adds or overwrites tags on an instance (`CreateTags`): a claimed warm instance takes
+    /// its pod's tags.
+    async fn tag_instance(&self, instance_id: &str, tags: &TagMap) -> Result<()>;
+
     /// The `http://host:port` at which the instance's agent answers.
     fn agent_endpoint(&self, instance: &Instance, port: u16) -> Result<String>;
 
@@ -286,6 +290,9 @@ impl Compute for Metered {
             self.inner.terminate_instances(instance_ids).await,
         )
     }
+    async fn tag_instance(&self, instance_id: &str, tags: &TagMap) -> Result<()> {
+        self.count("CreateTags", self.inner.tag_instance(instance_id, tags).await)
+    }
     fn agent_endpoint(&self, instance: &Instance, port: u16) -> Result<String> {
         self.inner.agent_endpoint(instance, port)
     }
@@ -322,9 +329,14 @@ pub fn eni_tags(cluster: &str, request: &EniRequest) -> TagMap {
 pub fn instance_tags(cluster: &str, request: &LaunchRequest) -> TagMap {
     use crate::crd::tags;
     let mut instance_tags = owned_tags(cluster, &request.pool, &request.tags);
+    instance_tags.insert(tags::POD_UID.into(), request.pod_uid.clone());
+    if request.tags.get(tags::WARM).is_some_and(|w| w == "true") {
+        // A warm instance has no pod yet (its "pod UID" is its launch token).
+        instance_tags.insert(tags::NAME.into(), request.name.clone());
+        return instance_tags;
+    }
     let pod = format!("{}/{}", request.namespace, request.name);
     instance_tags.insert(tags::NODE.into(), request.node.clone());
-    instance_tags.insert(tags::POD_UID.into(), request.pod_uid.clone());
     instance_tags.insert(tags::POD.into(), pod.clone());
     instance_tags.insert(tags::NAME.into(), pod);
     instance_tags

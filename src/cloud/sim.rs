@@ -29,7 +29,7 @@ use crate::agent::proto::{
     LaunchPodRequest, LaunchPodResponse, LogChunk, PingRequest, PingResponse, PodStats, PodStatus,
     TerminatePodRequest, TerminatePodResponse, WatchPodStatusRequest, container_state,
 };
-use crate::crd::tags;
+use crate::crd::{TagMap, tags};
 
 /// An EC2 token bucket: `capacity` calls at once, refilled by `refill_per_second`.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -208,6 +208,8 @@ impl SimCounters {
 struct State {
     enis: BTreeMap<String, Eni>,
     instances: HashMap<String, SimInstance>,
+    /// The newest instance of each pod UID (the `ClientToken` index).
+    by_pod: HashMap<String, String>,
     timelines: HashMap<String, PodTimeline>,
     counters: SimCounters,
     next_id: u64,
@@ -462,9 +464,12 @@ impl Compute for SimCompute {
         let boot_latency = *lock(&self.cloud.boot_latency);
         let mut state = lock(&self.cloud.state);
         // The ClientToken: the same pod gets its live instance back.
-        if let Some(existing) = state.instances.values().find(|i| {
-            i.instance.state.is_alive() && i.instance.tag(tags::POD_UID) == Some(request.pod_uid.as_str())
-        }) {
+        if let Some(existing) = state
+            .by_pod
+            .get(&request.pod_uid)
+            .and_then(|id| state.instances.get(id))
+            .filter(|i| i.instance.state.is_alive())
+        {
             return Ok(existing.instance.clone());
         }
         state.next_id += 1;
@@ -479,6 +484,9 @@ impl Compute for SimCompute {
             tags: instance_tags(&options.cluster, request),
         };
         let server = (n as usize) % self.cloud.servers.len();
+        state
+            .by_pod
+            .insert(request.pod_uid.clone(), instance.instance_id.clone());
         state.instances.insert(
             instance.instance_id.clone(),
             SimInstance {
@@ -523,6 +531,21 @@ impl Compute for SimCompute {
             .collect();
         found.sort_by(|a, b| a.instance_id.cmp(&b.instance_id));
         Ok(found)
+    }
+
+    async fn tag_instance(&self, instance_id: &str, new_tags: &TagMap) -> Result<()> {
+        self.cloud.call("CreateTags").await?;
+        let mut state = lock(&self.cloud.state);
+        let Some(found) = state.instances.get_mut(instance_id) else {
+            return Err(Error::NotFound {
+                resource: format!("instance {instance_id}"),
+            });
+        };
+        found.instance.tags.extend(new_tags.clone());
+        if let Some(uid) = new_tags.get(tags::POD_UID) {
+            state.by_pod.insert(uid.clone(), instance_id.to_string());
+        }
+        Ok(())
     }
 
     async fn terminate_instances(&self, instance_ids: &[String]) -> Result<()> {

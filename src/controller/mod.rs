@@ -7,8 +7,12 @@ pub mod template;
 
 use std::sync::Arc;
 
+use k8s_openapi::api::core::v1::ObjectReference;
+use k8s_openapi::api::events::v1::Event as K8sEvent;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use kube::Client;
-use kube::runtime::events::{Recorder, Reporter};
+use kube::api::{Api, PostParams};
+use kube::runtime::events::{EventType, Recorder, Reporter};
 
 use crate::cloud::Compute;
 use crate::config::OperatorConfig;
@@ -65,6 +69,52 @@ impl Context {
         let filter = crate::cloud::InstanceFilter::Pool(pool.to_string());
         let fetch = || self.gate.call(pool, || self.compute.describe_instances(&filter));
         Ok(self.instances.get(pool, not_before, fetch).await?)
+    }
+
+    /// Records an event that happens once in its object's life (a pod's launch, its
+    /// termination). The recorder keeps every event it published for six minutes to count
+    /// repeats, and scans that cache on each publish: at thousands of pods that is megabytes
+    /// and a quadratic scan for events that never repeat. Controllers' events, which do
+    /// repeat, go through `recorder`.
+    pub async fn publish_once(
+        &self,
+        regarding: ObjectReference,
+        type_: EventType,
+        reason: &str,
+        note: String,
+    ) {
+        let now = jiff::Timestamp::now();
+        let namespace = regarding.namespace.clone().unwrap_or_else(|| "default".into());
+        let event = K8sEvent {
+            metadata: ObjectMeta {
+                name: Some(format!(
+                    "{}.{:x}",
+                    regarding.name.as_deref().unwrap_or("ec2-kubelet"),
+                    now.as_nanosecond()
+                )),
+                namespace: Some(namespace.clone()),
+                ..Default::default()
+            },
+            action: Some(reason.to_string()),
+            reason: Some(reason.to_string()),
+            note: Some(note),
+            event_time: Some(MicroTime(now)),
+            regarding: Some(regarding),
+            reporting_controller: Some("ec2-kubelet".into()),
+            reporting_instance: Some(self.identity.clone()),
+            type_: Some(
+                match type_ {
+                    EventType::Normal => "Normal",
+                    EventType::Warning => "Warning",
+                }
+                .into(),
+            ),
+            ..Default::default()
+        };
+        let events: Api<K8sEvent> = Api::namespaced(self.client.clone(), &namespace);
+        if let Err(error) = events.create(&PostParams::default(), &event).await {
+            tracing::debug!(%error, %reason, "recording an event");
+        }
     }
 
     /// The ENIs of `pool` as of a `DescribeNetworkInterfaces` that started at or after

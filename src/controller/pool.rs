@@ -591,8 +591,10 @@ async fn template_condition(
 async fn collect_orphans(ctx: &Context, pool: &Ec2NodePool) -> Result<()> {
     let name = pool.name_any();
     let pods: Api<Pod> = Api::all(ctx.client.clone());
+    // UIDs are metadata: at 10,000 pods a full list per pool reconcile would dominate the
+    // API server's work after a restart.
     let live: HashSet<String> = pods
-        .list(&ListParams::default())
+        .list_metadata(&ListParams::default())
         .await?
         .items
         .iter()
@@ -604,6 +606,8 @@ async fn collect_orphans(ctx: &Context, pool: &Ec2NodePool) -> Result<()> {
     let orphans: Vec<&crate::cloud::Instance> = instances
         .iter()
         .filter(|i| i.state.is_alive() && now - i.launch_time >= grace)
+        // Warm instances have no pod yet: the warm pool tends (and retires) them.
+        .filter(|i| i.tag(crate::crd::tags::WARM) != Some("true"))
         .filter(|i| {
             i.tag(crate::crd::tags::POD_UID)
                 .is_some_and(|uid| !live.contains(uid))
@@ -667,7 +671,23 @@ async fn cleanup(pool: &Ec2NodePool, ctx: &Context) -> Result<Action> {
     for node in leftover.items {
         remove_node_objects(ctx, &node.name_any()).await?;
     }
-    let note = format!("removed {} node(s) and their ENIs", enis.len());
+    // Warm instances (recorded or not): no pod of the pool can claim them any more.
+    let warm: Vec<String> = ctx
+        .pool_instances(&name, std::time::Instant::now())
+        .await?
+        .iter()
+        .filter(|i| i.state.is_alive() && i.tag(crate::crd::tags::WARM) == Some("true"))
+        .map(|i| i.instance_id.clone())
+        .collect();
+    if !warm.is_empty() {
+        ctx.compute.terminate_instances(&warm).await?;
+        tracing::info!(pool = %name, instances = ?warm, "terminated the warm instances of a deleted pool");
+    }
+    let note = format!(
+        "removed {} node(s) and their ENIs, terminated {} warm instance(s)",
+        enis.len(),
+        warm.len()
+    );
     publish(ctx, pool, EventType::Normal, "PoolDeleted", note, "Delete").await;
     Ok(Action::await_change())
 }

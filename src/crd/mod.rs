@@ -17,8 +17,8 @@ use serde::{Deserialize, Serialize};
 pub use conditions::{ConditionStatus, set_condition};
 pub use pool::{
     AgentSettings, BindingPhase, Ec2NodePool, Ec2NodePoolSpec, Ec2NodePoolStatus, NodeCapacity, NodeTaint,
-    PodBinding, PoolNodeStatus, SecretRef, TaintEffect, TemplateRef, WarmPool, default_agent_port,
-    default_node_taints,
+    PodBinding, PoolNodeStatus, SecretRef, TaintEffect, TemplateRef, WarmInstance, WarmPool, WarmState,
+    default_agent_port, default_node_taints,
 };
 pub use template::{
     BlockDeviceMapping, EbsVolume, EbsVolumeType, Ec2PodTemplate, Ec2PodTemplateSpec, Ec2PodTemplateStatus,
@@ -192,7 +192,7 @@ mod tests {
     }
 
     #[test]
-    fn pool_printer_columns_are_nodes_ready_pods_age() {
+    fn pool_printer_columns_are_nodes_ready_pods_warm_age() {
         let crd = Ec2NodePool::crd();
         let columns: Vec<_> = crd.spec.versions[0]
             .additional_printer_columns
@@ -200,7 +200,7 @@ mod tests {
             .flatten()
             .map(|c| c.name.to_uppercase())
             .collect();
-        assert_eq!(columns, ["NODES", "READY", "PODS", "AGE"]);
+        assert_eq!(columns, ["NODES", "READY", "PODS", "WARM", "AGE"]);
     }
 
     #[test]

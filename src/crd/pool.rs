@@ -24,6 +24,7 @@ use super::{Architecture, ObjectRef, OperatingSystem, TagMap};
     printcolumn = r#"{"name":"Nodes","type":"integer","description":"Virtual nodes wanted","jsonPath":".spec.nodes"}"#,
     printcolumn = r#"{"name":"Ready","type":"integer","description":"Virtual nodes Ready","jsonPath":".status.readyNodes"}"#,
     printcolumn = r#"{"name":"Pods","type":"integer","description":"Pods bound to the pool's nodes","jsonPath":".status.pods"}"#,
+    printcolumn = r#"{"name":"Warm","type":"integer","description":"Warm instances booted and waiting for a pod","jsonPath":".status.warmReady"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[x_kube(validation = Rule::new(
@@ -285,9 +286,52 @@ pub struct Ec2NodePoolStatus {
     /// patches per node and pod, so node tasks never overwrite each other.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub bindings: BTreeMap<String, BTreeMap<String, PodBinding>>,
+    /// Warm instances waiting for a pod, keyed by instance id. A pod claims one by removing it
+    /// here and adding its binding in one write that carries the status's resourceVersion, so
+    /// no two pods (nor two replicas) ever get the same instance.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub warm: BTreeMap<String, WarmInstance>,
+    /// Warm instances whose agent is Ready.
+    #[serde(default)]
+    pub warm_ready: i32,
+    /// Warm instances launched and not Ready yet.
+    #[serde(default)]
+    pub warm_launching: i32,
     /// `Ready` and `Degraded`, with reasons.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+}
+
+/// A booted instance waiting for a pod, with the launch settings a pod must match to take it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WarmInstance {
+    pub instance_type: String,
+    pub image_id: String,
+    pub subnet_id: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub security_group_ids: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iam_instance_profile: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub private_ip: Option<String>,
+    /// The agent port the instance was launched with.
+    pub agent_port: i32,
+    pub state: WarmState,
+    /// When RunInstances answered.
+    pub launch_time: Time,
+    /// When the agent first answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_time: Option<Time>,
+}
+
+/// Where a warm instance is in its life.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum WarmState {
+    /// Launched; its agent has not answered yet.
+    Launching,
+    /// The agent answers: a pod may claim it.
+    Ready,
 }
 
 /// One virtual node of a pool.

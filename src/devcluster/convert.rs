@@ -75,7 +75,7 @@ mod tests {
         let v1 = registry.find("events.k8s.io", "v1", "events").unwrap();
         let core = registry.find("", "v1", "events").unwrap();
         let event = json!({"metadata": {"name": "e"}, "regarding": {"kind": "Pod", "name": "p"}, "note": "hello",
-            "reportingController": "ec2-kubelet", "reason": "Launched"});
+            "reportingController": "ec2-kubelet", "reason": "LaunchedInstance"});
         let stored = to_storage(&v1, event);
         assert_eq!(stored["involvedObject"]["name"], "p");
         assert_eq!(stored["message"], "hello");

@@ -142,6 +142,7 @@ impl Query {
                 .map_err(ApiError::bad_request)?,
             limit: self.get("limit").and_then(|l| l.parse().ok()),
             continue_token: self.get("continue").map(String::from),
+            metadata_only: false,
         })
     }
 }
@@ -283,6 +284,16 @@ fn parse_yaml(bytes: &[u8]) -> Result<Value, ApiError> {
     serde_yaml::from_slice(bytes).map_err(|e| ApiError::bad_request(format!("error decoding YAML: {e}")))
 }
 
+/// `Accept: application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1`, as
+/// `kubectl get -o name` and kube's `list_metadata` send it.
+fn wants_metadata_list(request: &Request<Incoming>) -> bool {
+    request
+        .headers()
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|accept| accept.contains("as=PartialObjectMetadataList"))
+}
+
 fn wants_table(request: &Request<Incoming>) -> bool {
     request
         .headers()
@@ -335,6 +346,7 @@ async fn resource(
     } = target;
     let ns = namespace.as_deref();
     let table_wanted = wants_table(&request);
+    let metadata_wanted = wants_metadata_list(&request);
     let include = IncludeObject::parse(query.get("includeObject"));
     let sub = match subresource.as_deref() {
         Some("status") => Subresource::Status,
@@ -376,7 +388,9 @@ async fn resource(
             watch_response(state, rt, version, namespace, query, format).await
         }
         (Method::GET, None, None) => {
-            let page = store.list(&rt, &version, ns, &query.list_options(&rt)?)?;
+            let mut options = query.list_options(&rt)?;
+            options.metadata_only = metadata_wanted && !table_wanted;
+            let page = store.list(&rt, &version, ns, &options)?;
             let mut metadata = json!({"resourceVersion": page.resource_version.to_string()});
             if let Some(token) = &page.continue_token {
                 metadata["continue"] = json!(token);
@@ -387,12 +401,15 @@ async fn resource(
             let body = if table_wanted {
                 table(&rt, &version, &page.items, metadata, include)
             } else {
-                json!({
-                    "kind": format!("{}List", rt.kind),
-                    "apiVersion": rt.api_version(&version),
-                    "metadata": metadata,
-                    "items": page.items,
-                })
+                let (kind, api_version) = if options.metadata_only {
+                    (
+                        "PartialObjectMetadataList".to_string(),
+                        "meta.k8s.io/v1".to_string(),
+                    )
+                } else {
+                    (format!("{}List", rt.kind), rt.api_version(&version))
+                };
+                json!({"kind": kind, "apiVersion": api_version, "metadata": metadata, "items": page.items})
             };
             Ok(json_response(StatusCode::OK, &body, &[]))
         }

@@ -142,6 +142,9 @@ pub struct ListOptions {
     pub fields: FieldSelector,
     pub limit: Option<usize>,
     pub continue_token: Option<String>,
+    /// Items as `PartialObjectMetadata` (what `Accept: ...;as=PartialObjectMetadataList` asks
+    /// for): only the metadata is converted and sent.
+    pub metadata_only: bool,
 }
 
 /// A page of a list, in API form.
@@ -1220,7 +1223,12 @@ impl Inner {
                     options.labels.matches_object(object) && options.fields.matches(object)
                 });
             for (key, object) in matching.by_ref() {
-                items.push(to_api(rt, version, object));
+                items.push(if options.metadata_only {
+                    json!({"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1",
+                        "metadata": object["metadata"]})
+                } else {
+                    to_api(rt, version, object)
+                });
                 if options
                     .limit
                     .is_some_and(|limit| limit > 0 && items.len() >= limit)

@@ -10,7 +10,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
-use kube::runtime::events::{Event, EventType};
+use kube::runtime::events::EventType;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Resource, ResourceExt};
 use serde_json::{Value, json};
@@ -30,17 +30,10 @@ use crate::faults;
 use crate::node::VirtualNode;
 use crate::node::supervisor::stopped;
 
+/// Records a pod event. A pod's events do not repeat (one launch, one termination), so they
+/// skip the recorder's cache of recent events.
 async fn publish(ctx: &Context, pod: &Pod, type_: EventType, reason: &str, note: String) {
-    let event = Event {
-        type_,
-        reason: reason.into(),
-        note: Some(note),
-        action: reason.into(),
-        secondary: None,
-    };
-    if let Err(error) = ctx.recorder.publish(&event, &pod.object_ref(&())).await {
-        tracing::debug!(%error, "recording a pod event");
-    }
+    ctx.publish_once(pod.object_ref(&()), type_, reason, note).await;
 }
 
 fn pods(ctx: &Context, namespace: &str) -> Api<Pod> {
@@ -475,6 +468,17 @@ async fn finish_deletion(
     }
 }
 
+/// [`finish_deletion`] of the pod as its watch channel has it now.
+async fn finish_deletion_of(
+    shared: &Shared,
+    pod_rx: &watch::Receiver<Pod>,
+    instance: Option<&Instance>,
+    agent: Option<&mut AgentChannel>,
+) -> Result<()> {
+    let pod = pod_rx.borrow().clone();
+    finish_deletion(shared, &pod, instance, agent).await
+}
+
 /// Launches the pod's instance, falling back through the allowed types that fit when EC2 has
 /// no capacity. `None` when there is nothing to launch (bad settings, or deleted meanwhile):
 /// the pod was dealt with.
@@ -498,6 +502,19 @@ async fn launch(shared: &Shared, pod_rx: &mut watch::Receiver<Pod>) -> Result<Op
             return Ok(None);
         }
     };
+    if crate::warm::enabled(&node.spec) {
+        // Served warm: the claim wrote the binding; the agent is already up.
+        if let Some(claimed) = crate::warm::claim(ctx, &request, &fallbacks).await? {
+            let note = format!(
+                "claimed warm instance {} ({}, warm for {} s): {why}",
+                claimed.instance.instance_id,
+                claimed.instance.instance_type,
+                claimed.warm_for.as_secs()
+            );
+            publish(ctx, &pod, EventType::Normal, "ClaimedWarmInstance", note).await;
+            return Ok(Some(claimed.instance));
+        }
+    }
     let binding = json!({"namespace": request.namespace, "name": request.name,
         "instanceType": request.instance_type, "phase": "Launching", "launchTime": now()});
     set_binding(ctx, node, &request.pod_uid, Some(binding)).await?;
@@ -527,7 +544,7 @@ async fn launch(shared: &Shared, pod_rx: &mut watch::Receiver<Pod>) -> Result<Op
                     ctx,
                     &pod,
                     EventType::Normal,
-                    "Launched",
+                    "LaunchedInstance",
                     format!("launched {}: {why}", instance.instance_id),
                 )
                 .await;
@@ -569,7 +586,7 @@ enum AgentWait {
 /// Connects to an agent (or reuses the open connection to it) and pings it. HTTP/2 keepalives
 /// on the connection notice an agent that stops answering (a frozen or vanished instance)
 /// within about `unreachable`, so a status stream never hangs on a dead peer.
-async fn ping(
+pub(crate) async fn ping(
     ctx: &Context,
     endpoint: &str,
     instance_id: &str,
@@ -702,6 +719,14 @@ enum Mirror {
     SpotInterrupted(i64),
 }
 
+/// A hash of a JSON value (of its serialization, whose key order serde_json keeps sorted).
+fn fingerprint(value: &Value) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    value.to_string().hash(&mut hasher);
+    hasher.finish()
+}
+
 /// Mirrors the agent's status stream into the pod (through the node's writer, only what
 /// changes) until the pod is deleted or the stream breaks.
 async fn mirror(
@@ -712,14 +737,13 @@ async fn mirror(
     bound_at: &mut Option<tokio::time::Instant>,
 ) -> Result<Mirror> {
     let uid = pod_rx.borrow().uid().unwrap_or_default();
-    let mut stream = match agent
-        .watch_pod_status(WatchPodStatusRequest { pod_uid: uid })
-        .await
-    {
+    let opened = Box::pin(agent.watch_pod_status(WatchPodStatusRequest { pod_uid: uid })).await;
+    let mut stream = match opened {
         Ok(stream) => stream.into_inner(),
         Err(error) => return Ok(Mirror::Lost(format!("WatchPodStatus: {error}"))),
     };
-    let mut last: Option<Value> = None;
+    // A fingerprint of the last status sent, not the status itself: one is kept per pod.
+    let mut last: Option<u64> = None;
     loop {
         if deleting(&pod_rx.borrow()) {
             return Ok(Mirror::Deleting);
@@ -737,7 +761,8 @@ async fn mirror(
                     let spec_json = serde_json::to_value(pod.spec.clone().unwrap_or_default()).unwrap_or_default();
                     let previous = serde_json::to_value(pod.status.clone().unwrap_or_default()).unwrap_or_default();
                     let new = status::pod_status(&report, &spec_json, &previous, placement, &now());
-                    if last.as_ref() != Some(&new) && status::changes(&previous, &new) {
+                    let fingerprint = fingerprint(&new);
+                    if last != Some(fingerprint) && status::changes(&previous, &new) {
                         shared.status.send(&pod, new.clone());
                     }
                     if new["phase"] == "Running"
@@ -747,7 +772,7 @@ async fn mirror(
                         let histogram = shared.ctx.metrics.launch_duration.get_or_create(&labels);
                         histogram.observe(bound.elapsed().as_secs_f64());
                     }
-                    last = Some(new);
+                    last = Some(fingerprint);
                 }
                 Some(Err(error)) => return Ok(Mirror::Lost(format!("status stream: {error}"))),
                 None => return Ok(Mirror::Lost("the agent closed the status stream".into())),
@@ -767,18 +792,24 @@ async fn attach(
 ) -> Result<()> {
     let ctx = &shared.ctx;
     let node = &shared.node;
-    let pod = pod_rx.borrow().clone();
-    let uid = pod.uid().unwrap_or_default();
-    let namespace = pod.namespace().unwrap_or_default();
-    if pod.annotations().get(annotations::INSTANCE_ID) != Some(&instance.instance_id) {
-        let binding = json!({"namespace": namespace, "name": pod.name_any(),
+    let (uid, namespace, name, recorded) = {
+        let pod = pod_rx.borrow();
+        let recorded = pod.annotations().get(annotations::INSTANCE_ID) == Some(&instance.instance_id);
+        (
+            pod.uid().unwrap_or_default(),
+            pod.namespace().unwrap_or_default(),
+            pod.name_any(),
+            recorded,
+        )
+    };
+    if !recorded {
+        let binding = json!({"namespace": namespace, "name": name,
             "instanceId": instance.instance_id, "instanceType": instance.instance_type,
             "privateIp": instance.private_ip, "phase": "Booting"});
-        set_binding(ctx, node, &uid, Some(binding)).await?;
+        Box::pin(set_binding(ctx, node, &uid, Some(binding))).await?;
         let annotate = json!({"metadata": {"annotations": {annotations::INSTANCE_ID: instance.instance_id}}});
-        pods(ctx, &namespace)
-            .patch(&pod.name_any(), &PatchParams::default(), &Patch::Merge(&annotate))
-            .await?;
+        let api = pods(ctx, &namespace);
+        Box::pin(api.patch(&name, &PatchParams::default(), &Patch::Merge(&annotate))).await?;
     }
     let port = instance
         .tag(tags::AGENT_PORT)
@@ -807,37 +838,62 @@ async fn run_on(
 ) -> Result<()> {
     let ctx = &shared.ctx;
     let node = &shared.node;
-    let uid = pod_rx.borrow().uid().unwrap_or_default();
+    let (uid, mut recorded_running) = {
+        let pod = pod_rx.borrow();
+        // The binding says Running before the pod's status ever does (it is written before the
+        // status is mirrored), so a Running pod re-attached after a restart writes nothing.
+        let on_this_instance = pod.annotations().get(annotations::INSTANCE_ID) == Some(&instance.instance_id);
+        let running = pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
+        (pod.uid().unwrap_or_default(), on_this_instance && running)
+    };
     let mut unreachable_since = None;
-    let mut recorded_running = false;
     loop {
-        let mut agent = match wait_for_agent(shared, pod_rx, instance, endpoint, unreachable_since).await? {
+        let waited = Box::pin(wait_for_agent(
+            shared,
+            pod_rx,
+            instance,
+            endpoint,
+            unreachable_since,
+        ))
+        .await?;
+        let mut agent = match waited {
             AgentWait::Ready(agent) => agent,
             AgentWait::Lost(why) => {
-                return instance_lost(shared, pod_rx, Some(&instance.instance_id), &why).await;
+                return Box::pin(instance_lost(shared, pod_rx, Some(&instance.instance_id), &why)).await;
             }
             AgentWait::Deleting => {
-                let pod = pod_rx.borrow().clone();
-                return finish_deletion(shared, &pod, Some(instance), None).await;
+                return Box::pin(finish_deletion_of(shared, pod_rx, Some(instance), None)).await;
             }
         };
         if unreachable_since.take().is_some() {
             tracing::info!(pod = %pod_rx.borrow().name_any(), instance_id = %instance.instance_id, "the agent answers again");
         }
-        let pod = pod_rx.borrow().clone();
-        hand_over(shared, &pod, &mut agent, instance).await?;
+        // The copy of the pod lives in the boxed future, not in the worker's.
+        Box::pin(async {
+            let pod = pod_rx.borrow().clone();
+            hand_over(shared, &pod, &mut agent, instance).await
+        })
+        .await?;
         if !recorded_running {
-            set_binding(ctx, node, &uid, Some(json!({"phase": "Running"}))).await?;
+            Box::pin(set_binding(ctx, node, &uid, Some(json!({"phase": "Running"})))).await?;
             recorded_running = true;
         }
         match mirror(shared, pod_rx, &mut agent, placement, &mut bound_at).await? {
             Mirror::Deleting => {
-                let pod = pod_rx.borrow().clone();
-                return finish_deletion(shared, &pod, Some(instance), Some(&mut agent)).await;
+                return Box::pin(finish_deletion_of(
+                    shared,
+                    pod_rx,
+                    Some(instance),
+                    Some(&mut agent),
+                ))
+                .await;
             }
-            Mirror::SpotInterrupted(at) => return spot_interrupted(shared, pod_rx, instance, at).await,
+            Mirror::SpotInterrupted(at) => {
+                return Box::pin(spot_interrupted(shared, pod_rx, instance, at)).await;
+            }
             Mirror::Lost(why) => {
-                tracing::warn!(pod = %pod.name_any(), instance_id = %instance.instance_id, %why, "lost the agent");
+                let pod = pod_rx.borrow().name_any();
+                tracing::warn!(%pod, instance_id = %instance.instance_id, %why, "lost the agent");
                 let labels = crate::metrics::PoolLabels {
                     pool: node.pool.clone(),
                 };
@@ -848,29 +904,59 @@ async fn run_on(
     }
 }
 
+/// How old a snapshot of the pool's instances may be to tell whether a recorded instance lives.
+const RECORDED_SNAPSHOT_AGE: Duration = Duration::from_secs(30);
+
 /// Drives one pod from bound to gone. Returns when the pod is released, or with an error the
 /// caller retries.
 async fn drive(shared: &Shared, pod_rx: &mut watch::Receiver<Pod>) -> Result<()> {
+    // A worker spends its life awaiting inside `attach` (the status stream), and its task is as
+    // large as the largest state it can be in: the steps taken once (launch, deletion, losses)
+    // are boxed so that they take memory only while they run, and no copy of the pod is held
+    // across an await (the watch channel has it).
     let bound_at = tokio::time::Instant::now();
-    let pod = pod_rx.borrow().clone();
-    let uid = pod.uid().unwrap_or_default();
-    let recorded = pod.annotations().get(annotations::INSTANCE_ID).cloned();
-    let asked = std::time::Instant::now();
-    match existing_instance(&shared.ctx, &shared.node, &uid, asked).await? {
-        Some(instance) if failed_by_us(&pod) => {
-            terminate(shared, &instance.instance_id).await?;
-            release_when_deleted(shared, pod_rx).await
+    let (uid, recorded, failed, deleted, done) = {
+        let pod = pod_rx.borrow();
+        (
+            pod.uid().unwrap_or_default(),
+            pod.annotations().get(annotations::INSTANCE_ID).cloned(),
+            failed_by_us(&pod),
+            deleting(&pod),
+            finished(&pod),
+        )
+    };
+    // A pod without an instance yet needs a snapshot taken after its binding could have been
+    // written (or it might launch twice); for a pod whose instance is recorded, any recent
+    // snapshot tells whether that instance is alive, so after a restart one `DescribeInstances`
+    // per pool serves every pod that comes back (a stale answer is caught by `wait_for_agent`).
+    let asked = match &recorded {
+        Some(_) => std::time::Instant::now()
+            .checked_sub(RECORDED_SNAPSHOT_AGE)
+            .unwrap_or_else(std::time::Instant::now),
+        None => std::time::Instant::now(),
+    };
+    let mut found = Box::pin(existing_instance(&shared.ctx, &shared.node, &uid, asked)).await?;
+    if found.is_none() && recorded.is_some() {
+        // The snapshot may predate the instance (a worker retried right after its launch):
+        // only one taken now can tell that it is gone.
+        let now = std::time::Instant::now();
+        found = Box::pin(existing_instance(&shared.ctx, &shared.node, &uid, now)).await?;
+    }
+    match found {
+        Some(instance) if failed => {
+            Box::pin(terminate(shared, &instance.instance_id)).await?;
+            Box::pin(release_when_deleted(shared, pod_rx)).await
         }
         Some(instance) => attach(shared, pod_rx, instance, None).await,
-        None if deleting(&pod) => finish_deletion(shared, &pod, None, None).await,
+        None if deleted => Box::pin(finish_deletion_of(shared, pod_rx, None, None)).await,
         // Finished earlier: nothing to run, the pod waits for its deletion.
-        None if finished(&pod) => release_when_deleted(shared, pod_rx).await,
+        None if done => Box::pin(release_when_deleted(shared, pod_rx)).await,
         None if recorded.is_some() => {
             let id = recorded.unwrap_or_default();
             let why = format!("instance {id} was stopped or terminated outside the operator");
-            instance_lost(shared, pod_rx, Some(&id), &why).await
+            Box::pin(instance_lost(shared, pod_rx, Some(&id), &why)).await
         }
-        None => match launch(shared, pod_rx).await? {
+        None => match Box::pin(launch(shared, pod_rx)).await? {
             Some(instance) => attach(shared, pod_rx, instance, Some(bound_at)).await,
             None => Ok(()),
         },
@@ -896,7 +982,7 @@ async fn cleanup_deleted(shared: &Shared, pod: &Pod) -> Result<()> {
 
 /// One pod's worker: drives the pod, retrying failures with jittered exponential backoff (cut
 /// short when the pod is deleted meanwhile).
-async fn work(shared: Shared, mut pod_rx: watch::Receiver<Pod>) {
+async fn work(shared: Arc<Shared>, mut pod_rx: watch::Receiver<Pod>) {
     let mut backoff = Backoff::default();
     loop {
         match drive(&shared, &mut pod_rx).await {
@@ -923,11 +1009,11 @@ pub async fn run(ctx: Arc<Context>, node: VirtualNode, mut stop: watch::Receiver
     let window = Duration::from_millis(u64::from(ctx.config.sync.pod_status_batch_millis));
     let (status, writer) =
         StatusWriter::start(ctx.client.clone(), window, ctx.metrics.pod_status_writes.clone());
-    let shared = Shared {
+    let shared = Arc::new(Shared {
         ctx: ctx.clone(),
         node: node.clone(),
         status,
-    };
+    });
     let mut workers: HashMap<String, Worker> = HashMap::new();
     loop {
         let event = tokio::select! {
@@ -974,4 +1060,23 @@ pub async fn run(ctx: Arc<Context>, node: VirtualNode, mut stop: watch::Receiver
     drop(workers);
     drop(shared);
     let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The size of the future an async fn of two owned arguments returns.
+    fn future_size<A, B, F: std::future::Future>(_: fn(A, B) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    #[test]
+    fn a_pod_worker_task_stays_small() {
+        // Every pod has one worker task for its whole life: at 10,000 pods each KiB of it is
+        // 10 MiB of operator memory.
+        let size = future_size(work);
+        eprintln!("pod worker task: {size} bytes");
+        assert!(size <= 3072, "the pod worker future is {size} bytes");
+    }
 }

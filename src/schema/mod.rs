@@ -644,34 +644,82 @@ fn validate_object(
     }
 }
 
+/// Whether `schema` or anything below it carries `x-kubernetes-validations` rules.
+fn has_cel_rules(schema: &Value) -> bool {
+    schema.get("x-kubernetes-validations").is_some()
+        || properties(schema).is_some_and(|props| props.values().any(has_cel_rules))
+        || schema.get("items").is_some_and(has_cel_rules)
+        || additional_properties(schema).is_some_and(has_cel_rules)
+}
+
 /// Evaluates the schema's `x-kubernetes-validations` CEL rules (kube-cel, the Kubernetes CEL
 /// libraries). A rule failure is reported at the path of the object that carries the rule.
+///
+/// Like the API server, only the parts of the object that rules are written on are turned
+/// into CEL values: a pool whose status holds thousands of bindings costs no more to admit
+/// than one without, since the rules live in its spec.
 fn validate_cel(schema: &Value, object: &Value, old: Option<&Value>) -> Vec<FieldError> {
+    let mut errors = Vec::new();
+    validate_cel_at(schema, object, old, "", object, &mut errors);
+    errors
+}
+
+/// [`validate_cel`] for the value at `prefix`: descends through plain properties to the
+/// nearest schemas whose subtree has rules below items or maps, or rules of their own.
+fn validate_cel_at(
+    schema: &Value,
+    value: &Value,
+    old: Option<&Value>,
+    prefix: &str,
+    root: &Value,
+    errors: &mut Vec<FieldError>,
+) {
+    if !has_cel_rules(schema) {
+        return;
+    }
+    let rules_below_properties_only = schema.get("x-kubernetes-validations").is_none()
+        && !schema.get("items").is_some_and(has_cel_rules)
+        && !additional_properties(schema).is_some_and(has_cel_rules);
+    if rules_below_properties_only {
+        if let (Some(props), Some(fields)) = (properties(schema), value.as_object()) {
+            for (key, child_schema) in props {
+                if let Some(child) = fields.get(key) {
+                    let child_old = old.and_then(|o| o.get(key));
+                    validate_cel_at(child_schema, child, child_old, &join(prefix, key), root, errors);
+                }
+            }
+        }
+        return;
+    }
     thread_local! {
         static CEL: kube::core::cel::Validator = kube::core::cel::Validator::new();
     }
-    match CEL.with(|cel| cel.validate(schema, object, old)) {
-        Ok(()) => Vec::new(),
-        Err(failures) => failures
-            .into_vec()
-            .into_iter()
-            .map(|failure| {
-                let path = if failure.field_path.is_empty() {
-                    "<root>".to_string()
-                } else {
-                    failure.field_path.clone()
-                };
-                let value = cel_path_value(object, &failure.field_path);
-                FieldError {
-                    path,
-                    kind: FieldErrorKind::Invalid {
-                        value,
-                        detail: failure.message.clone(),
-                    },
-                }
-            })
-            .collect(),
-    }
+    let Err(failures) = CEL.with(|cel| cel.validate(schema, value, old)) else {
+        return;
+    };
+    errors.extend(failures.into_vec().into_iter().map(|failure| {
+        let path = match (prefix.is_empty(), failure.field_path.is_empty()) {
+            (_, true) => prefix.to_string(),
+            (true, false) => failure.field_path.clone(),
+            (false, false) if failure.field_path.starts_with('[') => {
+                format!("{prefix}{}", failure.field_path)
+            }
+            (false, false) => format!("{prefix}.{}", failure.field_path),
+        };
+        let value = cel_path_value(root, &path);
+        let path = if path.is_empty() {
+            "<root>".to_string()
+        } else {
+            path
+        };
+        FieldError {
+            path,
+            kind: FieldErrorKind::Invalid {
+                value,
+                detail: failure.message.clone(),
+            },
+        }
+    }));
 }
 
 /// The value at a dotted path (with `[i]` indexes), for error messages.
@@ -794,6 +842,34 @@ mod tests {
         assert_eq!(errors.len(), 1);
         assert!(errors[0].starts_with("spec: Invalid value"), "{errors:?}");
         assert!(errors[0].ends_with("nodes must not exceed max"), "{errors:?}");
+    }
+
+    #[test]
+    fn cel_rules_below_items_and_transition_rules_keep_their_paths() {
+        let schema = json!({"type": "object", "properties": {
+            "status": {"type": "object", "additionalProperties": {"type": "string"}},
+            "spec": {"type": "object", "properties": {
+                "ports": {"type": "array", "items": {"type": "integer",
+                    "x-kubernetes-validations": [{"rule": "self > 0", "message": "ports are positive"}]}},
+                "zone": {"type": "string",
+                    "x-kubernetes-validations": [{"rule": "self == oldSelf", "message": "zone is immutable"}]},
+            }},
+        }});
+        let errors = admit(
+            &schema,
+            json!({"spec": {"ports": [80, 0]}, "status": {"a": "b"}}),
+            None,
+        )
+        .unwrap_err();
+        let errors: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        assert_eq!(errors, ["spec.ports[1]: Invalid value: 0: ports are positive"]);
+        let old = json!({"spec": {"zone": "a"}});
+        let errors = admit(&schema, json!({"spec": {"zone": "b"}}), Some(&old)).unwrap_err();
+        assert_eq!(
+            errors[0].to_string(),
+            "spec.zone: Invalid value: \"b\": zone is immutable"
+        );
+        assert!(admit(&schema, json!({"spec": {"zone": "a"}}), Some(&old)).is_ok());
     }
 
     #[test]

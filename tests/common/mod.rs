@@ -483,6 +483,13 @@ impl ec2_kubelet::cloud::Compute for FlakyCompute {
     async fn terminate_instances(&self, instance_ids: &[String]) -> ec2_kubelet::cloud::Result<()> {
         self.inner.terminate_instances(instance_ids).await
     }
+    async fn tag_instance(
+        &self,
+        instance_id: &str,
+        tags: &ec2_kubelet::crd::TagMap,
+    ) -> ec2_kubelet::cloud::Result<()> {
+        self.inner.tag_instance(instance_id, tags).await
+    }
     fn agent_endpoint(
         &self,
         instance: &ec2_kubelet::cloud::Instance,
@@ -641,4 +648,25 @@ pub async fn phase_of(
         }
     })
     .await
+}
+
+/// Agent processes by instance id.
+pub type AgentFarm = std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, AgentProcess>>>;
+
+/// The agents of instances that only exist in the EC2 emulator: the first time the operator asks
+/// for an instance's agent, a real agent process starts on loopback for it (under `root`), so
+/// the emulator's 10.x addresses are never dialled. The resolver for the `aws` backend, and the
+/// agents it started.
+pub fn loopback_agents(root: &Path) -> (ec2_kubelet::cloud::aws::EndpointResolver, AgentFarm) {
+    let agents: AgentFarm = Default::default();
+    let (farm, root) = (agents.clone(), root.to_path_buf());
+    let resolver = std::sync::Arc::new(move |instance: &ec2_kubelet::cloud::Instance, _port: u16| {
+        let mut farm = farm.lock().unwrap();
+        let agent = farm.entry(instance.instance_id.clone()).or_insert_with(|| {
+            let home = root.join(&instance.instance_id);
+            AgentProcess::start(&home.join("state"), &home.join("root"))
+        });
+        Some(agent.address.to_string())
+    });
+    (resolver, agents)
 }

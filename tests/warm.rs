@@ -1,0 +1,533 @@
+//! Warm pools: instances kept booted for a pool's pods (`spec.warmPool`), claimed by matching
+//! pods without a launch, refilled in the background, replaced and recycled, re-adopted after
+//! a restart, and never claimed twice (`local`, `sim` and `aws`-against-moto backends).
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use ec2_kubelet::cloud::{Compute, InstanceFilter, LaunchRequest};
+use ec2_kubelet::config::OperatorConfig;
+use ec2_kubelet::crd::{Ec2NodePool, WarmInstance, WarmState, tags};
+use k8s_openapi::api::core::v1::{Event, Pod};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
+use serde_json::json;
+
+const IMAGE: &str = "ami-0123456789abcdef0";
+
+fn test_config() -> OperatorConfig {
+    let mut config = common::fast_config();
+    config.sync.agent_lost_seconds = 30;
+    config.sync.pool_resync_seconds = 2;
+    config.sync.orphan_grace_seconds = 1;
+    config
+}
+
+/// The template of these tests (t3.micro unless a pod asks otherwise) and a one-node pool
+/// keeping `warm` warm instances of it.
+async fn template_and_pool(client: &Client, subnet: &str, group: &str, image: &str, warm: serde_json::Value) {
+    common::create_template(
+        client,
+        "general",
+        json!({"imageId": image, "instanceTypes": ["t3.micro", "t3.medium"], "instanceType": "t3.micro",
+            "agentPort": common::free_port()}),
+    )
+    .await;
+    common::create_pool(
+        client,
+        "warm",
+        json!({"nodes": 1, "subnetIds": [subnet], "securityGroupIds": [group],
+            "templateRef": {"namespace": "default", "name": "general"}, "warmPool": warm}),
+    )
+    .await;
+}
+
+fn warm_of(pool: &Ec2NodePool) -> BTreeMap<String, WarmInstance> {
+    pool.status.as_ref().map(|s| s.warm.clone()).unwrap_or_default()
+}
+
+/// Waits until the pool has exactly `size` warm instances, all Ready (and says so in
+/// `warmReady`), and returns their ids.
+async fn ready_warm(pools: &Api<Ec2NodePool>, size: usize) -> BTreeSet<String> {
+    common::eventually(90, &format!("{size} Ready warm instances"), || async move {
+        let pool = pools.get("warm").await.ok()?;
+        let status = pool.status.as_ref()?;
+        let warm = warm_of(&pool);
+        let all_ready = warm.values().all(|w| w.state == WarmState::Ready);
+        (warm.len() == size && all_ready && status.warm_ready == size as i32 && status.warm_launching == 0)
+            .then(|| warm.into_keys().collect())
+    })
+    .await
+}
+
+async fn alive(compute: &dyn Compute, id: &str) -> bool {
+    compute
+        .describe_instances(&InstanceFilter::Ids(vec![id.to_string()]))
+        .await
+        .unwrap()
+        .iter()
+        .any(|i| i.state.is_alive())
+}
+
+async fn events_of(client: &Client, pod: &str) -> Vec<(String, String)> {
+    let events: Api<Event> = Api::default_namespaced(client.clone());
+    events
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.involved_object.name.as_deref() == Some(pod))
+        .map(|e| (e.reason.unwrap_or_default(), e.message.unwrap_or_default()))
+        .collect()
+}
+
+fn instance_of(pod: &Pod) -> String {
+    pod.annotations()["ec2-kubelet.io/instance-id"].clone()
+}
+
+async fn create_pod(pods: &Api<Pod>, name: &str, extra: serde_json::Value) -> Pod {
+    pods.create(
+        &PostParams::default(),
+        &common::virtual_pod(name, Some("warm"), &["sleep", "3600"], extra),
+    )
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warm_pool_keeps_instances_ready_serves_matching_pods_and_refills() {
+    let cluster = common::operator_cluster(true).await;
+    let client = cluster.client();
+    let dir = tempfile::tempdir().unwrap();
+    let (local, _instances) = common::local_compute(&dir.path().join("local"));
+    let cloud = Arc::new(common::FlakyCompute::new(local.clone()));
+    let replica = common::Replica::start(&cluster, test_config(), cloud.clone(), "replica-a");
+    template_and_pool(&client, "subnet-0a", "sg-0a", IMAGE, json!({"size": 3})).await;
+    let pools: Api<Ec2NodePool> = Api::all(client.clone());
+
+    // Three instances booted and Ready, tagged as warm instances of the pool.
+    let first = ready_warm(&pools, 3).await;
+    assert_eq!(cloud.launch_calls.load(Ordering::SeqCst), 3);
+    for id in &first {
+        let instance = local
+            .describe_instances(&InstanceFilter::Ids(vec![id.clone()]))
+            .await
+            .unwrap()
+            .remove(0);
+        assert_eq!(instance.tag(tags::WARM), Some("true"), "{instance:?}");
+        assert_eq!(instance.tag(tags::POOL), Some("warm"), "{instance:?}");
+        assert_eq!(instance.instance_type, "t3.micro");
+    }
+    let table = common::kubectl(&cluster, &["get", "ec2nodepools"]).await;
+    let header: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
+    let row: Vec<&str> = table.lines().nth(1).unwrap().split_whitespace().collect();
+    let column = header.iter().position(|h| *h == "WARM").expect("a WARM column");
+    assert_eq!(row[column], "3", "{table}");
+
+    // Three matching pods take them: no launch for them, one claim event each.
+    let pods: Api<Pod> = Api::default_namespaced(client.clone());
+    let mut created = Vec::new();
+    for name in ["hot-1", "hot-2", "hot-3"] {
+        created.push(create_pod(&pods, name, json!({})).await);
+    }
+    let mut served = BTreeSet::new();
+    for pod in &created {
+        let name = pod.name_any();
+        let running = common::phase_of(&pods, &name, "Running").await;
+        let id = instance_of(&running);
+        assert!(first.contains(&id), "{name} runs on {id}, not a warm instance");
+        let events = events_of(&client, &name).await;
+        assert!(
+            events
+                .iter()
+                .any(|(reason, message)| reason == "ClaimedWarmInstance" && message.contains(&id)),
+            "{events:?}"
+        );
+        assert!(
+            !events.iter().any(|(reason, _)| reason == "LaunchedInstance"),
+            "{events:?}"
+        );
+        // The instance now belongs to the pod: re-tagged, out of the warm set.
+        let instance = local
+            .describe_instances(&InstanceFilter::Ids(vec![id.clone()]))
+            .await
+            .unwrap()
+            .remove(0);
+        assert_eq!(instance.tag(tags::POD_UID), pod.uid().as_deref());
+        assert_eq!(instance.tag(tags::WARM), Some("false"));
+        served.insert(id);
+    }
+    assert_eq!(served, first, "each warm instance served exactly one pod");
+
+    // The pool refills: three new warm instances, the only launches since.
+    let second = ready_warm(&pools, 3).await;
+    assert!(second.is_disjoint(&first), "{second:?} {first:?}");
+    assert_eq!(cloud.launch_calls.load(Ordering::SeqCst), 6, "3 warm + 3 refills");
+
+    // A pod whose settings match no warm instance launches cold.
+    create_pod(
+        &pods,
+        "cold",
+        json!({"metadata": {"annotations": {"ec2-kubelet.io/instance-type": "t3.medium"}}}),
+    )
+    .await;
+    let cold = common::phase_of(&pods, "cold", "Running").await;
+    let id = instance_of(&cold);
+    assert!(!first.contains(&id) && !second.contains(&id));
+    let events = events_of(&client, "cold").await;
+    assert!(
+        events
+            .iter()
+            .any(|(reason, message)| reason == "LaunchedInstance" && message.contains(&id)),
+        "{events:?}"
+    );
+    assert_eq!(cloud.launch_calls.load(Ordering::SeqCst), 7);
+    assert_eq!(ready_warm(&pools, 3).await, second, "the warm set is untouched");
+
+    let labels = ec2_kubelet::metrics::PoolLabels { pool: "warm".into() };
+    assert_eq!(replica.metrics.warm_hits.get_or_create(&labels).get(), 3);
+    assert_eq!(replica.metrics.warm_misses.get_or_create(&labels).get(), 1);
+    let exposition = replica.metrics.encode();
+    assert!(
+        exposition.contains(r#"ec2_kubelet_warm_instances{pool="warm",phase="Ready"} 3"#),
+        "{exposition}"
+    );
+    assert!(exposition.contains("ec2_kubelet_warm_refill_duration_seconds_count{pool=\"warm\"} 6"));
+
+    // Scale-down terminates the extra warm instances.
+    pools
+        .patch(
+            "warm",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"warmPool": {"size": 1}}})),
+        )
+        .await
+        .unwrap();
+    let kept = ready_warm(&pools, 1).await;
+    for id in second.difference(&kept) {
+        common::eventually(30, &format!("{id} terminated"), || async {
+            (!alive(local.as_ref(), id).await).then_some(())
+        })
+        .await;
+    }
+
+    // Deleting the pool terminates its pods' instances and its warm instances.
+    pools.delete("warm", &DeleteParams::default()).await.unwrap();
+    common::eventually(60, "the pool to be gone", || async {
+        pools.get_opt("warm").await.unwrap().is_none().then_some(())
+    })
+    .await;
+    let left: Vec<String> = local
+        .describe_instances(&InstanceFilter::Cluster)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|i| i.state.is_alive())
+        .map(|i| i.instance_id)
+        .collect();
+    assert!(left.is_empty(), "instances left after the pool went: {left:?}");
+    replica.stop().await;
+}
+
+/// The pid of a `local` instance's agent, from the backend's record of it.
+fn agent_pid(local_dir: &std::path::Path, id: &str) -> i32 {
+    let record: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(local_dir.join("instances").join(format!("{id}.json"))).unwrap(),
+    )
+    .unwrap();
+    record["agent_pid"].as_i64().unwrap() as i32
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warm_instance_whose_agent_goes_silent_or_that_ages_out_is_replaced() {
+    let cluster = common::operator_cluster(false).await;
+    let client = cluster.client();
+    let dir = tempfile::tempdir().unwrap();
+    let local_dir = dir.path().join("local");
+    let (local, _instances) = common::local_compute(&local_dir);
+    let mut config = test_config();
+    config.sync.agent_lost_seconds = 4;
+    let replica = common::Replica::start(&cluster, config, local.clone(), "replica-a");
+    template_and_pool(&client, "subnet-0a", "sg-0a", IMAGE, json!({"size": 1})).await;
+    let pools: Api<Ec2NodePool> = Api::all(client.clone());
+
+    // A frozen agent (the instance still runs) is given up on and replaced.
+    let frozen = ready_warm(&pools, 1).await.pop_first().unwrap();
+    let pid = agent_pid(&local_dir, &frozen);
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    let replacement = common::eventually(60, "a replacement warm instance", || async {
+        let ids = ready_warm(&pools, 1).await;
+        (!ids.contains(&frozen)).then(|| ids.into_iter().next().unwrap())
+    })
+    .await;
+    assert!(
+        !alive(local.as_ref(), &frozen).await,
+        "the silent one is terminated"
+    );
+
+    // maxAge recycles: the instance is replaced once it is older.
+    pools
+        .patch(
+            "warm",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"warmPool": {"maxAge": "4s"}}})),
+        )
+        .await
+        .unwrap();
+    let recycled = common::eventually(60, "the warm instance recycled", || async {
+        let ids = ready_warm(&pools, 1).await;
+        (!ids.contains(&replacement)).then(|| ids.into_iter().next().unwrap())
+    })
+    .await;
+    assert_ne!(recycled, frozen);
+    common::eventually(30, "the aged one terminated", || async {
+        (!alive(local.as_ref(), &replacement).await).then_some(())
+    })
+    .await;
+    replica.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_operator_re_adopts_warm_instances_by_tag_and_launches_none_twice() {
+    let cluster = common::operator_cluster(true).await;
+    let client = cluster.client();
+    let dir = tempfile::tempdir().unwrap();
+    let (local, _instances) = common::local_compute(&dir.path().join("local"));
+    let replica = common::Replica::start(&cluster, test_config(), local.clone(), "replica-a");
+    template_and_pool(&client, "subnet-0a", "sg-0a", IMAGE, json!({"size": 2})).await;
+    let pools: Api<Ec2NodePool> = Api::all(client.clone());
+    let before = ready_warm(&pools, 2).await;
+
+    // A crash, and one of the two was launched but never recorded (the write that records a
+    // launch came after it): only its tags know it.
+    replica.kill();
+    let unrecorded = before.first().unwrap().clone();
+    pools
+        .patch_status(
+            "warm",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"warm": {unrecorded.as_str(): null}, "warmReady": 1}})),
+        )
+        .await
+        .unwrap();
+
+    let cloud = Arc::new(common::FlakyCompute::new(local.clone()));
+    let replica = common::Replica::start(&cluster, test_config(), cloud.clone(), "replica-b");
+    let after = ready_warm(&pools, 2).await;
+    assert_eq!(after, before, "both re-adopted");
+    assert_eq!(
+        cloud.launch_calls.load(Ordering::SeqCst),
+        0,
+        "nothing launched again"
+    );
+
+    // A pod takes one of them; the pool launches exactly one to refill.
+    let pods: Api<Pod> = Api::default_namespaced(client.clone());
+    create_pod(&pods, "after-restart", json!({})).await;
+    let running = common::phase_of(&pods, "after-restart", "Running").await;
+    assert!(before.contains(&instance_of(&running)));
+    let refilled = ready_warm(&pools, 2).await;
+    assert_eq!(refilled.intersection(&before).count(), 1);
+    assert_eq!(cloud.launch_calls.load(Ordering::SeqCst), 1);
+    replica.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_racing_for_the_last_warm_instance_never_both_get_it() {
+    use ec2_kubelet::cloud::sim::{SimCloud, SimOptions};
+    let cluster = common::operator_cluster(false).await;
+    let admin = cluster.client();
+    let sim = SimCloud::start(SimOptions {
+        cluster: "test".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let compute: Arc<dyn Compute> = Arc::new(sim.compute());
+    common::create_pool(
+        &admin,
+        "warm",
+        json!({"nodes": 0, "subnetIds": ["subnet-0a"], "securityGroupIds": ["sg-0a"], "warmPool": {"size": 1}}),
+    )
+    .await;
+    let pools: Api<Ec2NodePool> = Api::all(admin.clone());
+    // Two replicas: each its own client and context.
+    let replicas: Vec<Arc<ec2_kubelet::controller::Context>> = ["replica-a", "replica-b"]
+        .iter()
+        .map(|name| {
+            let client = ec2_kubelet::operator::client(cluster.client_config()).unwrap();
+            Arc::new(ec2_kubelet::controller::Context::new(
+                client,
+                compute.clone(),
+                test_config(),
+                name,
+            ))
+        })
+        .collect();
+    let request = |uid: &str| LaunchRequest {
+        pod_uid: uid.into(),
+        pool: "warm".into(),
+        node: "node-1".into(),
+        namespace: "default".into(),
+        name: uid.into(),
+        instance_type: "t3.micro".into(),
+        image_id: IMAGE.into(),
+        subnet_id: "subnet-0a".into(),
+        security_group_ids: vec!["sg-0a".into()],
+        agent_port: 10350,
+        ..Default::default()
+    };
+
+    const ROUNDS: usize = 20;
+    let mut winners = [0usize; 2];
+    for round in 0..ROUNDS {
+        let mut warm_request = request(&format!("warm-token-{round}"));
+        warm_request.tags.insert(tags::WARM.into(), "true".into());
+        let instance = compute.launch_instance(&warm_request).await.unwrap();
+        let entry = json!({"instanceType": "t3.micro", "imageId": IMAGE, "subnetId": "subnet-0a",
+            "securityGroupIds": ["sg-0a"], "agentPort": 10350, "state": "Ready",
+            "launchTime": "2026-11-23T00:00:00Z", "readyTime": "2026-11-23T00:00:01Z"});
+        pools
+            .patch_status(
+                "warm",
+                &PatchParams::default(),
+                &Patch::Merge(
+                    json!({"status": {"warm": {instance.instance_id.as_str(): entry}, "warmReady": 1}}),
+                ),
+            )
+            .await
+            .unwrap();
+        let claims = replicas.iter().enumerate().map(|(i, ctx)| {
+            let (ctx, request) = (ctx.clone(), request(&format!("pod-{round}-{i}")));
+            tokio::spawn(async move { ec2_kubelet::warm::claim(&ctx, &request, &[]).await.unwrap() })
+        });
+        let outcomes: Vec<_> = futures::future::join_all(claims)
+            .await
+            .into_iter()
+            .map(|joined| joined.unwrap())
+            .collect();
+        let won: Vec<usize> = (0..2).filter(|i| outcomes[*i].is_some()).collect();
+        assert_eq!(won.len(), 1, "round {round}: exactly one claim wins");
+        let winner = won[0];
+        winners[winner] += 1;
+        assert_eq!(
+            outcomes[winner].as_ref().unwrap().instance.instance_id,
+            instance.instance_id
+        );
+        // The binding names the instance for the winner only; the warm set is empty.
+        let status = pools.get("warm").await.unwrap().status.unwrap();
+        assert!(status.warm.is_empty(), "round {round}: {:?}", status.warm);
+        assert_eq!(status.warm_ready, 0);
+        let bound: Vec<(&String, Option<&str>)> = status.bindings["node-1"]
+            .iter()
+            .filter(|(uid, _)| uid.starts_with(&format!("pod-{round}-")))
+            .map(|(uid, b)| (uid, b.instance_id.as_deref()))
+            .collect();
+        assert_eq!(
+            bound,
+            vec![(
+                &format!("pod-{round}-{winner}"),
+                Some(instance.instance_id.as_str())
+            )]
+        );
+        let tagged = compute
+            .describe_instances(&InstanceFilter::Ids(vec![instance.instance_id.clone()]))
+            .await
+            .unwrap()
+            .remove(0);
+        assert_eq!(
+            tagged.tag(tags::POD_UID),
+            Some(format!("pod-{round}-{winner}").as_str())
+        );
+    }
+    let hits: u64 = replicas
+        .iter()
+        .map(|ctx| {
+            ctx.metrics
+                .warm_hits
+                .get_or_create(&ec2_kubelet::metrics::PoolLabels { pool: "warm".into() })
+                .get()
+        })
+        .sum();
+    assert_eq!(hits, ROUNDS as u64);
+    println!("claims won per replica over {ROUNDS} races: {winners:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_aws_backend_keeps_a_warm_pool_against_the_ec2_emulator() {
+    use ec2_kubelet::cloud::aws::AwsCompute;
+
+    let moto = common::Moto::start();
+    let ec2 = moto.ec2_client();
+    let network = moto.network("10.12").await;
+    let images = ec2.describe_images().owners("amazon").send().await.unwrap();
+    let image_id = images.images()[0].image_id().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let (resolver, _agents) = common::loopback_agents(dir.path());
+    let aws = Arc::new(AwsCompute::from_client(ec2.clone(), "test", Some(resolver)));
+
+    let cluster = common::operator_cluster(true).await;
+    let client = cluster.client();
+    let replica = common::Replica::start(&cluster, test_config(), aws.clone(), "replica-a");
+    template_and_pool(
+        &client,
+        &network.subnet_id,
+        &network.group_id,
+        &image_id,
+        json!({"size": 2}),
+    )
+    .await;
+    let pools: Api<Ec2NodePool> = Api::all(client.clone());
+    let first = ready_warm(&pools, 2).await;
+    assert_eq!(aws.calls.get("RunInstances"), 2);
+
+    let pods: Api<Pod> = Api::default_namespaced(client.clone());
+    let created = create_pod(&pods, "from-warm", json!({})).await;
+    let running = common::phase_of(&pods, "from-warm", "Running").await;
+    let id = instance_of(&running);
+    assert!(first.contains(&id), "{id} is not one of {first:?}");
+    assert_eq!(
+        running.status.as_ref().unwrap().pod_ip,
+        private_ip(&aws, &id).await
+    );
+    // The claimed instance carries its pod's tags in EC2 now.
+    let described = ec2.describe_instances().instance_ids(&id).send().await.unwrap();
+    let instance_tags: BTreeMap<String, String> = described.reservations()[0].instances()[0]
+        .tags()
+        .iter()
+        .map(|t| (t.key().unwrap().to_string(), t.value().unwrap().to_string()))
+        .collect();
+    assert_eq!(instance_tags.get(tags::POD_UID), created.uid().as_ref());
+    assert_eq!(instance_tags.get(tags::WARM).map(String::as_str), Some("false"));
+    assert!(aws.calls.get("CreateTags") >= 1);
+
+    // One refill; no RunInstances for the pod itself.
+    let refilled = ready_warm(&pools, 2).await;
+    assert_eq!(refilled.intersection(&first).count(), 1);
+    assert_eq!(
+        aws.calls.get("RunInstances"),
+        3,
+        "2 warm + 1 refill, none for the pod"
+    );
+
+    pods.delete("from-warm", &DeleteParams::default()).await.unwrap();
+    common::eventually(60, "the pod's instance terminated", || async {
+        (!alive(aws.as_ref(), &id).await).then_some(())
+    })
+    .await;
+    replica.stop().await;
+}
+
+/// The private IP EC2 reports for an instance.
+async fn private_ip(compute: &ec2_kubelet::cloud::aws::AwsCompute, id: &str) -> Option<String> {
+    compute
+        .describe_instances(&InstanceFilter::Ids(vec![id.to_string()]))
+        .await
+        .unwrap()
+        .remove(0)
+        .private_ip
+}
