@@ -51,26 +51,56 @@ struct Settings {
 }
 
 impl Settings {
-    fn of_request(request: &LaunchRequest) -> Settings {
-        let mut groups = request.security_group_ids.clone();
-        groups.sort();
+    /// Security groups in any order are the same settings.
+    fn new(image_id: &str, subnet_id: &str, groups: &[String], profile: &Option<String>) -> Settings {
+        let mut security_group_ids = groups.to_vec();
+        security_group_ids.sort();
         Settings {
-            image_id: request.image_id.clone(),
-            subnet_id: request.subnet_id.clone(),
-            security_group_ids: groups,
-            iam_instance_profile: request.iam_instance_profile.clone(),
+            image_id: image_id.to_string(),
+            subnet_id: subnet_id.to_string(),
+            security_group_ids,
+            iam_instance_profile: profile.clone(),
         }
     }
 
-    fn of_warm(warm: &WarmInstance) -> Settings {
-        let mut groups = warm.security_group_ids.clone();
-        groups.sort();
-        Settings {
-            image_id: warm.image_id.clone(),
-            subnet_id: warm.subnet_id.clone(),
-            security_group_ids: groups,
-            iam_instance_profile: warm.iam_instance_profile.clone(),
-        }
+    fn of_request(r: &LaunchRequest) -> Settings {
+        Settings::new(
+            &r.image_id,
+            &r.subnet_id,
+            &r.security_group_ids,
+            &r.iam_instance_profile,
+        )
+    }
+
+    fn of_warm(w: &WarmInstance) -> Settings {
+        Settings::new(
+            &w.image_id,
+            &w.subnet_id,
+            &w.security_group_ids,
+            &w.iam_instance_profile,
+        )
+    }
+}
+
+/// A warm instance launched from `request` (its settings, as `instance_type`).
+fn warm_instance(
+    request: &LaunchRequest,
+    instance_type: String,
+    private_ip: Option<String>,
+    state: WarmState,
+    launch_time: Time,
+) -> WarmInstance {
+    WarmInstance {
+        instance_type,
+        image_id: request.image_id.clone(),
+        subnet_id: request.subnet_id.clone(),
+        security_group_ids: request.security_group_ids.clone(),
+        iam_instance_profile: request.iam_instance_profile.clone(),
+        private_ip,
+        agent_port: i32::from(request.agent_port),
+        state,
+        launch_time,
+        ready_time: None,
     }
 }
 
@@ -212,18 +242,13 @@ pub async fn claim(ctx: &Context, request: &LaunchRequest, fallbacks: &[String])
             .and_then(|b| b.instance_id.clone())
         {
             let binding = &status.bindings[node][uid];
-            let warm = WarmInstance {
-                instance_type: binding.instance_type.clone().unwrap_or_default(),
-                image_id: request.image_id.clone(),
-                subnet_id: request.subnet_id.clone(),
-                security_group_ids: request.security_group_ids.clone(),
-                iam_instance_profile: request.iam_instance_profile.clone(),
-                private_ip: binding.private_ip.clone(),
-                agent_port: i32::from(request.agent_port),
-                state: WarmState::Ready,
-                launch_time: binding.launch_time.clone().unwrap_or_else(now),
-                ready_time: None,
-            };
+            let warm = warm_instance(
+                request,
+                binding.instance_type.clone().unwrap_or_default(),
+                binding.private_ip.clone(),
+                WarmState::Ready,
+                binding.launch_time.clone().unwrap_or_else(now),
+            );
             // Nothing to write: the patch re-states the binding.
             let patch =
                 json!({"status": {"bindings": {node.as_str(): {uid.as_str(): {"phase": "Booting"}}}}});
@@ -487,18 +512,13 @@ async fn tend(ctx: &Context, cached: &Ec2NodePool, memory: &mut Memory) -> Resul
                 .gate
                 .call(&name, || ctx.compute.launch_instance(&request))
                 .await?;
-            let warm = WarmInstance {
-                instance_type: request.instance_type.clone(),
-                image_id: request.image_id.clone(),
-                subnet_id: request.subnet_id.clone(),
-                security_group_ids: request.security_group_ids.clone(),
-                iam_instance_profile: request.iam_instance_profile.clone(),
-                private_ip: instance.private_ip.clone(),
-                agent_port: i32::from(request.agent_port),
-                state: WarmState::Launching,
-                launch_time: now(),
-                ready_time: None,
-            };
+            let warm = warm_instance(
+                &request,
+                request.instance_type.clone(),
+                instance.private_ip.clone(),
+                WarmState::Launching,
+                now(),
+            );
             record(ctx, &name, &instance.instance_id, warm).await?;
             tracing::info!(pool = %name, instance_id = %instance.instance_id, "launched a warm instance");
         }
@@ -664,28 +684,15 @@ fn warm_request(
             annotations::TEMPLATE
         )
     })?;
-    let mut launch_tags = settings.tags;
-    launch_tags.insert(tags::AGENT_PORT.into(), settings.agent_port.to_string());
-    launch_tags.insert(tags::WARM.into(), "true".into());
     let mut request = LaunchRequest {
         pod_uid: token,
         pool: name.clone(),
-        node: String::new(),
-        namespace: String::new(),
         name: format!("warm/{name}"),
-        instance_type,
-        image_id: settings.image_id,
-        subnet_id: settings.subnet_id,
-        security_group_ids: settings.security_group_ids,
-        iam_instance_profile: settings.iam_instance_profile,
-        user_data: settings.user_data,
-        key_name: settings.key_name,
         spot: false,
         known_absent: true,
-        placement: None,
-        agent_port: settings.agent_port,
-        tags: launch_tags,
+        ..settings.into_request(instance_type)
     };
+    request.tags.insert(tags::WARM.into(), "true".into());
     let encoded = serde_json::to_string(&Settings::of_request(&request)).unwrap_or_default();
     if encoded.len() <= 256 {
         request.tags.insert(SETTINGS_TAG.into(), encoded);

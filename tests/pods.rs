@@ -410,18 +410,6 @@ async fn a_killed_operator_comes_back_to_the_same_instance_and_still_cleans_up()
 }
 
 /// Reasons and messages of the events about an object.
-async fn events_of(client: &Client, name: &str) -> Vec<(String, String)> {
-    let events: Api<Event> = Api::all(client.clone());
-    events
-        .list(&ListParams::default().fields(&format!("involvedObject.name={name}")))
-        .await
-        .unwrap()
-        .items
-        .into_iter()
-        .map(|e| (e.reason.unwrap_or_default(), e.message.unwrap_or_default()))
-        .collect()
-}
-
 /// Every instance ever launched for a pod UID, terminated ones included.
 async fn launched_for(compute: &LocalCompute, uid: &str) -> Vec<ec2_kubelet::cloud::Instance> {
     compute
@@ -604,7 +592,7 @@ async fn a_frozen_agent_makes_its_pod_unready_then_lost_and_a_vanished_instance_
     // Neither instance is left running, and neither pod is relaunched.
     assert!(live_instances(&env.compute).await.is_empty());
     for name in ["frozen", "vanished"] {
-        let reasons: Vec<String> = events_of(&env.client, name)
+        let reasons: Vec<String> = common::events_of(&env.client, name)
             .await
             .into_iter()
             .map(|e| e.0)
@@ -616,7 +604,7 @@ async fn a_frozen_agent_makes_its_pod_unready_then_lost_and_a_vanished_instance_
             "{name}: {reasons:?}"
         );
     }
-    let reasons: Vec<String> = events_of(&env.client, "frozen")
+    let reasons: Vec<String> = common::events_of(&env.client, "frozen")
         .await
         .into_iter()
         .map(|e| e.0)
@@ -700,7 +688,7 @@ async fn instance_types_follow_annotation_template_and_requests_and_survive_capa
             .remove(0);
         assert_eq!(&instance.instance_type, expected, "{name}");
     }
-    let events = events_of(&env.client, "sized").await;
+    let events = common::events_of(&env.client, "sized").await;
     assert!(
         events
             .iter()

@@ -11,8 +11,8 @@ use std::sync::atomic::Ordering;
 use ec2_kubelet::cloud::{Compute, InstanceFilter, LaunchRequest};
 use ec2_kubelet::config::OperatorConfig;
 use ec2_kubelet::crd::{Ec2NodePool, WarmInstance, WarmState, tags};
-use k8s_openapi::api::core::v1::{Event, Pod};
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 
@@ -72,19 +72,6 @@ async fn alive(compute: &dyn Compute, id: &str) -> bool {
         .any(|i| i.state.is_alive())
 }
 
-async fn events_of(client: &Client, pod: &str) -> Vec<(String, String)> {
-    let events: Api<Event> = Api::default_namespaced(client.clone());
-    events
-        .list(&ListParams::default())
-        .await
-        .unwrap()
-        .items
-        .into_iter()
-        .filter(|e| e.involved_object.name.as_deref() == Some(pod))
-        .map(|e| (e.reason.unwrap_or_default(), e.message.unwrap_or_default()))
-        .collect()
-}
-
 fn instance_of(pod: &Pod) -> String {
     pod.annotations()["ec2-kubelet.io/instance-id"].clone()
 }
@@ -140,7 +127,7 @@ async fn a_warm_pool_keeps_instances_ready_serves_matching_pods_and_refills() {
         let running = common::phase_of(&pods, &name, "Running").await;
         let id = instance_of(&running);
         assert!(first.contains(&id), "{name} runs on {id}, not a warm instance");
-        let events = events_of(&client, &name).await;
+        let events = common::events_of(&client, &name).await;
         assert!(
             events
                 .iter()
@@ -178,7 +165,7 @@ async fn a_warm_pool_keeps_instances_ready_serves_matching_pods_and_refills() {
     let cold = common::phase_of(&pods, "cold", "Running").await;
     let id = instance_of(&cold);
     assert!(!first.contains(&id) && !second.contains(&id));
-    let events = events_of(&client, "cold").await;
+    let events = common::events_of(&client, "cold").await;
     assert!(
         events
             .iter()

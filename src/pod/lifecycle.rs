@@ -237,26 +237,14 @@ async fn launch_request(
             }
         }
     };
-    let mut launch_tags = settings.tags;
-    launch_tags.insert(tags::AGENT_PORT.into(), settings.agent_port.to_string());
     let request = LaunchRequest {
         pod_uid: uid,
         pool: node.pool.clone(),
         node: node.name.clone(),
         namespace,
         name: pod.name_any(),
-        instance_type,
-        image_id: settings.image_id,
-        subnet_id: settings.subnet_id,
-        security_group_ids: settings.security_group_ids,
-        iam_instance_profile: settings.iam_instance_profile,
-        user_data: settings.user_data,
-        key_name: settings.key_name,
-        spot: settings.spot,
-        known_absent: false,
         placement: template.as_ref().and_then(|t| t.spec.placement.clone()),
-        agent_port: settings.agent_port,
-        tags: launch_tags,
+        ..settings.into_request(instance_type)
     };
     Ok(Ok(Launch {
         request,

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 
 use regex::Regex;
 
+use crate::cloud::LaunchRequest;
 use crate::crd::{Ec2NodePoolSpec, Ec2PodTemplateSpec, TagMap, annotations};
 
 /// Where a pod's template comes from: its `ec2-kubelet.io/template` annotation (`name` in the
@@ -62,6 +63,29 @@ pub struct LaunchSettings {
     pub tags: TagMap,
     pub spot: bool,
     pub agent_port: u16,
+}
+
+impl LaunchSettings {
+    /// The launch request of these settings as `instance_type`, with the agent port also in a
+    /// tag (how the operator finds the agent again); whose instance it is (pod UID, pool,
+    /// node, name) is the caller's to fill in.
+    pub fn into_request(self, instance_type: String) -> LaunchRequest {
+        let mut tags = self.tags;
+        tags.insert(crate::crd::tags::AGENT_PORT.into(), self.agent_port.to_string());
+        LaunchRequest {
+            instance_type,
+            image_id: self.image_id,
+            subnet_id: self.subnet_id,
+            security_group_ids: self.security_group_ids,
+            iam_instance_profile: self.iam_instance_profile,
+            user_data: self.user_data,
+            key_name: self.key_name,
+            spot: self.spot,
+            agent_port: self.agent_port,
+            tags,
+            ..LaunchRequest::default()
+        }
+    }
 }
 
 const MAX_USER_DATA: usize = 16 * 1024;

@@ -670,3 +670,17 @@ pub fn loopback_agents(root: &Path) -> (ec2_kubelet::cloud::aws::EndpointResolve
     });
     (resolver, agents)
 }
+
+/// The reason and message of every event about objects named `name`.
+pub async fn events_of(client: &kube::Client, name: &str) -> Vec<(String, String)> {
+    use kube::api::{Api, ListParams};
+    let events: Api<k8s_openapi::api::core::v1::Event> = Api::all(client.clone());
+    events
+        .list(&ListParams::default().fields(&format!("involvedObject.name={name}")))
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .map(|e| (e.reason.unwrap_or_default(), e.message.unwrap_or_default()))
+        .collect()
+}
