@@ -50,6 +50,8 @@ pub struct OperatorConfig {
     pub server: ServerConfig,
     /// Settings of the `local` compute backend.
     pub local: LocalConfig,
+    /// The operator <-> agent channel: mutual TLS with certificates from the operator's CA.
+    pub agent_tls: AgentTlsConfig,
     /// Log format.
     pub log_format: LogFormat,
 }
@@ -66,6 +68,7 @@ impl Default for OperatorConfig {
             sync: SyncConfig::default(),
             server: ServerConfig::default(),
             local: LocalConfig::default(),
+            agent_tls: AgentTlsConfig::default(),
             log_format: LogFormat::Text,
         }
     }
@@ -137,6 +140,8 @@ pub struct ServerConfig {
     pub health_address: String,
     /// The kubelet API of the virtual nodes (logs, exec, stats).
     pub kubelet_address: String,
+    /// Agents' enrollment endpoint (gRPC over TLS), with `agentTls.mode: mutual`.
+    pub enroll_address: String,
     /// PEM certificate chain the kubelet API serves (with `kubeletTlsKeyFile`); default: a
     /// self-signed certificate made at start.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -152,8 +157,49 @@ impl Default for ServerConfig {
             metrics_address: "0.0.0.0:9090".into(),
             health_address: "0.0.0.0:8080".into(),
             kubelet_address: "0.0.0.0:10250".into(),
+            enroll_address: "0.0.0.0:8443".into(),
             kubelet_tls_cert_file: None,
             kubelet_tls_key_file: None,
+        }
+    }
+}
+
+/// How the operator and agents authenticate each other.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum AgentTlsMode {
+    /// Mutual TLS: agents enroll with a one-time bootstrap token for a certificate naming their
+    /// instance and accept only the operator's certificate.
+    #[default]
+    Mutual,
+    /// Plain text, no authentication (agents run with `--insecure`): benchmarks and trusted
+    /// development machines only.
+    Disabled,
+}
+
+/// The operator <-> agent channel.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct AgentTlsConfig {
+    pub mode: AgentTlsMode,
+    /// The enrollment URL instances dial (`https://host:port` of `server.enrollAddress` as
+    /// seen from the instances' subnets, e.g. an internal load balancer). Required with the
+    /// `aws` backend; the `local` backend uses the bound address.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub enroll_url: Option<String>,
+    /// Lifetime of an agent's certificate; agents renew at two thirds of it.
+    pub certificate_ttl_seconds: u32,
+    /// How long a new instance's bootstrap token is good for (covers the instance's boot).
+    pub bootstrap_token_ttl_seconds: u32,
+}
+
+impl Default for AgentTlsConfig {
+    fn default() -> Self {
+        AgentTlsConfig {
+            mode: AgentTlsMode::Mutual,
+            enroll_url: None,
+            certificate_ttl_seconds: 24 * 3600,
+            bootstrap_token_ttl_seconds: 3600,
         }
     }
 }
@@ -291,11 +337,38 @@ impl OperatorConfig {
             ("server.metricsAddress", &self.server.metrics_address),
             ("server.healthAddress", &self.server.health_address),
             ("server.kubeletAddress", &self.server.kubelet_address),
+            ("server.enrollAddress", &self.server.enroll_address),
         ] {
             if address.parse::<SocketAddr>().is_err() {
                 return Err(invalid(
                     field,
                     format!("{address:?} is not a host:port socket address such as 0.0.0.0:8080"),
+                ));
+            }
+        }
+        if self.agent_tls.mode == AgentTlsMode::Mutual {
+            match &self.agent_tls.enroll_url {
+                Some(url) if !url.starts_with("https://") || url.parse::<hyper::Uri>().is_err() => {
+                    return Err(invalid(
+                        "agentTls.enrollUrl",
+                        format!("{url:?} must be an https:// URL such as https://10.0.0.10:8443"),
+                    ));
+                }
+                None if self.compute == ComputeBackend::Aws => {
+                    return Err(invalid(
+                        "agentTls.enrollUrl",
+                        "required with compute: aws and agentTls.mode: mutual: the https:// URL at which instances reach server.enrollAddress",
+                    ));
+                }
+                _ => {}
+            }
+            if self.agent_tls.certificate_ttl_seconds < 10 {
+                return Err(invalid("agentTls.certificateTtlSeconds", "must be at least 10"));
+            }
+            if self.agent_tls.bootstrap_token_ttl_seconds < 60 {
+                return Err(invalid(
+                    "agentTls.bootstrapTokenTtlSeconds",
+                    "must be at least 60",
                 ));
             }
         }
@@ -381,6 +454,16 @@ mod tests {
                 "sync.agentUnreachableSeconds",
             ),
             ("server: {healthAddress: 'localhost'}\n", "server.healthAddress"),
+            ("agentTls: {enrollUrl: 'http://x:1'}\n", "agentTls.enrollUrl"),
+            ("compute: aws\n", "agentTls.enrollUrl"),
+            (
+                "agentTls: {certificateTtlSeconds: 5}\n",
+                "agentTls.certificateTtlSeconds",
+            ),
+            (
+                "agentTls: {bootstrapTokenTtlSeconds: 0}\n",
+                "agentTls.bootstrapTokenTtlSeconds",
+            ),
         ];
         for (yaml, field) in cases {
             match OperatorConfig::from_yaml(yaml) {

@@ -129,6 +129,8 @@ pub async fn start(options: &DemoOptions) -> Result<Demo, String> {
         kubelet_address = probe.local_addr().map_err(|e| e.to_string())?;
     }
     config.server.kubelet_address = kubelet_address.to_string();
+    // Agents enroll on loopback.
+    config.server.enroll_address = "127.0.0.1:0".into();
     let namespaces: Api<Namespace> = Api::all(client.clone());
     let namespace =
         serde_json::from_value(json!({"metadata": {"name": config.namespace}})).map_err(|e| e.to_string())?;
@@ -146,12 +148,14 @@ pub async fn start(options: &DemoOptions) -> Result<Demo, String> {
     );
 
     let compute = crate::operator::compute(&config).await?;
-    let ctx = Arc::new(Context::new(
+    let mut ctx = Context::new(
         client.clone(),
         compute.clone(),
         config,
         &crate::operator::identity(),
-    ));
+    );
+    let _enrollment = crate::operator::secure_agents(&mut ctx).await?;
+    let ctx = Arc::new(ctx);
     let kubelet = crate::operator::start_kubelet(ctx.clone()).await?;
     let (stop, stopped) = watch::channel(false);
     let operator = tokio::spawn(crate::operator::run(ctx, stopped));

@@ -200,6 +200,40 @@ pub async fn start_kubelet(ctx: Arc<Context>) -> Result<crate::kubelet::KubeletS
         .map_err(|e| format!("serving the kubelet API on {address}: {e}"))
 }
 
+/// Sets up the operator <-> agent channel (`agentTls`): loads or creates the agent CA, serves
+/// enrollment on `server.enrollAddress`, and has `ctx` dial agents over mutual TLS. Returns the
+/// enrollment server (it serves until dropped); `None` when agent TLS is disabled.
+pub async fn secure_agents(ctx: &mut Context) -> Result<Option<crate::enrollment::EnrollmentServer>, String> {
+    use crate::config::AgentTlsMode;
+    use crate::enrollment::{self, AgentTls};
+    let config = &ctx.config;
+    if config.agent_tls.mode == AgentTlsMode::Disabled {
+        tracing::warn!(
+            "agentTls.mode is disabled: agents serve plain text and accept anyone who reaches them"
+        );
+        return Ok(None);
+    }
+    let authority = enrollment::load_or_create_authority(&ctx.client, &config.namespace).await?;
+    let (listener, address) = enrollment::bind(&config.server.enroll_address).await?;
+    let url = match &config.agent_tls.enroll_url {
+        Some(url) => url.clone(),
+        // Local instances reach the operator on loopback.
+        None => {
+            let ip = if address.ip().is_unspecified() {
+                std::net::Ipv4Addr::LOCALHOST.into()
+            } else {
+                address.ip()
+            };
+            format!("https://{}", std::net::SocketAddr::new(ip, address.port()))
+        }
+    };
+    let tls = AgentTls::new(authority, &config.agent_tls, url)?;
+    let server = enrollment::serve(listener, tls.clone(), ctx.compute.clone())?;
+    tracing::info!(address = %server.address, url = %tls.enroll_url(), "serving agent enrollment");
+    ctx.agents = crate::agent::client::Connections::with_tls(tls);
+    Ok(Some(server))
+}
+
 /// A replica identity: `$POD_NAME` in a cluster, else the host name, plus a random suffix so two
 /// processes on one host differ.
 pub fn identity() -> String {

@@ -502,7 +502,10 @@ async fn tend(ctx: &Context, cached: &Ec2NodePool, memory: &mut Memory) -> Resul
         let template = template_of(ctx, &pool).await?;
         for slot in 0..missing {
             let request = match warm_request(&pool, template.as_ref(), keep.len() + slot) {
-                Ok(request) => request,
+                Ok(request) => LaunchRequest {
+                    enrollment: ctx.agents.tls().map(|tls| tls.enrollment()),
+                    ..request
+                },
                 Err(message) => {
                     tracing::warn!(pool = %name, %message, "cannot launch warm instances");
                     break;

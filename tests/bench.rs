@@ -62,7 +62,7 @@ async fn the_simulator_boots_throttles_and_launches_once_per_pod() {
     assert!(endpoint.starts_with("http://127.0.0.1:"), "{endpoint}");
     let connections = Connections::default();
     let channel = connections
-        .connect(&endpoint, Duration::from_secs(2))
+        .connect(&endpoint, &first.instance_id, Duration::from_secs(2))
         .await
         .unwrap();
     let mut agent = for_instance(channel.clone(), &first.instance_id);

@@ -23,9 +23,12 @@ fn helm(args: &[&str]) -> std::process::Output {
         .expect("run helm")
 }
 
+/// Where instances enroll, as a user of the `aws` backend sets it.
+const ENROLL_URL: &str = "agentTls.enrollUrl=https://enroll.platform.internal:8443";
+
 #[test]
 fn chart_lints() {
-    let output = helm(&["lint", "--strict", "charts/ec2-kubelet"]);
+    let output = helm(&["lint", "--strict", "charts/ec2-kubelet", "--set", ENROLL_URL]);
     assert!(
         output.status.success(),
         "{}{}",
@@ -45,6 +48,8 @@ fn rendered_config_map_is_a_valid_operator_config() {
         "--include-crds",
         "--set",
         "config.region=eu-central-1",
+        "--set",
+        ENROLL_URL,
     ]);
     assert!(
         output.status.success(),
@@ -72,6 +77,26 @@ fn rendered_config_map_is_a_valid_operator_config() {
     let config = OperatorConfig::from_yaml(operator_yaml).unwrap_or_else(|e| panic!("{e}\n{operator_yaml}"));
     assert_eq!(config.region, "eu-central-1");
     assert_eq!(config.namespace, "platform");
+    assert_eq!(
+        config.agent_tls.enroll_url.as_deref(),
+        Some("https://enroll.platform.internal:8443")
+    );
+    assert_eq!(config.server.enroll_address, "0.0.0.0:8443");
+    let enroll = documents
+        .iter()
+        .find(|d| d["kind"] == "Service" && d["metadata"]["name"] == "demo-ec2-kubelet-enroll")
+        .expect("the enrollment Service");
+    assert_eq!(enroll["spec"]["ports"][0]["targetPort"], "enroll");
+    assert_eq!(
+        enroll["metadata"]["annotations"]["service.beta.kubernetes.io/aws-load-balancer-scheme"],
+        "internal"
+    );
+
+    // Without the URL, the aws backend's agents could not enroll: refused at install time.
+    let output = helm(&["template", "demo", "charts/ec2-kubelet"]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("agentTls.enrollUrl is required"), "{stderr}");
 }
 
 /// (API group, resource, verb) triples a rule grants.
@@ -108,7 +133,15 @@ async fn the_chart_grants_exactly_what_the_operator_uses() {
 
     // 1. The RBAC objects the chart renders for the operator's namespace.
     let namespace = common::OPERATOR_NAMESPACE;
-    let output = helm(&["template", "demo", "charts/ec2-kubelet", "--namespace", namespace]);
+    let output = helm(&[
+        "template",
+        "demo",
+        "charts/ec2-kubelet",
+        "--namespace",
+        namespace,
+        "--set",
+        ENROLL_URL,
+    ]);
     assert!(
         output.status.success(),
         "{}",
@@ -146,12 +179,9 @@ async fn the_chart_grants_exactly_what_the_operator_uses() {
     config.server.kubelet_address = format!("127.0.0.1:{}", common::free_port());
     let replica = common::Replica::start(&cluster, config.clone(), compute.clone(), "replica-a");
     let operator_client = ec2_kubelet::operator::client(cluster.client_config()).unwrap();
-    let ctx = Arc::new(ec2_kubelet::controller::Context::new(
-        operator_client,
-        compute,
-        config,
-        "kubelet",
-    ));
+    let mut ctx = ec2_kubelet::controller::Context::new(operator_client, compute, config, "kubelet");
+    let _enrollment = ec2_kubelet::operator::secure_agents(&mut ctx).await.unwrap();
+    let ctx = Arc::new(ctx);
     let kubelet = ec2_kubelet::operator::start_kubelet(ctx).await.unwrap();
     common::create_template(&client, "general", json!({"imageId": "ami-0123456789abcdef0", "instanceTypes": ["t3.micro"], "agentPort": common::free_port()})).await;
     let pools: Api<Ec2NodePool> = Api::all(client.clone());
@@ -268,6 +298,8 @@ fn rendered_deployment_is_hardened_probed_and_wired_to_its_config() {
         "serviceMonitor.enabled=true",
         "--set",
         "kubeletTls.secretName=kubelet-serving",
+        "--set",
+        ENROLL_URL,
     ]);
     assert!(
         output.status.success(),
@@ -318,7 +350,7 @@ fn rendered_deployment_is_hardened_probed_and_wired_to_its_config() {
         .iter()
         .filter_map(|p| p["containerPort"].as_i64())
         .collect();
-    assert_eq!(ports, [9090, 8080, 10250]);
+    assert_eq!(ports, [9090, 8080, 10250, 8443]);
     let mounts = serde_yaml::to_string(&container["volumeMounts"]).unwrap();
     assert!(mounts.contains("/etc/ec2-kubelet/tls"), "{mounts}");
 }

@@ -26,8 +26,14 @@ fn config_file_is_read_and_flags_override_it() {
         "eu-west-3",
         "--compute",
         "aws",
+        "--agent-enroll-url",
+        "https://enroll.example.internal:8443",
     ]);
     assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(
+        serde_yaml::from_slice::<serde_yaml::Value>(&output.stdout).unwrap()["agentTls"]["enrollUrl"],
+        "https://enroll.example.internal:8443"
+    );
     let effective: serde_yaml::Value = serde_yaml::from_slice(&output.stdout).unwrap();
     assert_eq!(effective["region"], "eu-west-3");
     assert_eq!(effective["compute"], "aws");
@@ -207,16 +213,17 @@ async fn run_serves_health_readiness_metrics_and_the_kubelet_api() {
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = dir.path().join("kubeconfig");
     cluster.write_kubeconfig(&kubeconfig).unwrap();
-    let ports: Vec<u16> = (0..3).map(|_| common::free_port()).collect();
+    let ports: Vec<u16> = (0..4).map(|_| common::free_port()).collect();
     let config = dir.path().join("operator.yaml");
     std::fs::write(
         &config,
         format!(
-            "clusterName: cli\nnamespace: {}\nserver:\n  metricsAddress: 127.0.0.1:{}\n  healthAddress: 127.0.0.1:{}\n  kubeletAddress: 127.0.0.1:{}\nlocal:\n  stateDir: {}\n",
+            "clusterName: cli\nnamespace: {}\nserver:\n  metricsAddress: 127.0.0.1:{}\n  healthAddress: 127.0.0.1:{}\n  kubeletAddress: 127.0.0.1:{}\n  enrollAddress: 127.0.0.1:{}\nlocal:\n  stateDir: {}\n",
             common::OPERATOR_NAMESPACE,
             ports[0],
             ports[1],
             ports[2],
+            ports[3],
             dir.path().join("local").display()
         ),
     )

@@ -288,6 +288,8 @@ fn helm_installs_upgrades_and_uninstalls_the_chart() {
             "-n",
             "ec2-kubelet",
             "--create-namespace",
+            "--set",
+            "agentTls.enrollUrl=https://enroll.example.internal:8443",
         ],
     );
     // (No --wait: the dev cluster runs no controllers that would roll the Deployment out.)
@@ -332,6 +334,7 @@ fn helm_installs_upgrades_and_uninstalls_the_chart() {
             chart,
             "-n",
             "ec2-kubelet",
+            "--reuse-values",
             "--set",
             "logFormat=json",
         ],

@@ -42,12 +42,9 @@ async fn kubectl_logs_exec_and_stats_reach_the_pods_agent_through_the_kubelet_ap
     let mut config = common::fast_config();
     config.server.kubelet_address = format!("127.0.0.1:{}", common::free_port());
     let replica = common::Replica::start(&cluster, config.clone(), compute.clone(), "replica-a");
-    let ctx = Arc::new(Context::new(
-        client.clone(),
-        compute.clone(),
-        config,
-        "kubelet-test",
-    ));
+    let mut ctx = Context::new(client.clone(), compute.clone(), config, "kubelet-test");
+    let _enrollment = ec2_kubelet::operator::secure_agents(&mut ctx).await.unwrap();
+    let ctx = Arc::new(ctx);
     let kubelet = ec2_kubelet::operator::start_kubelet(ctx).await.unwrap();
 
     common::create_template(&client, "general", json!({"imageId": "ami-0123456789abcdef0", "instanceTypes": ["t3.micro"], "agentPort": common::free_port()})).await;

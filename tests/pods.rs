@@ -724,11 +724,10 @@ async fn the_aws_backend_runs_a_pod_against_the_ec2_emulator() {
     let images = ec2.describe_images().owners("amazon").send().await.unwrap();
     let image_id = images.images()[0].image_id().unwrap().to_string();
     let dir = tempfile::tempdir().unwrap();
-    let (resolver, agents) = common::loopback_agents(dir.path());
-    let aws = Arc::new(AwsCompute::from_client(ec2, "test", Some(resolver)));
-
     let cluster = common::operator_cluster(true).await;
     let client = cluster.client();
+    let (resolver, agents) = common::loopback_agents(dir.path(), common::agent_authority(&client).await);
+    let aws = Arc::new(AwsCompute::from_client(ec2, "test", Some(resolver)));
     let replica = common::Replica::start(&cluster, test_config(), aws.clone(), "replica-a");
     common::create_template(
         &client,

@@ -2,7 +2,7 @@
 //! over connections shared per endpoint.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tonic::metadata::AsciiMetadataValue;
@@ -10,6 +10,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 use super::proto::agent_client::AgentClient;
+use crate::enrollment::AgentTls;
 
 /// The gRPC metadata key naming the instance a call is meant for. An agent serving several
 /// (simulated) instances routes by it; the operator always sends it.
@@ -37,26 +38,72 @@ pub fn for_instance(channel: Channel, instance_id: &str) -> AgentChannel {
     AgentClient::with_interceptor(channel, InstanceHeader(value))
 }
 
-/// Open HTTP/2 connections to agents by endpoint, so every caller of one agent shares one
-/// connection (calls are multiplexed on it). A connection that fails is forgotten and the next
-/// caller dials again.
+/// Why no connection to an agent could be had.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error(transparent)]
+    Transport(#[from] tonic::transport::Error),
+    #[error("agent TLS: {0}")]
+    Tls(String),
+}
+
+/// Open HTTP/2 connections to agents, so every caller of one agent shares one connection
+/// (calls are multiplexed on it). A connection that fails is forgotten and the next caller
+/// dials again. With TLS, each connection presents the operator's certificate and requires
+/// the agent's to name the instance dialled.
 #[derive(Default)]
 pub struct Connections {
     open: Mutex<HashMap<String, Channel>>,
+    tls: Option<Arc<AgentTls>>,
 }
 
 impl Connections {
+    /// Connections over mutual TLS.
+    pub fn with_tls(tls: Arc<AgentTls>) -> Connections {
+        Connections {
+            open: Default::default(),
+            tls: Some(tls),
+        }
+    }
+
+    /// The agent PKI, when agents are reached over mutual TLS.
+    pub fn tls(&self) -> Option<&Arc<AgentTls>> {
+        self.tls.as_ref()
+    }
+
     fn open(&self) -> std::sync::MutexGuard<'_, HashMap<String, Channel>> {
         self.open.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The open connection to `endpoint`, or a new one. HTTP/2 keepalives every `probe` notice
-    /// a peer that stops answering.
-    pub async fn connect(&self, endpoint: &str, probe: Duration) -> Result<Channel, tonic::transport::Error> {
-        if let Some(channel) = self.open().get(endpoint) {
+    fn key(&self, endpoint: &str, instance_id: &str) -> String {
+        match self.tls {
+            // One agent's certificate per connection.
+            Some(_) => format!("{instance_id}@{endpoint}"),
+            // Simulated agents share a server (routed by the instance header).
+            None => endpoint.to_string(),
+        }
+    }
+
+    /// The open connection to the agent of `instance_id` at `endpoint`, or a new one. HTTP/2
+    /// keepalives every `probe` notice a peer that stops answering.
+    pub async fn connect(
+        &self,
+        endpoint: &str,
+        instance_id: &str,
+        probe: Duration,
+    ) -> Result<Channel, ConnectError> {
+        let key = self.key(endpoint, instance_id);
+        if let Some(channel) = self.open().get(&key) {
             return Ok(channel.clone());
         }
-        let channel = Endpoint::from_shared(endpoint.to_string())?
+        let mut dial = match &self.tls {
+            Some(_) => Endpoint::from_shared(endpoint.replacen("http://", "https://", 1))?,
+            None => Endpoint::from_shared(endpoint.to_string())?,
+        };
+        if let Some(tls) = &self.tls {
+            dial = dial.tls_config(tls.client_config(instance_id).map_err(ConnectError::Tls)?)?;
+        }
+        let channel = dial
             .connect_timeout(probe.min(Duration::from_secs(2)))
             .timeout(probe.max(Duration::from_secs(5)))
             .http2_keep_alive_interval(probe)
@@ -64,12 +111,14 @@ impl Connections {
             .keep_alive_while_idle(true)
             .connect()
             .await?;
-        Ok(self.open().entry(endpoint.to_string()).or_insert(channel).clone())
+        Ok(self.open().entry(key).or_insert(channel).clone())
     }
 
-    /// Drops the connection to `endpoint` (it failed, or its instance is gone).
-    pub fn forget(&self, endpoint: &str) {
-        self.open().remove(endpoint);
+    /// Drops the connection to the agent of `instance_id` at `endpoint` (it failed, or its
+    /// instance is gone).
+    pub fn forget(&self, endpoint: &str, instance_id: &str) {
+        let key = self.key(endpoint, instance_id);
+        self.open().remove(&key);
     }
 
     /// How many connections are open.

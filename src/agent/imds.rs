@@ -47,8 +47,8 @@ async fn call(
     Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
-/// Asks once: `Some(reclaim time in unix ms)` when a notice is out.
-pub async fn spot_notice(endpoint: &Uri) -> Result<Option<i64>, String> {
+/// GET `path` with an IMDSv2 session token: status and body.
+async fn get(endpoint: &Uri, path: &str) -> Result<(StatusCode, String), String> {
     let (status, token) = call(
         endpoint,
         Method::PUT,
@@ -59,13 +59,26 @@ pub async fn spot_notice(endpoint: &Uri) -> Result<Option<i64>, String> {
     if status != StatusCode::OK {
         return Err(format!("IMDS token: {status}"));
     }
-    let (status, body) = call(
+    call(
         endpoint,
         Method::GET,
-        "/latest/meta-data/spot/instance-action",
+        path,
         ("X-aws-ec2-metadata-token", token.trim()),
     )
-    .await?;
+    .await
+}
+
+/// The id of the instance the agent runs on.
+pub async fn instance_id(endpoint: &Uri) -> Result<String, String> {
+    match get(endpoint, "/latest/meta-data/instance-id").await? {
+        (StatusCode::OK, body) => Ok(body.trim().to_string()),
+        (other, _) => Err(format!("instance-id: {other}")),
+    }
+}
+
+/// Asks once: `Some(reclaim time in unix ms)` when a notice is out.
+pub async fn spot_notice(endpoint: &Uri) -> Result<Option<i64>, String> {
+    let (status, body) = get(endpoint, "/latest/meta-data/spot/instance-action").await?;
     match status {
         StatusCode::NOT_FOUND => Ok(None),
         StatusCode::OK => {

@@ -4,6 +4,7 @@
 
 pub mod client;
 pub mod codec;
+pub mod enroll;
 pub mod exec;
 pub mod imds;
 pub mod logs;

@@ -1,7 +1,6 @@
 //! The tonic service of the agent, over plain TCP or (mutual) TLS.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,15 +22,6 @@ use super::state::now_ms;
 use super::{Error, exec, stats};
 
 type ServerStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
-
-/// Files of the agent's TLS identity; with `client_ca`, clients must present a certificate
-/// signed by it (mutual TLS).
-#[derive(Debug, Clone)]
-pub struct TlsFiles {
-    pub cert: PathBuf,
-    pub key: PathBuf,
-    pub client_ca: Option<PathBuf>,
-}
 
 pub struct AgentService {
     runtime: Arc<Runtime>,
@@ -294,29 +284,27 @@ pub async fn bind(listen: SocketAddr) -> std::io::Result<(tokio::net::TcpListene
     Ok((listener, address))
 }
 
-/// Serves the agent API on `listener` until `shutdown` completes.
+/// Serves the agent API on `listener` until `shutdown` completes: over TLS with `tls` (which
+/// decides whom to accept), else in plain text.
 pub async fn serve(
     runtime: Arc<Runtime>,
     listener: tokio::net::TcpListener,
-    tls: Option<TlsFiles>,
+    tls: Option<Arc<rustls::ServerConfig>>,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), Error> {
-    let mut builder = tonic::transport::Server::builder();
-    if let Some(tls) = tls {
-        let cert = std::fs::read(&tls.cert)?;
-        let key = std::fs::read(&tls.key)?;
-        let mut config = tonic::transport::ServerTlsConfig::new()
-            .identity(tonic::transport::Identity::from_pem(cert, key));
-        if let Some(ca) = &tls.client_ca {
-            config = config.client_ca_root(tonic::transport::Certificate::from_pem(std::fs::read(ca)?));
+    let router =
+        tonic::transport::Server::builder().add_service(AgentServer::new(AgentService::new(runtime)));
+    let served = match tls {
+        None => {
+            router
+                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+                .await
         }
-        builder = builder
-            .tls_config(config)
-            .map_err(|e| Error::Tls(e.to_string()))?;
-    }
-    builder
-        .add_service(AgentServer::new(AgentService::new(runtime)))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-        .await
-        .map_err(|e| Error::Transport(e.to_string()))
+        Some(config) => {
+            router
+                .serve_with_incoming_shutdown(crate::pki::tls_incoming(listener, config), shutdown)
+                .await
+        }
+    };
+    served.map_err(|e| Error::Transport(e.to_string()))
 }

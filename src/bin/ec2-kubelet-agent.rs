@@ -6,10 +6,13 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use ec2_kubelet::agent::enroll::{self, EnrollConfig};
+use ec2_kubelet::agent::imds;
 use ec2_kubelet::agent::runtime::{Runtime, RuntimeConfig};
-use ec2_kubelet::agent::server::{self, TlsFiles};
+use ec2_kubelet::agent::server;
 use ec2_kubelet::agent::shim::{self, ShimArgs};
 use ec2_kubelet::config::LogFormat;
+use ec2_kubelet::pki;
 use ec2_kubelet::telemetry;
 
 #[derive(Parser)]
@@ -44,15 +47,25 @@ struct AgentArgs {
     restart_backoff_initial_ms: u64,
     #[arg(long, default_value_t = 300_000)]
     restart_backoff_max_ms: u64,
-    /// Serve TLS with this certificate (PEM) ...
-    #[arg(long, requires = "tls_key")]
-    tls_cert: Option<PathBuf>,
-    /// ... and this key (PEM).
-    #[arg(long, requires = "tls_cert")]
-    tls_key: Option<PathBuf>,
-    /// Require client certificates signed by this CA (mutual TLS).
-    #[arg(long, requires = "tls_cert")]
-    tls_client_ca: Option<PathBuf>,
+    /// The operator's enrollment endpoint (`https://host:port`). The agent exchanges its
+    /// bootstrap token there for a short-lived certificate naming its instance, then serves
+    /// mutual TLS, accepting only the operator's certificate.
+    #[arg(long, env = "EC2_KUBELET_AGENT_ENROLL_URL", requires = "ca_file")]
+    enroll_url: Option<String>,
+    /// The agent CA (PEM) that signed the operator's certificates.
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
+    /// The one-time bootstrap token (from the user data). Not needed while the certificate
+    /// stored in the state dir is valid.
+    #[arg(long)]
+    bootstrap_token_file: Option<PathBuf>,
+    /// This instance's id; default: asked of the instance metadata service (--imds-endpoint).
+    #[arg(long)]
+    instance_id: Option<String>,
+    /// Serve plain text with no authentication: anyone who reaches the port controls the pod.
+    /// For development and benchmarks on a trusted loopback only.
+    #[arg(long, conflicts_with = "enroll_url")]
+    insecure: bool,
     /// Poll the instance metadata service here for spot interruption notices (on EC2:
     /// http://169.254.169.254, which the bootstrap passes); unset: no polling.
     #[arg(long, env = "EC2_KUBELET_AGENT_IMDS")]
@@ -123,7 +136,7 @@ async fn run(args: AgentArgs) -> Result<(), String> {
     let shim_program = std::env::current_exe().map_err(|e| format!("locating the agent binary: {e}"))?;
     let config = RuntimeConfig {
         state_dir: args.state_dir.clone(),
-        root_dir: args.root_dir,
+        root_dir: args.root_dir.clone(),
         shim_program,
         log_max_bytes: args.log_max_bytes,
         restart_backoff_initial: Duration::from_millis(args.restart_backoff_initial_ms),
@@ -142,14 +155,24 @@ async fn run(args: AgentArgs) -> Result<(), String> {
             every,
         ));
     }
+    let tls = match &args.enroll_url {
+        Some(url) => Some(secure(&args, url).await?),
+        None if args.insecure => {
+            tracing::warn!("--insecure: serving plain text without authentication");
+            None
+        }
+        None => {
+            return Err(
+                "the agent serves mutual TLS only: give --enroll-url, --ca-file and \
+                        --bootstrap-token-file (the bootstrap user data does), or --insecure on a trusted \
+                        development machine"
+                    .into(),
+            );
+        }
+    };
     let (listener, address) = server::bind(args.listen)
         .await
         .map_err(|e| format!("listen {}: {e}", args.listen))?;
-    let tls = args.tls_cert.map(|cert| TlsFiles {
-        cert,
-        key: args.tls_key.unwrap_or_default(),
-        client_ca: args.tls_client_ca,
-    });
     // The operator's local backend and the tests read this line to learn a port-0 address.
     println!("ec2-kubelet-agent listening on {address}");
     tracing::info!(%address, recovered_pods = recovered, tls = tls.is_some(), "agent serving");
@@ -158,6 +181,39 @@ async fn run(args: AgentArgs) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     tracing::info!("agent stopped; containers keep running under their shims");
     Ok(())
+}
+
+/// Enrolls (or reuses the stored certificate), keeps the certificate renewed, and returns the
+/// TLS configuration to serve with.
+async fn secure(args: &AgentArgs, url: &str) -> Result<std::sync::Arc<rustls::ServerConfig>, String> {
+    let read = |path: &PathBuf| std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()));
+    let ca_pem = read(args.ca_file.as_ref().ok_or("--enroll-url needs --ca-file")?)?;
+    let token = match &args.bootstrap_token_file {
+        Some(path) => Some(read(path)?.trim().to_string()),
+        None => None,
+    };
+    let instance_id = match (&args.instance_id, &args.imds_endpoint) {
+        (Some(id), _) => id.clone(),
+        (None, Some(endpoint)) => {
+            let endpoint: hyper::Uri = endpoint
+                .parse()
+                .map_err(|e| format!("--imds-endpoint {endpoint}: {e}"))?;
+            imds::instance_id(&endpoint).await?
+        }
+        (None, None) => return Err("--enroll-url needs --instance-id or --imds-endpoint".into()),
+    };
+    let config = EnrollConfig {
+        url: url.to_string(),
+        ca_pem: ca_pem.clone(),
+        token,
+        instance_id,
+        dir: args.state_dir.join("tls"),
+    };
+    let credentials = enroll::credentials(&config).await?;
+    let served = pki::SwappableCert::new(&credentials).map_err(|e| e.to_string())?;
+    let tls = pki::agent_server_config(&ca_pem, served.clone()).map_err(|e| e.to_string())?;
+    tokio::spawn(enroll::keep_renewed(config, credentials, served));
+    Ok(tls)
 }
 
 /// SIGTERM or SIGINT. Containers keep running: a restarted agent re-adopts them.

@@ -325,10 +325,12 @@ impl Operator {
         let compute = Arc::new(cloud.compute());
         runtime.spawn(async move {
             let client = ec2_kubelet::operator::client(config).expect("a kube client");
-            let operator_config = OperatorConfig {
+            let mut operator_config = OperatorConfig {
                 namespace: "ec2-kubelet-system".into(),
                 ..OperatorConfig::default()
             };
+            // Simulated agents share gRPC servers: plain text (the figures leave TLS out).
+            operator_config.agent_tls.mode = ec2_kubelet::config::AgentTlsMode::Disabled;
             let ctx = Arc::new(Context::new(client, compute, operator_config, IDENTITY));
             ec2_kubelet::operator::run(ctx, stopped).await;
         });

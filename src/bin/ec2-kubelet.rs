@@ -118,6 +118,9 @@ struct ConfigArgs {
     /// Compute backend.
     #[arg(long, value_enum)]
     compute: Option<ComputeBackend>,
+    /// The https:// URL at which instances reach the enrollment endpoint (agentTls.enrollUrl).
+    #[arg(long)]
+    agent_enroll_url: Option<String>,
     /// Log format.
     #[arg(long, value_enum)]
     log_format: Option<LogFormat>,
@@ -140,6 +143,9 @@ impl ConfigArgs {
         }
         if let Some(v) = self.compute {
             config.compute = v;
+        }
+        if let Some(v) = &self.agent_enroll_url {
+            config.agent_tls.enroll_url = Some(v.clone());
         }
         if let Some(v) = self.log_format {
             config.log_format = v;
@@ -234,7 +240,12 @@ fn run(config: OperatorConfig) -> ExitCode {
         };
         let identity = operator::identity();
         tracing::info!(%identity, backend = compute.backend(), cluster = %config.cluster_name, "starting");
-        let ctx = std::sync::Arc::new(Context::new(client, compute, config, &identity));
+        let mut ctx = Context::new(client, compute, config, &identity);
+        let enrollment = match operator::secure_agents(&mut ctx).await {
+            Ok(enrollment) => enrollment,
+            Err(e) => return fail(&e),
+        };
+        let ctx = std::sync::Arc::new(ctx);
         let kubelet = match operator::start_kubelet(ctx.clone()).await {
             Ok(kubelet) => kubelet,
             Err(e) => return fail(&e),
@@ -259,6 +270,7 @@ fn run(config: OperatorConfig) -> ExitCode {
         kubelet.shutdown().await;
         metrics.shutdown().await;
         health.shutdown().await;
+        drop(enrollment);
         ExitCode::SUCCESS
     })
 }

@@ -439,8 +439,14 @@ impl Compute for AwsCompute {
             };
             run = run.iam_instance_profile(spec.build());
         }
-        if let Some(user_data) = &request.user_data {
+        {
             use base64::Engine;
+            let bootstrap = super::bootstrap::AgentBootstrap {
+                port: request.agent_port,
+                enrollment: request.enrollment.clone(),
+                ..Default::default()
+            };
+            let user_data = super::bootstrap::user_data(request.user_data.as_deref(), &bootstrap);
             run = run.user_data(base64::engine::general_purpose::STANDARD.encode(user_data));
         }
         if request.spot {

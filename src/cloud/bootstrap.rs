@@ -11,6 +11,8 @@ pub struct AgentBootstrap {
     pub download_url: Option<String>,
     /// Path of the agent binary on the instance.
     pub binary: String,
+    /// How the agent gets its certificate; `None`: it serves plain text (`--insecure`).
+    pub enrollment: Option<super::Enrollment>,
 }
 
 impl Default for AgentBootstrap {
@@ -19,6 +21,7 @@ impl Default for AgentBootstrap {
             port: 8484,
             download_url: None,
             binary: "/usr/local/bin/ec2-kubelet-agent".into(),
+            enrollment: None,
         }
     }
 }
@@ -29,10 +32,26 @@ fn quote(value: &str) -> String {
 }
 
 impl AgentBootstrap {
-    /// The shell script that installs and starts the agent.
+    /// The shell script that installs and starts the agent. The bootstrap token and the CA go
+    /// into files only root reads; the agent asks the metadata service for its instance id.
     pub fn script(&self) -> String {
         let binary = quote(&self.binary);
-        let mut script = String::from("#!/bin/sh\n# ec2-kubelet agent bootstrap\nset -eu\n");
+        let mut script = String::from("#!/bin/sh\n# ec2-kubelet agent bootstrap\nset -eu\numask 077\n");
+        script.push_str(&format!("mkdir -p {STATE_DIR}\n"));
+        let security = match &self.enrollment {
+            Some(enrollment) => {
+                script.push_str(&format!(
+                    "cat > {STATE_DIR}/ca.crt <<'PEM'\n{}\nPEM\nprintf '%s' {} > {STATE_DIR}/bootstrap-token\n",
+                    enrollment.ca_pem.trim(),
+                    quote(&enrollment.token),
+                ));
+                format!(
+                    "--enroll-url {} --ca-file {STATE_DIR}/ca.crt --bootstrap-token-file {STATE_DIR}/bootstrap-token",
+                    enrollment.url
+                )
+            }
+            None => "--insecure".to_string(),
+        };
         if let Some(url) = &self.download_url {
             script.push_str(&format!(
                 "curl -fsSL --retry 5 -o {binary}.tmp {}\nchmod 0755 {binary}.tmp\nmv {binary}.tmp {binary}\n",
@@ -40,10 +59,9 @@ impl AgentBootstrap {
             ));
         }
         script.push_str(&format!(
-            "mkdir -p /var/lib/ec2-kubelet-agent\n\
-             cat > /etc/systemd/system/ec2-kubelet-agent.service <<'UNIT'\n\
+            "cat > /etc/systemd/system/ec2-kubelet-agent.service <<'UNIT'\n\
              [Unit]\nDescription=ec2-kubelet agent\nAfter=network-online.target\n\
-             [Service]\nExecStart={} --listen 0.0.0.0:{} --state-dir /var/lib/ec2-kubelet-agent --imds-endpoint http://169.254.169.254 --log-format json\n\
+             [Service]\nExecStart={} --listen 0.0.0.0:{} --state-dir {STATE_DIR} --imds-endpoint http://169.254.169.254 --log-format json {security}\n\
              Restart=always\nKillMode=process\n\
              [Install]\nWantedBy=multi-user.target\nUNIT\n\
              systemctl daemon-reload\nsystemctl enable --now ec2-kubelet-agent.service\n",
@@ -52,6 +70,8 @@ impl AgentBootstrap {
         script
     }
 }
+
+const STATE_DIR: &str = "/var/lib/ec2-kubelet-agent";
 
 const BOUNDARY: &str = "==ec2-kubelet-boundary==";
 
@@ -107,5 +127,31 @@ mod tests {
         assert!(document.contains("--listen 0.0.0.0:9000"));
         let bare = user_data(None, &AgentBootstrap::default());
         assert_eq!(bare.matches(&format!("--{BOUNDARY}\n")).count(), 1);
+        assert!(bare.contains(" --insecure\n"), "{bare}");
+    }
+
+    #[test]
+    fn enrollment_files_are_private_and_named_on_the_command_line() {
+        let bootstrap = AgentBootstrap {
+            enrollment: Some(crate::cloud::Enrollment {
+                nonce: "n".into(),
+                token: "ekb1.n.1.ab".into(),
+                ca_pem: "-----BEGIN CERTIFICATE-----\nAAA\n-----END CERTIFICATE-----\n".into(),
+                url: "https://10.0.0.10:8443".into(),
+            }),
+            ..Default::default()
+        };
+        let script = bootstrap.script();
+        let umask = script.find("umask 077").unwrap();
+        let token = script
+            .find("printf '%s' 'ekb1.n.1.ab' > /var/lib/ec2-kubelet-agent/bootstrap-token")
+            .unwrap();
+        assert!(umask < token, "{script}");
+        assert!(script.contains("-----END CERTIFICATE-----\nPEM\n"), "{script}");
+        assert!(
+            script.contains("--enroll-url https://10.0.0.10:8443 --ca-file /var/lib/ec2-kubelet-agent/ca.crt --bootstrap-token-file /var/lib/ec2-kubelet-agent/bootstrap-token"),
+            "{script}"
+        );
+        assert!(!script.contains("--insecure"), "{script}");
     }
 }

@@ -115,6 +115,19 @@ fn write_record(path: &Path, record: &impl Serialize) -> Result<()> {
 }
 
 /// The first free address `prefix.x.y` (x, y in 1..=254) not in `used`.
+/// Writes a file only its owner can read.
+fn write_private(path: &Path, content: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?
+        .write_all(content)
+}
+
 fn allocate_address(prefix: &str, used: &[String]) -> Result<String> {
     for x in 0..=255u32 {
         for y in 1..=254u32 {
@@ -175,10 +188,35 @@ impl LocalCompute {
         Ok(records)
     }
 
-    fn start_agent(&self, instance_id: &str, address: &str, port: u16) -> Result<i32> {
+    /// Starts the instance's agent as the bootstrap of the user data would: enrolling with
+    /// the bootstrap token (written, as on an instance, to a file only its owner reads), or in
+    /// plain text when the operator runs without agent TLS.
+    fn start_agent(
+        &self,
+        instance_id: &str,
+        address: &str,
+        port: u16,
+        enrollment: Option<&super::Enrollment>,
+    ) -> Result<i32> {
         use std::os::unix::process::CommandExt;
         let dir = self.instance_dir(instance_id);
         std::fs::create_dir_all(&dir).map_err(|e| io_error("instance dir", e))?;
+        let mut security: Vec<std::ffi::OsString> = vec!["--insecure".into()];
+        if let Some(enrollment) = enrollment {
+            let (ca, token) = (dir.join("ca.crt"), dir.join("bootstrap-token"));
+            std::fs::write(&ca, &enrollment.ca_pem).map_err(|e| io_error("CA file", e))?;
+            write_private(&token, enrollment.token.as_bytes()).map_err(|e| io_error("token file", e))?;
+            security = vec![
+                "--enroll-url".into(),
+                enrollment.url.clone().into(),
+                "--ca-file".into(),
+                ca.into(),
+                "--bootstrap-token-file".into(),
+                token.into(),
+                "--instance-id".into(),
+                instance_id.into(),
+            ];
+        }
         let log = std::fs::File::create(dir.join("agent.log")).map_err(|e| io_error("agent log", e))?;
         let log_err = log.try_clone().map_err(|e| io_error("agent log", e))?;
         let mut child = std::process::Command::new(&self.options.agent_binary)
@@ -188,6 +226,7 @@ impl LocalCompute {
             .arg(dir.join("state"))
             .arg("--root-dir")
             .arg(dir.join("root"))
+            .args(security)
             .args(
                 self.options
                     .imds_endpoint
@@ -289,7 +328,12 @@ impl Compute for LocalCompute {
         };
         // Recorded before the process starts: a crash in between leaves a record, not a stray process.
         write_record(&self.instance_path(&instance_id), &record)?;
-        let pid = self.start_agent(&instance_id, &address, request.agent_port)?;
+        let pid = self.start_agent(
+            &instance_id,
+            &address,
+            request.agent_port,
+            request.enrollment.as_ref(),
+        )?;
         record.agent_pid = Some(pid);
         write_record(&self.instance_path(&instance_id), &record)?;
         Ok(record.instance)

@@ -123,6 +123,29 @@ pub struct LaunchRequest {
     pub agent_port: u16,
     /// Tags beyond the ones the backend writes itself.
     pub tags: TagMap,
+    /// How the instance's agent gets its certificate (`None`: the agent serves plain text).
+    pub enrollment: Option<Enrollment>,
+}
+
+/// What a new instance's agent needs to enroll (see `crate::pki`). Travels in the user data;
+/// the nonce is also a tag of the instance.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Enrollment {
+    pub nonce: String,
+    /// The one-time bootstrap token: a credential, never logged.
+    pub token: String,
+    pub ca_pem: String,
+    pub url: String,
+}
+
+impl std::fmt::Debug for Enrollment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Enrollment")
+            .field("nonce", &self.nonce)
+            .field("token", &"<redacted>")
+            .field("url", &self.url)
+            .finish()
+    }
 }
 
 /// EC2 instance states.
@@ -330,6 +353,9 @@ pub fn instance_tags(cluster: &str, request: &LaunchRequest) -> TagMap {
     use crate::crd::tags;
     let mut instance_tags = owned_tags(cluster, &request.pool, &request.tags);
     instance_tags.insert(tags::POD_UID.into(), request.pod_uid.clone());
+    if let Some(enrollment) = &request.enrollment {
+        instance_tags.insert(tags::ENROLLMENT.into(), enrollment.nonce.clone());
+    }
     if request.tags.get(tags::WARM).is_some_and(|w| w == "true") {
         // A warm instance has no pod yet (its "pod UID" is its launch token).
         instance_tags.insert(tags::NAME.into(), request.name.clone());

@@ -125,6 +125,9 @@ pub mod tags {
     pub const WARM: &str = "ec2-kubelet.io/warm";
     /// The agent's port on the instance, so a restarted operator reaches it without the template.
     pub const AGENT_PORT: &str = "ec2-kubelet.io/agent-port";
+    /// The nonce of the instance's bootstrap token: a token is only good for the instance
+    /// tagged with its nonce.
+    pub const ENROLLMENT: &str = "ec2-kubelet.io/enrollment";
     pub const NAME: &str = "Name";
 }
 

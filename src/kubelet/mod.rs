@@ -151,7 +151,7 @@ pub(crate) async fn pod_agent(
         .map_err(|e| Reply::unavailable(e.to_string()))?;
     let channel = ctx
         .agents
-        .connect(&endpoint, Duration::from_secs(15))
+        .connect(&endpoint, &instance_id, Duration::from_secs(15))
         .await
         .map_err(|e| Reply::unavailable(format!("the agent of {instance_id} at {endpoint}: {e}")))?;
     let agent = crate::agent::client::for_instance(channel, &instance_id);

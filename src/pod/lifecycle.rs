@@ -244,6 +244,7 @@ async fn launch_request(
         namespace,
         name: pod.name_any(),
         placement: template.as_ref().and_then(|t| t.spec.placement.clone()),
+        enrollment: ctx.agents.tls().map(|tls| tls.enrollment()),
         ..settings.into_request(instance_type)
     };
     Ok(Ok(Launch {
@@ -582,14 +583,14 @@ pub(crate) async fn ping(
 ) -> Option<AgentChannel> {
     let probe = (unreachable / 2).clamp(Duration::from_secs(1), Duration::from_secs(15));
     let answer = tokio::time::timeout(probe.min(Duration::from_secs(5)), async {
-        let channel = ctx.agents.connect(endpoint, probe).await.ok()?;
+        let channel = ctx.agents.connect(endpoint, instance_id, probe).await.ok()?;
         let mut agent = client::for_instance(channel, instance_id);
         agent.ping(PingRequest {}).await.ok()?;
         Some(agent)
     });
     let agent = answer.await.ok().flatten();
     if agent.is_none() {
-        ctx.agents.forget(endpoint);
+        ctx.agents.forget(endpoint, instance_id);
     }
     agent
 }
@@ -811,7 +812,7 @@ async fn attach(
     };
     let outcome = run_on(shared, pod_rx, &instance, &endpoint, &placement, bound_at).await;
     // The instance is done with (or the worker retries and dials again).
-    ctx.agents.forget(&endpoint);
+    ctx.agents.forget(&endpoint, &instance.instance_id);
     outcome
 }
 

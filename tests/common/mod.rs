@@ -187,30 +187,11 @@ pub struct AgentProcess {
 }
 
 impl AgentProcess {
-    /// Starts an agent on `state_dir` with fast restart backoff (200 ms doubling to 2 s).
+    /// Starts a plain-text agent on `state_dir` with fast restart backoff (200 ms doubling to
+    /// 2 s), and waits for its address.
     pub fn start(state_dir: &Path, root_dir: &Path) -> AgentProcess {
         use std::io::BufRead;
-        use std::os::unix::process::CommandExt;
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ec2-kubelet-agent"))
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--restart-backoff-initial-ms",
-                "200",
-                "--restart-backoff-max-ms",
-                "2000",
-            ])
-            .arg("--state-dir")
-            .arg(state_dir)
-            .arg("--root-dir")
-            .arg(root_dir)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .process_group(0)
-            .spawn()
-            .expect("spawn ec2-kubelet-agent");
+        let mut child = Self::spawn(state_dir, root_dir, "127.0.0.1:0", &["--insecure".into()]);
         let stdout = child.stdout.take().expect("agent stdout");
         let mut line = String::new();
         std::io::BufReader::new(stdout)
@@ -228,6 +209,66 @@ impl AgentProcess {
             state_dir: state_dir.to_path_buf(),
             root_dir: root_dir.to_path_buf(),
         }
+    }
+
+    /// Starts an agent of `instance_id` that enrolls at `url` with a bootstrap token for
+    /// `nonce` (as the user data would give it), on a free loopback port. Returns at once: the
+    /// agent serves once enrolled.
+    pub fn start_enrolling(
+        home: &Path,
+        authority: &ec2_kubelet::pki::Authority,
+        url: &str,
+        instance_id: &str,
+        nonce: &str,
+    ) -> AgentProcess {
+        std::fs::create_dir_all(home).unwrap();
+        let (ca, token) = (home.join("ca.crt"), home.join("bootstrap-token"));
+        std::fs::write(&ca, authority.ca_pem()).unwrap();
+        std::fs::write(&token, authority.mint_token(nonce, Duration::from_secs(3600))).unwrap();
+        let address = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
+        let args: Vec<std::ffi::OsString> = vec![
+            "--enroll-url".into(),
+            url.into(),
+            "--ca-file".into(),
+            ca.into(),
+            "--bootstrap-token-file".into(),
+            token.into(),
+            "--instance-id".into(),
+            instance_id.into(),
+        ];
+        let (state_dir, root_dir) = (home.join("state"), home.join("root"));
+        let child = Self::spawn(&state_dir, &root_dir, &address.to_string(), &args);
+        AgentProcess {
+            child,
+            address,
+            state_dir,
+            root_dir,
+        }
+    }
+
+    fn spawn(state_dir: &Path, root_dir: &Path, listen: &str, security: &[std::ffi::OsString]) -> Child {
+        use std::os::unix::process::CommandExt;
+        Command::new(env!("CARGO_BIN_EXE_ec2-kubelet-agent"))
+            .args(security)
+            .args([
+                "--listen",
+                listen,
+                "--restart-backoff-initial-ms",
+                "200",
+                "--restart-backoff-max-ms",
+                "2000",
+            ])
+            .arg("--state-dir")
+            .arg(state_dir)
+            .arg("--root-dir")
+            .arg(root_dir)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .process_group(0)
+            .spawn()
+            .expect("spawn ec2-kubelet-agent")
     }
 
     pub fn endpoint(&self) -> String {
@@ -289,9 +330,9 @@ impl Replica {
         // The replica's own client, created on its runtime: nothing of it outlives a crash.
         let handle = runtime.spawn(async move {
             let client = ec2_kubelet::operator::client(kube_config).unwrap();
-            let ctx = std::sync::Arc::new(ec2_kubelet::controller::Context::new(
-                client, compute, config, &name,
-            ));
+            let mut ctx = ec2_kubelet::controller::Context::new(client, compute, config, &name);
+            let _enrollment = ec2_kubelet::operator::secure_agents(&mut ctx).await.unwrap();
+            let ctx = std::sync::Arc::new(ctx);
             let _ = metrics_tx.send(ctx.metrics.clone());
             ec2_kubelet::operator::run(ctx, stopped).await
         });
@@ -522,7 +563,19 @@ pub fn fast_config() -> ec2_kubelet::config::OperatorConfig {
     config.lease.duration_seconds = 3;
     config.lease.renew_interval_seconds = 1;
     config.sync.node_status_seconds = 2;
+    config.server.enroll_address = enroll_address();
     config
+}
+
+thread_local! {
+    static ENROLL_PORT: u16 = free_port();
+}
+
+/// The enrollment address of this test's replicas: one per test (thread), shared by its
+/// replicas and their successors as a Service would be, so an agent enrolling across an
+/// operator crash reaches the next replica.
+pub fn enroll_address() -> String {
+    format!("127.0.0.1:{}", ENROLL_PORT.with(|port| *port))
 }
 
 /// A plain HTTP GET on loopback (HTTP/1.0, read to the end): status and body.
@@ -655,20 +708,44 @@ pub type AgentFarm = std::sync::Arc<std::sync::Mutex<std::collections::HashMap<S
 
 /// The agents of instances that only exist in the EC2 emulator: the first time the operator asks
 /// for an instance's agent, a real agent process starts on loopback for it (under `root`), so
-/// the emulator's 10.x addresses are never dialled. The resolver for the `aws` backend, and the
-/// agents it started.
-pub fn loopback_agents(root: &Path) -> (ec2_kubelet::cloud::aws::EndpointResolver, AgentFarm) {
+/// the emulator's 10.x addresses are never dialled. Each enrolls with the operators of this test
+/// (at `enroll_address()`) as its user data would have it: a bootstrap token for the nonce the
+/// instance is tagged with, signed with the cluster's CA Secret (`authority`). The resolver for
+/// the `aws` backend, and the agents it started.
+pub fn loopback_agents(
+    root: &Path,
+    authority: std::sync::Arc<ec2_kubelet::pki::Authority>,
+) -> (ec2_kubelet::cloud::aws::EndpointResolver, AgentFarm) {
     let agents: AgentFarm = Default::default();
     let (farm, root) = (agents.clone(), root.to_path_buf());
+    let url = format!("https://{}", enroll_address());
     let resolver = std::sync::Arc::new(move |instance: &ec2_kubelet::cloud::Instance, _port: u16| {
         let mut farm = farm.lock().unwrap();
-        let agent = farm.entry(instance.instance_id.clone()).or_insert_with(|| {
-            let home = root.join(&instance.instance_id);
-            AgentProcess::start(&home.join("state"), &home.join("root"))
-        });
-        Some(agent.address.to_string())
+        if let Some(agent) = farm.get(&instance.instance_id) {
+            return Some(agent.address.to_string());
+        }
+        // An instance launched without enrollment has no agent here: a port that refuses (never
+        // the emulator's 10.x address).
+        let Some(nonce) = instance.tag(ec2_kubelet::crd::tags::ENROLLMENT) else {
+            return Some("127.0.0.1:1".into());
+        };
+        let home = root.join(&instance.instance_id);
+        let agent = AgentProcess::start_enrolling(&home, &authority, &url, &instance.instance_id, nonce);
+        let address = agent.address.to_string();
+        farm.insert(instance.instance_id.clone(), agent);
+        Some(address)
     });
     (resolver, agents)
+}
+
+/// The agent CA of the cluster `client` reaches, created in the operator namespace if it is not
+/// there yet (the operator replicas load the same one).
+pub async fn agent_authority(client: &kube::Client) -> std::sync::Arc<ec2_kubelet::pki::Authority> {
+    std::sync::Arc::new(
+        ec2_kubelet::enrollment::load_or_create_authority(client, OPERATOR_NAMESPACE)
+            .await
+            .expect("the agent CA"),
+    )
 }
 
 /// The reason and message of every event about objects named `name`.
