@@ -299,66 +299,49 @@ async fn bootstrap_tokens_are_one_time_and_bound_to_their_instance() {
         assert!(status.message().contains(says), "{status:?}");
     };
 
-    // A's token (already exchanged by A's agent) is spent.
-    refused(
-        anonymous
-            .enroll(enroll_request(&a.instance_id, &token_for(&a)))
-            .await,
-        tonic::Code::PermissionDenied,
-        "already used",
-    );
-    // A's token does not get a certificate for B.
-    refused(
-        anonymous
-            .enroll(enroll_request(&b.instance_id, &token_for(&a)))
-            .await,
-        tonic::Code::PermissionDenied,
-        "not issued for",
-    );
-    // Tokens not signed with this cluster's key, malformed or expired ones.
+    use tonic::Code::{InvalidArgument, PermissionDenied, Unauthenticated};
     let foreign = Authority::generate()
         .unwrap()
         .mint_token(b.tag(tags::ENROLLMENT).unwrap(), Duration::from_secs(600));
-    refused(
-        anonymous.enroll(enroll_request(&b.instance_id, &foreign)).await,
-        tonic::Code::Unauthenticated,
-        "not signed",
-    );
-    refused(
-        anonymous
-            .enroll(enroll_request(&b.instance_id, "ekb1.x.y.z"))
-            .await,
-        tonic::Code::Unauthenticated,
-        "malformed",
-    );
     let expired = authority.mint_token(b.tag(tags::ENROLLMENT).unwrap(), Duration::ZERO);
     tokio::time::sleep(Duration::from_millis(5)).await;
-    refused(
-        anonymous.enroll(enroll_request(&b.instance_id, &expired)).await,
-        tonic::Code::Unauthenticated,
-        "expired",
-    );
-    // Instances that are not ours, ids that are not DNS labels, keys that are not P-256.
-    refused(
-        anonymous
-            .enroll(enroll_request("i-0000000000000000", &token_for(&b)))
-            .await,
-        tonic::Code::PermissionDenied,
-        "not a live instance",
-    );
-    refused(
-        anonymous
-            .enroll(enroll_request("i-1.evil.example", &token_for(&b)))
-            .await,
-        tonic::Code::InvalidArgument,
-        "DNS label",
-    );
-    // Renewal needs a client certificate naming the instance.
-    refused(
-        anonymous.enroll(enroll_request(&a.instance_id, "")).await,
-        tonic::Code::Unauthenticated,
-        "no client certificate",
-    );
+    let anonymous_cases = [
+        // A's token (already exchanged by A's agent) is spent.
+        (
+            a.instance_id.as_str(),
+            token_for(&a),
+            PermissionDenied,
+            "already used",
+        ),
+        // A's token does not get a certificate for B.
+        (&b.instance_id, token_for(&a), PermissionDenied, "not issued for"),
+        // Tokens not signed with this cluster's key, malformed or expired ones.
+        (&b.instance_id, foreign, Unauthenticated, "not signed"),
+        (&b.instance_id, "ekb1.x.y.z".into(), Unauthenticated, "malformed"),
+        (&b.instance_id, expired, Unauthenticated, "expired"),
+        // Instances that are not ours, ids that are not DNS labels.
+        (
+            "i-0000000000000000",
+            token_for(&b),
+            PermissionDenied,
+            "not a live instance",
+        ),
+        ("i-1.evil.example", token_for(&b), InvalidArgument, "DNS label"),
+        // Renewal needs a client certificate naming the instance.
+        (
+            &a.instance_id,
+            String::new(),
+            Unauthenticated,
+            "no client certificate",
+        ),
+    ];
+    for (instance_id, token, code, says) in anonymous_cases {
+        refused(
+            anonymous.enroll(enroll_request(instance_id, &token)).await,
+            code,
+            says,
+        );
+    }
     let a_credentials = credentials_of(&authority, Some(&a.instance_id));
     let mut as_a = enrollment_client(&url, &ca, Some(&a_credentials)).await;
     refused(

@@ -58,11 +58,15 @@ impl Default for Backoff {
 
 struct PoolGate {
     open_at: Instant,
+    /// While the pool recovers from throttling, callers pass one at a time, this far apart.
+    next_slot: Instant,
     backoff: Backoff,
 }
 
 /// One gate per pool: after `RequestLimitExceeded` every caller of that pool waits until the
-/// gate reopens, and the pause grows (with jitter) while the throttling lasts.
+/// gate reopens, and the pause grows (with jitter) while the throttling lasts. When it reopens,
+/// the waiting callers are let through one per `initial` delay, not all at once (EC2 refills
+/// a drained bucket at a few calls per second), until a call succeeds again.
 pub struct CloudGate {
     pools: Mutex<HashMap<String, PoolGate>>,
     initial: Duration,
@@ -102,6 +106,20 @@ impl CloudGate {
         pools.get(pool).map_or_else(Instant::now, |g| g.open_at)
     }
 
+    /// When this caller may go: now if the pool is not throttled, else the next free slot
+    /// after the gate opens (which it takes).
+    fn admit(&self, pool: &str) -> Instant {
+        let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+        match pools.get_mut(pool) {
+            None => Instant::now(),
+            Some(gate) => {
+                let slot = gate.open_at.max(gate.next_slot);
+                gate.next_slot = slot + self.initial;
+                slot
+            }
+        }
+    }
+
     /// Records a throttled call: closes the gate for the next backoff delay, returned.
     pub fn throttled(&self, pool: &str) -> Duration {
         if let Some(family) = &self.throttled {
@@ -110,10 +128,13 @@ impl CloudGate {
         let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
         let gate = pools.entry(pool.to_string()).or_insert_with(|| PoolGate {
             open_at: Instant::now(),
+            next_slot: Instant::now(),
             backoff: Backoff::new(self.initial, self.max),
         });
         let delay = gate.backoff.next_delay();
         gate.open_at = gate.open_at.max(Instant::now() + delay);
+        // The queue starts over behind the new pause.
+        gate.next_slot = gate.open_at;
         delay
     }
 
@@ -136,7 +157,7 @@ impl CloudGate {
     {
         let mut attempt = 0;
         loop {
-            tokio::time::sleep_until(self.open_at(pool)).await;
+            tokio::time::sleep_until(self.admit(pool)).await;
             match call().await {
                 Err(cloud::Error::Throttled { action }) => {
                     attempt += 1;
@@ -218,5 +239,35 @@ mod tests {
             })
             .await;
         assert!(matches!(result, Err(cloud::Error::Throttled { .. })));
+    }
+
+    #[tokio::test]
+    async fn callers_waiting_on_a_throttled_pool_are_let_through_one_at_a_time() {
+        let gate = std::sync::Arc::new(CloudGate::new(
+            Duration::from_millis(100),
+            Duration::from_millis(200),
+            3,
+        ));
+        gate.throttled("p1");
+        let opens = gate.open_at("p1");
+        let callers = (0..5).map(|_| {
+            let gate = gate.clone();
+            tokio::spawn(async move { gate.call("p1", || async { Ok(Instant::now()) }).await.unwrap() })
+        });
+        let mut passed: Vec<Instant> = futures::future::join_all(callers)
+            .await
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        passed.sort();
+        assert!(passed[0] >= opens);
+        // Five callers, one per 100 ms once the gate opens: the last went about 400 ms after the
+        // first (not all at the opening; the timer wakes each within a millisecond or two).
+        let spread = passed[4] - passed[0];
+        assert!(spread >= Duration::from_millis(390), "{spread:?}");
+        // Once calls succeed the pool is no longer throttled: a new caller goes at once.
+        tokio::time::sleep_until(passed[4] + Duration::from_millis(1)).await;
+        gate.succeeded("p1");
+        assert!(gate.open_at("p1") <= Instant::now());
     }
 }

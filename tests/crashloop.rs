@@ -1,0 +1,266 @@
+//! The crash loop: a workload of pod creates and deletes runs while the operator process is
+//! SIGKILLed at random moments and started again, over and over. At the end, with one last
+//! operator left to converge, nothing may be lost, leaked or launched twice:
+//! - every live pod is Running on exactly one live instance, with exactly one binding;
+//! - every binding names a pod that exists;
+//! - no live instance without a pod, and no pod with more than one instance ever launched;
+//! - no pod stuck Terminating.
+//!
+//! Bounded in CI (`EC2_KUBELET_CRASHLOOP_KILLS`, default 8); set it higher for a soak, e.g. 200.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use ec2_kubelet::cloud::local::{LocalCompute, LocalOptions};
+use ec2_kubelet::cloud::{Compute, InstanceFilter};
+use ec2_kubelet::crd::{Ec2NodePool, tags};
+use k8s_openapi::api::core::v1::Pod;
+use kube::ResourceExt;
+use kube::api::{Api, DeleteParams, PostParams};
+use rand::Rng;
+use serde_json::json;
+
+/// The operator binary on a config for fast leases, its output appended to `log`.
+fn spawn_operator(config: &Path, kubeconfig: &Path, log: &Path) -> tokio::process::Child {
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_ec2-kubelet"))
+        .args(["run", "--config"])
+        .arg(config)
+        .env("KUBECONFIG", kubeconfig)
+        .env("RUST_LOG", "warn")
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the operator")
+}
+
+fn operator_config(dir: &Path, local: &Path) -> PathBuf {
+    let ports: Vec<u16> = (0..4).map(|_| common::free_port()).collect();
+    let path = dir.join("operator.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "clusterName: test\nnamespace: {ns}\nlease: {{durationSeconds: 3, renewIntervalSeconds: 1}}\n\
+             sync: {{nodeStatusSeconds: 2, poolResyncSeconds: 2, orphanGraceSeconds: 1, agentLostSeconds: 60}}\n\
+             server:\n  metricsAddress: 127.0.0.1:{}\n  healthAddress: 127.0.0.1:{}\n  kubeletAddress: 127.0.0.1:{}\n  enrollAddress: 127.0.0.1:{}\n\
+             local:\n  stateDir: {}\n  agentBinary: {}\n",
+            ports[0],
+            ports[1],
+            ports[2],
+            ports[3],
+            local.display(),
+            env!("CARGO_BIN_EXE_ec2-kubelet-agent"),
+            ns = common::OPERATOR_NAMESPACE,
+        ),
+    )
+    .unwrap();
+    path
+}
+
+struct Figures {
+    kills: u32,
+    created: u32,
+    /// Pods whose deletion was asked for (by name).
+    deleted: BTreeSet<String>,
+}
+
+/// What the cluster and the cloud say, checked against the invariants; `Err` names the first
+/// violation (the caller retries until the operator has converged).
+async fn check_invariants(client: &kube::Client, compute: &LocalCompute) -> Result<(usize, usize), String> {
+    let pods: Vec<Pod> = Api::<Pod>::default_namespaced(client.clone())
+        .list(&Default::default())
+        .await
+        .map_err(|e| e.to_string())?
+        .items;
+    let pool = Api::<Ec2NodePool>::all(client.clone())
+        .get("crash")
+        .await
+        .map_err(|e| e.to_string())?;
+    let bindings: Vec<(String, String)> = pool
+        .status
+        .map(|s| s.bindings)
+        .unwrap_or_default()
+        .into_iter()
+        .flat_map(|(node, pods)| pods.into_keys().map(move |uid| (node.clone(), uid)))
+        .collect();
+    let instances = compute
+        .describe_instances(&InstanceFilter::Cluster)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut launched: BTreeMap<String, usize> = BTreeMap::new();
+    for instance in &instances {
+        *launched
+            .entry(instance.tag(tags::POD_UID).unwrap_or("").to_string())
+            .or_default() += 1;
+    }
+    let live: Vec<_> = instances.iter().filter(|i| i.state.is_alive()).collect();
+    let uids: BTreeSet<String> = pods.iter().filter_map(|p| p.uid()).collect();
+
+    if let Some((uid, n)) = launched.iter().find(|(_, n)| **n > 1) {
+        // Permanent: fail at once rather than wait.
+        panic!("pod {uid} was launched {n} times");
+    }
+    for pod in &pods {
+        let name = pod.name_any();
+        if pod.metadata.deletion_timestamp.is_some() {
+            return Err(format!("pod {name} is Terminating"));
+        }
+        let uid = pod.uid().unwrap_or_default();
+        let phase = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.phase.clone())
+            .unwrap_or_default();
+        if phase != "Running" {
+            return Err(format!("pod {name} is {phase:?}"));
+        }
+        let on = live
+            .iter()
+            .filter(|i| i.tag(tags::POD_UID) == Some(uid.as_str()))
+            .count();
+        if on != 1 {
+            return Err(format!("pod {name} has {on} live instances"));
+        }
+        let bound = bindings.iter().filter(|(_, b)| *b == uid).count();
+        if bound != 1 {
+            return Err(format!("pod {name} has {bound} bindings"));
+        }
+    }
+    if let Some((node, uid)) = bindings.iter().find(|(_, uid)| !uids.contains(uid)) {
+        return Err(format!("binding {uid} on {node} has no pod"));
+    }
+    if let Some(orphan) = live
+        .iter()
+        .find(|i| !i.tag(tags::POD_UID).is_some_and(|uid| uids.contains(uid)))
+    {
+        return Err(format!("instance {} is live without a pod", orphan.instance_id));
+    }
+    Ok((pods.len(), launched.len()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkilled_operators_lose_nothing_leak_nothing_and_launch_nothing_twice() {
+    let kills: u32 = std::env::var("EC2_KUBELET_CRASHLOOP_KILLS")
+        .ok()
+        .and_then(|k| k.parse().ok())
+        .unwrap_or(8);
+    let cluster = common::operator_cluster(true).await;
+    let client = cluster.client();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    cluster.write_kubeconfig(&kubeconfig).unwrap();
+    let local = dir.path().join("local");
+    let config = operator_config(dir.path(), &local);
+    let log = dir.path().join("operator.log");
+    // The test's own view of the local cloud (the same records the operators write); it
+    // terminates whatever is left when the test ends.
+    let compute = std::sync::Arc::new(
+        LocalCompute::new(LocalOptions {
+            cluster: "test".into(),
+            dir: local.clone(),
+            agent_binary: env!("CARGO_BIN_EXE_ec2-kubelet-agent").into(),
+            imds_endpoint: None,
+        })
+        .unwrap(),
+    );
+    let _cleanup = common::LocalInstances(compute.clone());
+
+    common::create_template(
+        &client,
+        "general",
+        json!({"imageId": "ami-0123456789abcdef0", "instanceTypes": ["t3.micro"]}),
+    )
+    .await;
+    common::create_pool(
+        &client,
+        "crash",
+        json!({"nodes": 2, "subnetIds": ["subnet-0a"], "securityGroupIds": ["sg-0a"],
+            "templateRef": {"namespace": "default", "name": "general"}}),
+    )
+    .await;
+
+    let pods: Api<Pod> = Api::default_namespaced(client.clone());
+    let mut figures = Figures {
+        kills: 0,
+        created: 0,
+        deleted: BTreeSet::new(),
+    };
+    let mut operator = spawn_operator(&config, &kubeconfig, &log);
+    let mut next = 0u32;
+    let mut rng = rand::rng();
+    let started = Instant::now();
+    while figures.kills < kills {
+        // The operator lives a random while, during which the workload goes on: a burst of
+        // creates, and deletes of random pods.
+        let life = Duration::from_millis(rng.random_range(300..4000));
+        let until = Instant::now() + life;
+        while Instant::now() < until {
+            for _ in 0..rng.random_range(1..4) {
+                let name = format!("w-{next}");
+                next += 1;
+                let pod = common::virtual_pod(&name, Some("crash"), &["sleep", "3600"], json!({}));
+                if pods.create(&PostParams::default(), &pod).await.is_ok() {
+                    figures.created += 1;
+                }
+            }
+            let live: Vec<String> = pods
+                .list(&Default::default())
+                .await
+                .unwrap()
+                .items
+                .iter()
+                .filter(|p| p.metadata.deletion_timestamp.is_none())
+                .map(|p| p.name_any())
+                .collect();
+            // About as many deletes as creates once a few pods run: the workload churns
+            // instead of growing.
+            if live.len() > 6 {
+                for _ in 0..rng.random_range(1..4) {
+                    let victim = &live[rng.random_range(0..live.len())];
+                    if pods.delete(victim, &DeleteParams::default()).await.is_ok() {
+                        figures.deleted.insert(victim.clone());
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(rng.random_range(50..400))).await;
+        }
+        operator.start_kill().unwrap();
+        let _ = operator.wait().await;
+        figures.kills += 1;
+        operator = spawn_operator(&config, &kubeconfig, &log);
+    }
+
+    // The last operator converges; the invariants hold.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let (live_pods, launches) = loop {
+        let why = match check_invariants(&client, &compute).await {
+            Ok(counts) => break counts,
+            Err(why) => why,
+        };
+        assert!(
+            Instant::now() < deadline,
+            "not converged after the crash loop: {why}\noperator log:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    println!(
+        "crash loop: {} SIGKILLs survived in {:.0} s; {} pods created, {} deleted, {} live; {} instances launched (one per pod, none twice); leaks found: 0",
+        figures.kills,
+        started.elapsed().as_secs_f64(),
+        figures.created,
+        figures.deleted.len(),
+        live_pods,
+        launches,
+    );
+    operator.start_kill().unwrap();
+    let _ = operator.wait().await;
+}
