@@ -15,7 +15,6 @@ use serde_json::json;
 use tokio::sync::watch;
 
 use crate::config::OperatorConfig;
-use crate::controller::Context;
 use crate::crd::Ec2NodePool;
 use crate::devcluster::{DevCluster, DevClusterOptions};
 
@@ -148,14 +147,13 @@ pub async fn start(options: &DemoOptions) -> Result<Demo, String> {
     );
 
     let compute = crate::operator::compute(&config).await?;
-    let mut ctx = Context::new(
+    let (ctx, _enrollment) = crate::operator::context(
         client.clone(),
         compute.clone(),
         config,
         &crate::operator::identity(),
-    );
-    let _enrollment = crate::operator::secure_agents(&mut ctx).await?;
-    let ctx = Arc::new(ctx);
+    )
+    .await?;
     let kubelet = crate::operator::start_kubelet(ctx.clone()).await?;
     let (stop, stopped) = watch::channel(false);
     let operator = tokio::spawn(crate::operator::run(ctx, stopped));

@@ -228,7 +228,7 @@ impl EnrollmentService {
             self.live_instance(instance_id).await?;
             return Ok(());
         }
-        let nonce = self
+        let (nonce, expires) = self
             .tls
             .authority
             .check_token(&body.bootstrap_token, now_ms())
@@ -239,12 +239,6 @@ impl EnrollmentService {
                 "the bootstrap token was not issued for {instance_id}"
             )));
         }
-        let expires = body
-            .bootstrap_token
-            .split('.')
-            .nth(2)
-            .and_then(|e| e.parse().ok())
-            .unwrap_or(i64::MAX);
         if !self.tls.spend(&nonce, expires) {
             return Err(Status::permission_denied("the bootstrap token was already used"));
         }

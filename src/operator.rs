@@ -200,10 +200,23 @@ pub async fn start_kubelet(ctx: Arc<Context>) -> Result<crate::kubelet::KubeletS
         .map_err(|e| format!("serving the kubelet API on {address}: {e}"))
 }
 
+/// The operator's context, with the operator <-> agent channel set up as `agentTls` says, and
+/// the enrollment server (it serves until dropped; `None` when agent TLS is disabled).
+pub async fn context(
+    client: kube::Client,
+    compute: Arc<dyn crate::cloud::Compute>,
+    config: crate::config::OperatorConfig,
+    identity: &str,
+) -> Result<(Arc<Context>, Option<crate::enrollment::EnrollmentServer>), String> {
+    let mut ctx = Context::new(client, compute, config, identity);
+    let enrollment = secure_agents(&mut ctx).await?;
+    Ok((Arc::new(ctx), enrollment))
+}
+
 /// Sets up the operator <-> agent channel (`agentTls`): loads or creates the agent CA, serves
 /// enrollment on `server.enrollAddress`, and has `ctx` dial agents over mutual TLS. Returns the
 /// enrollment server (it serves until dropped); `None` when agent TLS is disabled.
-pub async fn secure_agents(ctx: &mut Context) -> Result<Option<crate::enrollment::EnrollmentServer>, String> {
+async fn secure_agents(ctx: &mut Context) -> Result<Option<crate::enrollment::EnrollmentServer>, String> {
     use crate::config::AgentTlsMode;
     use crate::enrollment::{self, AgentTls};
     let config = &ctx.config;

@@ -103,10 +103,14 @@ impl Credentials {
         }
     }
 
-    /// Whether two thirds of the lifetime have passed: time to renew.
-    pub fn due_for_renewal(&self, now_unix_ms: i64) -> bool {
+    /// When two thirds of the lifetime have passed: time to renew.
+    pub fn renewal_due_unix_ms(&self) -> i64 {
         let lifetime = self.not_after_unix_ms - self.issued_unix_ms;
-        now_unix_ms >= self.issued_unix_ms + lifetime * 2 / 3
+        self.issued_unix_ms + lifetime * 2 / 3
+    }
+
+    pub fn due_for_renewal(&self, now_unix_ms: i64) -> bool {
+        now_unix_ms >= self.renewal_due_unix_ms()
     }
 
     /// The rustls form: certificate chain and signing key.
@@ -284,8 +288,8 @@ impl Authority {
         )
     }
 
-    /// The nonce of a genuine, unexpired token.
-    pub fn check_token(&self, token: &str, now_unix_ms: i64) -> Result<String> {
+    /// The nonce and expiry of a genuine, unexpired token.
+    pub fn check_token(&self, token: &str, now_unix_ms: i64) -> Result<(String, i64)> {
         let mut parts = token.split('.');
         let (Some(TOKEN_PREFIX), Some(nonce), Some(expires), Some(mac), None) = (
             parts.next(),
@@ -307,7 +311,7 @@ impl Authority {
         if now_unix_ms > expires {
             return Err(PkiError::Token("expired"));
         }
-        Ok(nonce.to_string())
+        Ok((nonce.to_string(), expires))
     }
 }
 
@@ -516,7 +520,7 @@ mod tests {
         let authority = Authority::generate().unwrap();
         let nonce = new_nonce();
         let token = authority.mint_token(&nonce, Duration::from_secs(60));
-        assert_eq!(authority.check_token(&token, now_ms()).unwrap(), nonce);
+        assert_eq!(authority.check_token(&token, now_ms()).unwrap().0, nonce);
         // Expired.
         let later = now_ms() + 61_000;
         assert!(matches!(

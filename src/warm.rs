@@ -501,11 +501,9 @@ async fn tend(ctx: &Context, cached: &Ec2NodePool, memory: &mut Memory) -> Resul
     if missing > 0 {
         let template = template_of(ctx, &pool).await?;
         for slot in 0..missing {
-            let request = match warm_request(&pool, template.as_ref(), keep.len() + slot) {
-                Ok(request) => LaunchRequest {
-                    enrollment: ctx.agents.tls().map(|tls| tls.enrollment()),
-                    ..request
-                },
+            let enrollment = ctx.agents.tls().map(|tls| tls.enrollment());
+            let request = match warm_request(&pool, template.as_ref(), keep.len() + slot, enrollment) {
+                Ok(request) => request,
                 Err(message) => {
                     tracing::warn!(pool = %name, %message, "cannot launch warm instances");
                     break;
@@ -652,6 +650,7 @@ fn warm_request(
     pool: &Ec2NodePool,
     template: Option<&Ec2PodTemplate>,
     slot: usize,
+    enrollment: Option<crate::cloud::Enrollment>,
 ) -> std::result::Result<LaunchRequest, String> {
     let name = pool.name_any();
     let spec = &pool.spec;
@@ -693,7 +692,7 @@ fn warm_request(
         name: format!("warm/{name}"),
         spot: false,
         known_absent: true,
-        ..settings.into_request(instance_type)
+        ..settings.into_request(instance_type, enrollment)
     };
     request.tags.insert(tags::WARM.into(), "true".into());
     let encoded = serde_json::to_string(&Settings::of_request(&request)).unwrap_or_default();

@@ -129,7 +129,6 @@ async fn the_chart_grants_exactly_what_the_operator_uses() {
     use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
     use serde_json::json;
     use std::collections::BTreeSet;
-    use std::sync::Arc;
 
     // 1. The RBAC objects the chart renders for the operator's namespace.
     let namespace = common::OPERATOR_NAMESPACE;
@@ -179,19 +178,12 @@ async fn the_chart_grants_exactly_what_the_operator_uses() {
     config.server.kubelet_address = format!("127.0.0.1:{}", common::free_port());
     let replica = common::Replica::start(&cluster, config.clone(), compute.clone(), "replica-a");
     let operator_client = ec2_kubelet::operator::client(cluster.client_config()).unwrap();
-    let mut ctx = ec2_kubelet::controller::Context::new(operator_client, compute, config, "kubelet");
-    let _enrollment = ec2_kubelet::operator::secure_agents(&mut ctx).await.unwrap();
-    let ctx = Arc::new(ctx);
+    let (ctx, _enrollment) = ec2_kubelet::operator::context(operator_client, compute, config, "kubelet")
+        .await
+        .unwrap();
     let kubelet = ec2_kubelet::operator::start_kubelet(ctx).await.unwrap();
-    common::create_template(&client, "general", json!({"imageId": "ami-0123456789abcdef0", "instanceTypes": ["t3.micro"], "agentPort": common::free_port()})).await;
+    common::local_template_and_pool(&client, "rbac", 2).await;
     let pools: Api<Ec2NodePool> = Api::all(client.clone());
-    let pool: Ec2NodePool = serde_json::from_value(json!({
-        "apiVersion": "ec2-kubelet.io/v1alpha1", "kind": "Ec2NodePool", "metadata": {"name": "rbac"},
-        "spec": {"nodes": 2, "subnetIds": ["subnet-0a"], "securityGroupIds": ["sg-0a"],
-            "templateRef": {"namespace": "default", "name": "general"}},
-    }))
-    .unwrap();
-    pools.create(&PostParams::default(), &pool).await.unwrap();
     let config_map: ConfigMap =
         serde_json::from_value(json!({"metadata": {"name": "settings"}, "data": {"greeting": "hi"}}))
             .unwrap();

@@ -211,33 +211,9 @@ fn demo_brings_the_sample_pool_up_on_the_embedded_default() {
 async fn run_serves_health_readiness_metrics_and_the_kubelet_api() {
     let cluster = common::operator_cluster(false).await;
     let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = dir.path().join("kubeconfig");
-    cluster.write_kubeconfig(&kubeconfig).unwrap();
-    let ports: Vec<u16> = (0..4).map(|_| common::free_port()).collect();
-    let config = dir.path().join("operator.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "clusterName: cli\nnamespace: {}\nserver:\n  metricsAddress: 127.0.0.1:{}\n  healthAddress: 127.0.0.1:{}\n  kubeletAddress: 127.0.0.1:{}\n  enrollAddress: 127.0.0.1:{}\nlocal:\n  stateDir: {}\n",
-            common::OPERATOR_NAMESPACE,
-            ports[0],
-            ports[1],
-            ports[2],
-            ports[3],
-            dir.path().join("local").display()
-        ),
-    )
-    .unwrap();
-    let mut operator = tokio::process::Command::new(env!("CARGO_BIN_EXE_ec2-kubelet"))
-        .arg("run")
-        .arg("--config")
-        .arg(&config)
-        .env("KUBECONFIG", &kubeconfig)
-        .env("RUST_LOG", "warn")
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let health: std::net::SocketAddr = format!("127.0.0.1:{}", ports[1]).parse().unwrap();
+    let files = common::RunFiles::new(&cluster, dir.path(), "cli", "");
+    let mut operator = files.spawn("warn", None);
+    let health = files.health;
     common::eventually(60, "/readyz to answer 200", || async move {
         let connected = tokio::net::TcpStream::connect(health).await.is_ok();
         if !connected {
@@ -247,12 +223,12 @@ async fn run_serves_health_readiness_metrics_and_the_kubelet_api() {
     })
     .await;
     assert_eq!(common::http_get(health, "/healthz").await, (200, "ok\n".into()));
-    let metrics: std::net::SocketAddr = format!("127.0.0.1:{}", ports[0]).parse().unwrap();
+    let metrics = files.metrics;
     let (status, text) = common::http_get(metrics, "/metrics").await;
     assert_eq!(status, 200);
     assert!(text.contains("ec2_kubelet_pod_status_writes_total 0"), "{text}");
     // The kubelet API speaks TLS on its port.
-    let kubelet: std::net::SocketAddr = format!("127.0.0.1:{}", ports[2]).parse().unwrap();
+    let kubelet = files.kubelet;
     let tcp = tokio::net::TcpStream::connect(kubelet).await.unwrap();
     let connector = tokio_rustls::TlsConnector::from(ec2_kubelet::kubelet::tls::insecure_client_config());
     let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();

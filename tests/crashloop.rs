@@ -11,10 +11,9 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use ec2_kubelet::cloud::local::{LocalCompute, LocalOptions};
+use ec2_kubelet::cloud::local::LocalCompute;
 use ec2_kubelet::cloud::{Compute, InstanceFilter};
 use ec2_kubelet::crd::{Ec2NodePool, tags};
 use k8s_openapi::api::core::v1::Pod;
@@ -23,47 +22,9 @@ use kube::api::{Api, DeleteParams, PostParams};
 use rand::Rng;
 use serde_json::json;
 
-/// The operator binary on a config for fast leases, its output appended to `log`.
-fn spawn_operator(config: &Path, kubeconfig: &Path, log: &Path) -> tokio::process::Child {
-    let out = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .unwrap();
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_ec2-kubelet"))
-        .args(["run", "--config"])
-        .arg(config)
-        .env("KUBECONFIG", kubeconfig)
-        .env("RUST_LOG", "warn")
-        .stdout(out.try_clone().unwrap())
-        .stderr(out)
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start the operator")
-}
-
-fn operator_config(dir: &Path, local: &Path) -> PathBuf {
-    let ports: Vec<u16> = (0..4).map(|_| common::free_port()).collect();
-    let path = dir.join("operator.yaml");
-    std::fs::write(
-        &path,
-        format!(
-            "clusterName: test\nnamespace: {ns}\nlease: {{durationSeconds: 3, renewIntervalSeconds: 1}}\n\
-             sync: {{nodeStatusSeconds: 2, poolResyncSeconds: 2, orphanGraceSeconds: 1, agentLostSeconds: 60}}\n\
-             server:\n  metricsAddress: 127.0.0.1:{}\n  healthAddress: 127.0.0.1:{}\n  kubeletAddress: 127.0.0.1:{}\n  enrollAddress: 127.0.0.1:{}\n\
-             local:\n  stateDir: {}\n  agentBinary: {}\n",
-            ports[0],
-            ports[1],
-            ports[2],
-            ports[3],
-            local.display(),
-            env!("CARGO_BIN_EXE_ec2-kubelet-agent"),
-            ns = common::OPERATOR_NAMESPACE,
-        ),
-    )
-    .unwrap();
-    path
-}
+/// Fast leases and resyncs, so a dead replica's nodes are taken over within seconds.
+const FAST: &str = "lease: {durationSeconds: 3, renewIntervalSeconds: 1}\n\
+                    sync: {nodeStatusSeconds: 2, poolResyncSeconds: 2, orphanGraceSeconds: 1, agentLostSeconds: 60}\n";
 
 struct Figures {
     kills: u32,
@@ -155,37 +116,13 @@ async fn sigkilled_operators_lose_nothing_leak_nothing_and_launch_nothing_twice(
     let cluster = common::operator_cluster(true).await;
     let client = cluster.client();
     let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = dir.path().join("kubeconfig");
-    cluster.write_kubeconfig(&kubeconfig).unwrap();
-    let local = dir.path().join("local");
-    let config = operator_config(dir.path(), &local);
+    let files = common::RunFiles::new(&cluster, dir.path(), "test", FAST);
     let log = dir.path().join("operator.log");
     // The test's own view of the local cloud (the same records the operators write); it
     // terminates whatever is left when the test ends.
-    let compute = std::sync::Arc::new(
-        LocalCompute::new(LocalOptions {
-            cluster: "test".into(),
-            dir: local.clone(),
-            agent_binary: env!("CARGO_BIN_EXE_ec2-kubelet-agent").into(),
-            imds_endpoint: None,
-        })
-        .unwrap(),
-    );
-    let _cleanup = common::LocalInstances(compute.clone());
+    let (compute, _cleanup) = common::local_compute(&files.local);
 
-    common::create_template(
-        &client,
-        "general",
-        json!({"imageId": "ami-0123456789abcdef0", "instanceTypes": ["t3.micro"]}),
-    )
-    .await;
-    common::create_pool(
-        &client,
-        "crash",
-        json!({"nodes": 2, "subnetIds": ["subnet-0a"], "securityGroupIds": ["sg-0a"],
-            "templateRef": {"namespace": "default", "name": "general"}}),
-    )
-    .await;
+    common::local_template_and_pool(&client, "crash", 2).await;
 
     let pods: Api<Pod> = Api::default_namespaced(client.clone());
     let mut figures = Figures {
@@ -193,7 +130,7 @@ async fn sigkilled_operators_lose_nothing_leak_nothing_and_launch_nothing_twice(
         created: 0,
         deleted: BTreeSet::new(),
     };
-    let mut operator = spawn_operator(&config, &kubeconfig, &log);
+    let mut operator = files.spawn("warn", Some(&log));
     let mut next = 0u32;
     let mut rng = rand::rng();
     let started = Instant::now();
@@ -235,7 +172,7 @@ async fn sigkilled_operators_lose_nothing_leak_nothing_and_launch_nothing_twice(
         operator.start_kill().unwrap();
         let _ = operator.wait().await;
         figures.kills += 1;
-        operator = spawn_operator(&config, &kubeconfig, &log);
+        operator = files.spawn("warn", Some(&log));
     }
 
     // The last operator converges; the invariants hold.

@@ -4,9 +4,6 @@
 
 mod common;
 
-use std::sync::Arc;
-
-use ec2_kubelet::controller::Context;
 use http_body_util::BodyExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, PostParams};
@@ -42,19 +39,13 @@ async fn kubectl_logs_exec_and_stats_reach_the_pods_agent_through_the_kubelet_ap
     let mut config = common::fast_config();
     config.server.kubelet_address = format!("127.0.0.1:{}", common::free_port());
     let replica = common::Replica::start(&cluster, config.clone(), compute.clone(), "replica-a");
-    let mut ctx = Context::new(client.clone(), compute.clone(), config, "kubelet-test");
-    let _enrollment = ec2_kubelet::operator::secure_agents(&mut ctx).await.unwrap();
-    let ctx = Arc::new(ctx);
+    let (ctx, _enrollment) =
+        ec2_kubelet::operator::context(client.clone(), compute.clone(), config, "kubelet-test")
+            .await
+            .unwrap();
     let kubelet = ec2_kubelet::operator::start_kubelet(ctx).await.unwrap();
 
-    common::create_template(&client, "general", json!({"imageId": "ami-0123456789abcdef0", "instanceTypes": ["t3.micro"], "agentPort": common::free_port()})).await;
-    common::create_pool(
-        &client,
-        "pods",
-        json!({"nodes": 1, "subnetIds": ["subnet-0a"], "securityGroupIds": ["sg-0a"],
-            "templateRef": {"namespace": "default", "name": "general"}}),
-    )
-    .await;
+    common::local_template_and_pool(&client, "pods", 1).await;
     let pod = common::virtual_pod(
         "talker",
         None,

@@ -28,15 +28,6 @@ struct Env {
     _dir: tempfile::TempDir,
 }
 
-/// The operator's config in these tests: fast leases, resyncs and orphan collection.
-fn test_config() -> OperatorConfig {
-    let mut config = common::fast_config();
-    config.sync.agent_lost_seconds = 30;
-    config.sync.pool_resync_seconds = 2;
-    config.sync.orphan_grace_seconds = 1;
-    config
-}
-
 /// A dev cluster (with its scheduler), the operator on the local backend, a template and a
 /// one-node pool.
 async fn start() -> Env {
@@ -52,7 +43,7 @@ async fn start_with(
     let client = cluster.client();
     let dir = tempfile::tempdir().unwrap();
     let (compute, instances) = common::local_compute(&dir.path().join("local"));
-    let mut config = test_config();
+    let mut config = common::lifecycle_config();
     tweak(&mut config);
     let operator_compute = wrap(compute.clone());
     let replica = common::Replica::start(&cluster, config.clone(), operator_compute, "replica-a");
@@ -716,19 +707,10 @@ async fn instance_types_follow_annotation_template_and_requests_and_survive_capa
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_aws_backend_runs_a_pod_against_the_ec2_emulator() {
-    use ec2_kubelet::cloud::aws::AwsCompute;
-
-    let moto = common::Moto::start();
-    let ec2 = moto.ec2_client();
-    let network = moto.network("10.11").await;
-    let images = ec2.describe_images().owners("amazon").send().await.unwrap();
-    let image_id = images.images()[0].image_id().unwrap().to_string();
-    let dir = tempfile::tempdir().unwrap();
-    let cluster = common::operator_cluster(true).await;
-    let client = cluster.client();
-    let (resolver, agents) = common::loopback_agents(dir.path(), common::agent_authority(&client).await);
-    let aws = Arc::new(AwsCompute::from_client(ec2, "test", Some(resolver)));
-    let replica = common::Replica::start(&cluster, test_config(), aws.clone(), "replica-a");
+    let cloud = common::MotoCloud::start("10.11").await;
+    let (cluster, client, aws) = (&cloud.cluster, cloud.client.clone(), cloud.aws.clone());
+    let (network, image_id, agents) = (&cloud.network, &cloud.image_id, &cloud.agents);
+    let replica = common::Replica::start(cluster, common::lifecycle_config(), aws.clone(), "replica-a");
     common::create_template(
         &client,
         "general",
@@ -775,7 +757,7 @@ async fn the_aws_backend_runs_a_pod_against_the_ec2_emulator() {
 
     // What a user sees: the node and the IP.
     let node = running.spec.as_ref().unwrap().node_name.clone().unwrap();
-    let wide = common::kubectl(&cluster, &["get", "pod", "cloud", "-o", "wide", "--no-headers"]).await;
+    let wide = common::kubectl(cluster, &["get", "pod", "cloud", "-o", "wide", "--no-headers"]).await;
     let columns: Vec<&str> = wide.split_whitespace().collect();
     assert_eq!(columns[0], "cloud", "{wide}");
     assert_eq!(columns[2], "Running", "{wide}");

@@ -20,7 +20,7 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 struct Env {
     _cluster: ec2_kubelet::devcluster::DevCluster,
     client: kube::Client,
-    ctx: Context,
+    ctx: Arc<Context>,
     compute: Arc<LocalCompute>,
     enrollment: EnrollmentServer,
     _instances: common::LocalInstances,
@@ -36,11 +36,11 @@ async fn start(certificate_ttl_seconds: u32) -> Env {
     let (compute, instances) = common::local_compute(dir.path());
     let mut config = common::fast_config();
     config.agent_tls.certificate_ttl_seconds = certificate_ttl_seconds;
-    let mut ctx = Context::new(client.clone(), compute.clone(), config, "security");
-    let enrollment = ec2_kubelet::operator::secure_agents(&mut ctx)
-        .await
-        .unwrap()
-        .expect("agent TLS is on by default");
+    let (ctx, enrollment) =
+        ec2_kubelet::operator::context(client.clone(), compute.clone(), config, "security")
+            .await
+            .unwrap();
+    let enrollment = enrollment.expect("agent TLS is on by default");
     Env {
         _cluster: cluster,
         client,
@@ -127,26 +127,21 @@ async fn ping_as(
     if let Some(identity) = identity {
         tls = tls.identity(Identity::from_pem(&identity.cert_pem, &identity.key_pem));
     }
-    let channel = Endpoint::from_shared(endpoint.replacen("http://", "https://", 1))
+    let dial = Endpoint::from_shared(endpoint.replacen("http://", "https://", 1))
         .unwrap()
         .tls_config(tls)
-        .map_err(|e| e.to_string())?
-        .connect_timeout(Duration::from_secs(2))
-        .timeout(Duration::from_secs(5))
-        .connect()
-        .await
-        .map_err(|e| format!("{e:?}"))?;
-    AgentClient::new(channel)
-        .ping(PingRequest {})
-        .await
-        .map(|_| ())
-        .map_err(|e| format!("{e:?}"))
+        .map_err(|e| e.to_string())?;
+    ping(dial).await
 }
 
 /// A plain-text ping.
 async fn ping_plain(endpoint: &str) -> Result<(), String> {
-    let channel = Endpoint::from_shared(endpoint.to_string())
-        .unwrap()
+    ping(Endpoint::from_shared(endpoint.to_string()).unwrap()).await
+}
+
+/// A ping of the agent `dial` reaches.
+async fn ping(dial: Endpoint) -> Result<(), String> {
+    let channel = dial
         .connect_timeout(Duration::from_secs(2))
         .timeout(Duration::from_secs(5))
         .connect()
@@ -448,37 +443,11 @@ async fn secrets_and_config_maps_never_reach_logs_events_or_tags() {
     let cluster = common::operator_cluster(true).await;
     let client = cluster.client();
     let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = dir.path().join("kubeconfig");
-    cluster.write_kubeconfig(&kubeconfig).unwrap();
-    let local = dir.path().join("local");
-    let ports: Vec<u16> = (0..4).map(|_| common::free_port()).collect();
-    let config = dir.path().join("operator.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "clusterName: secrets\nnamespace: {}\nserver:\n  metricsAddress: 127.0.0.1:{}\n  healthAddress: 127.0.0.1:{}\n  kubeletAddress: 127.0.0.1:{}\n  enrollAddress: 127.0.0.1:{}\nlocal:\n  stateDir: {}\n",
-            common::OPERATOR_NAMESPACE,
-            ports[0],
-            ports[1],
-            ports[2],
-            ports[3],
-            local.display()
-        ),
-    )
-    .unwrap();
+    let files = common::RunFiles::new(&cluster, dir.path(), "secrets", "");
+    let local = files.local.clone();
     // The real binary at its most verbose, its output kept for the grep.
     let output_file = dir.path().join("operator.log");
-    let log = std::fs::File::create(&output_file).unwrap();
-    let mut operator = tokio::process::Command::new(env!("CARGO_BIN_EXE_ec2-kubelet"))
-        .args(["run", "--config"])
-        .arg(&config)
-        .env("KUBECONFIG", &kubeconfig)
-        .env("RUST_LOG", "trace")
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let mut operator = files.spawn("trace", Some(&output_file));
 
     let secret: Secret =
         serde_json::from_value(json!({"metadata": {"name": "db"}, "stringData": {"password": secret_value}}))
@@ -494,19 +463,7 @@ async fn secrets_and_config_maps_never_reach_logs_events_or_tags() {
         .create(&PostParams::default(), &config_map)
         .await
         .unwrap();
-    common::create_template(
-        &client,
-        "general",
-        json!({"imageId": "ami-0123456789abcdef0", "instanceTypes": ["t3.micro"], "agentPort": common::free_port()}),
-    )
-    .await;
-    common::create_pool(
-        &client,
-        "secrets",
-        json!({"nodes": 1, "subnetIds": ["subnet-0a"], "securityGroupIds": ["sg-0a"],
-            "templateRef": {"namespace": "default", "name": "general"}}),
-    )
-    .await;
+    common::local_template_and_pool(&client, "secrets", 1).await;
     // The container checks it got both values (env and the Secret volume) without printing
     // them.
     let check = format!(

@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use ec2_kubelet::cloud::{Compute, InstanceFilter, LaunchRequest};
-use ec2_kubelet::config::OperatorConfig;
 use ec2_kubelet::crd::{Ec2NodePool, WarmInstance, WarmState, tags};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
@@ -17,14 +16,6 @@ use kube::{Client, ResourceExt};
 use serde_json::json;
 
 const IMAGE: &str = "ami-0123456789abcdef0";
-
-fn test_config() -> OperatorConfig {
-    let mut config = common::fast_config();
-    config.sync.agent_lost_seconds = 30;
-    config.sync.pool_resync_seconds = 2;
-    config.sync.orphan_grace_seconds = 1;
-    config
-}
 
 /// The template of these tests (t3.micro unless a pod asks otherwise) and a one-node pool
 /// keeping `warm` warm instances of it.
@@ -92,7 +83,7 @@ async fn a_warm_pool_keeps_instances_ready_serves_matching_pods_and_refills() {
     let dir = tempfile::tempdir().unwrap();
     let (local, _instances) = common::local_compute(&dir.path().join("local"));
     let cloud = Arc::new(common::FlakyCompute::new(local.clone()));
-    let replica = common::Replica::start(&cluster, test_config(), cloud.clone(), "replica-a");
+    let replica = common::Replica::start(&cluster, common::lifecycle_config(), cloud.clone(), "replica-a");
     template_and_pool(&client, "subnet-0a", "sg-0a", IMAGE, json!({"size": 3})).await;
     let pools: Api<Ec2NodePool> = Api::all(client.clone());
 
@@ -236,7 +227,7 @@ async fn a_warm_instance_whose_agent_goes_silent_or_that_ages_out_is_replaced() 
     let dir = tempfile::tempdir().unwrap();
     let local_dir = dir.path().join("local");
     let (local, _instances) = common::local_compute(&local_dir);
-    let mut config = test_config();
+    let mut config = common::lifecycle_config();
     config.sync.agent_lost_seconds = 4;
     let replica = common::Replica::start(&cluster, config, local.clone(), "replica-a");
     template_and_pool(&client, "subnet-0a", "sg-0a", IMAGE, json!({"size": 1})).await;
@@ -284,7 +275,7 @@ async fn a_restarted_operator_re_adopts_warm_instances_by_tag_and_launches_none_
     let client = cluster.client();
     let dir = tempfile::tempdir().unwrap();
     let (local, _instances) = common::local_compute(&dir.path().join("local"));
-    let replica = common::Replica::start(&cluster, test_config(), local.clone(), "replica-a");
+    let replica = common::Replica::start(&cluster, common::lifecycle_config(), local.clone(), "replica-a");
     template_and_pool(&client, "subnet-0a", "sg-0a", IMAGE, json!({"size": 2})).await;
     let pools: Api<Ec2NodePool> = Api::all(client.clone());
     let before = ready_warm(&pools, 2).await;
@@ -303,7 +294,7 @@ async fn a_restarted_operator_re_adopts_warm_instances_by_tag_and_launches_none_
         .unwrap();
 
     let cloud = Arc::new(common::FlakyCompute::new(local.clone()));
-    let replica = common::Replica::start(&cluster, test_config(), cloud.clone(), "replica-b");
+    let replica = common::Replica::start(&cluster, common::lifecycle_config(), cloud.clone(), "replica-b");
     let after = ready_warm(&pools, 2).await;
     assert_eq!(after, before, "both re-adopted");
     assert_eq!(
@@ -350,7 +341,7 @@ async fn two_replicas_racing_for_the_last_warm_instance_never_both_get_it() {
             Arc::new(ec2_kubelet::controller::Context::new(
                 client,
                 compute.clone(),
-                test_config(),
+                common::lifecycle_config(),
                 name,
             ))
         })
@@ -446,24 +437,15 @@ async fn two_replicas_racing_for_the_last_warm_instance_never_both_get_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_aws_backend_keeps_a_warm_pool_against_the_ec2_emulator() {
-    use ec2_kubelet::cloud::aws::AwsCompute;
-
-    let moto = common::Moto::start();
-    let ec2 = moto.ec2_client();
-    let network = moto.network("10.12").await;
-    let images = ec2.describe_images().owners("amazon").send().await.unwrap();
-    let image_id = images.images()[0].image_id().unwrap().to_string();
-    let dir = tempfile::tempdir().unwrap();
-    let cluster = common::operator_cluster(true).await;
-    let client = cluster.client();
-    let (resolver, _agents) = common::loopback_agents(dir.path(), common::agent_authority(&client).await);
-    let aws = Arc::new(AwsCompute::from_client(ec2.clone(), "test", Some(resolver)));
-    let replica = common::Replica::start(&cluster, test_config(), aws.clone(), "replica-a");
+    let cloud = common::MotoCloud::start("10.12").await;
+    let (cluster, client, aws) = (&cloud.cluster, cloud.client.clone(), cloud.aws.clone());
+    let (network, image_id, ec2) = (&cloud.network, &cloud.image_id, &cloud.ec2);
+    let replica = common::Replica::start(cluster, common::lifecycle_config(), aws.clone(), "replica-a");
     template_and_pool(
         &client,
         &network.subnet_id,
         &network.group_id,
-        &image_id,
+        image_id,
         json!({"size": 2}),
     )
     .await;

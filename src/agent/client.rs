@@ -96,13 +96,11 @@ impl Connections {
         if let Some(channel) = self.open().get(&key) {
             return Ok(channel.clone());
         }
-        let mut dial = match &self.tls {
-            Some(_) => Endpoint::from_shared(endpoint.replacen("http://", "https://", 1))?,
+        let dial = match &self.tls {
+            Some(tls) => Endpoint::from_shared(endpoint.replacen("http://", "https://", 1))?
+                .tls_config(tls.client_config(instance_id).map_err(ConnectError::Tls)?)?,
             None => Endpoint::from_shared(endpoint.to_string())?,
         };
-        if let Some(tls) = &self.tls {
-            dial = dial.tls_config(tls.client_config(instance_id).map_err(ConnectError::Tls)?)?;
-        }
         let channel = dial
             .connect_timeout(probe.min(Duration::from_secs(2)))
             .timeout(probe.max(Duration::from_secs(5)))

@@ -50,8 +50,6 @@ fn load(config: &EnrollConfig) -> Option<Credentials> {
 }
 
 fn store(config: &EnrollConfig, credentials: &Credentials) -> Result<(), String> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     std::fs::create_dir_all(&config.dir).map_err(|e| format!("{}: {e}", config.dir.display()))?;
     let stored = Stored {
         instance_id: config.instance_id.clone(),
@@ -59,18 +57,8 @@ fn store(config: &EnrollConfig, credentials: &Credentials) -> Result<(), String>
         credentials: credentials.clone(),
     };
     let path = stored_path(&config.dir);
-    let temp = path.with_extension("tmp");
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&temp)
-        .map_err(|e| format!("{}: {e}", temp.display()))?;
-    file.write_all(&serde_json::to_vec(&stored).map_err(|e| e.to_string())?)
-        .and_then(|()| file.sync_all())
-        .map_err(|e| format!("{}: {e}", temp.display()))?;
-    std::fs::rename(&temp, &path).map_err(|e| format!("{}: {e}", path.display()))
+    let text = serde_json::to_vec(&stored).map_err(|e| e.to_string())?;
+    super::state::write_private(&path, &text).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// Why an enrollment failed.
@@ -174,10 +162,8 @@ pub async fn credentials(config: &EnrollConfig) -> Result<Credentials, String> {
 /// served certificate each time.
 pub async fn keep_renewed(config: EnrollConfig, mut current: Credentials, served: Arc<SwappableCert>) {
     loop {
-        let now = super::state::now_ms();
-        let lifetime = current.not_after_unix_ms - current.issued_unix_ms;
-        let due = current.issued_unix_ms + lifetime * 2 / 3;
-        tokio::time::sleep(Duration::from_millis((due - now).max(0) as u64)).await;
+        let wait = current.renewal_due_unix_ms() - super::state::now_ms();
+        tokio::time::sleep(Duration::from_millis(wait.max(0) as u64)).await;
         match enroll(&config, Some(&current)).await {
             Ok(renewed) => match served.replace(&renewed) {
                 Ok(()) => {

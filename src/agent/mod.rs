@@ -33,8 +33,6 @@ pub enum Error {
     ContainerNotFound { pod: String, container: String },
     #[error("agent state: {0}")]
     State(String),
-    #[error("TLS configuration: {0}")]
-    Tls(String),
     #[error("gRPC transport: {0}")]
     Transport(String),
     #[error(transparent)]

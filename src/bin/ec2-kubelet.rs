@@ -5,7 +5,6 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use ec2_kubelet::config::{ComputeBackend, LogFormat, OperatorConfig};
-use ec2_kubelet::controller::Context;
 use ec2_kubelet::devcluster::{DevCluster, DevClusterOptions};
 use ec2_kubelet::operator;
 use ec2_kubelet::schema::manifests;
@@ -240,12 +239,10 @@ fn run(config: OperatorConfig) -> ExitCode {
         };
         let identity = operator::identity();
         tracing::info!(%identity, backend = compute.backend(), cluster = %config.cluster_name, "starting");
-        let mut ctx = Context::new(client, compute, config, &identity);
-        let enrollment = match operator::secure_agents(&mut ctx).await {
-            Ok(enrollment) => enrollment,
+        let (ctx, enrollment) = match operator::context(client, compute, config, &identity).await {
+            Ok(started) => started,
             Err(e) => return fail(&e),
         };
-        let ctx = std::sync::Arc::new(ctx);
         let kubelet = match operator::start_kubelet(ctx.clone()).await {
             Ok(kubelet) => kubelet,
             Err(e) => return fail(&e),

@@ -45,10 +45,12 @@ impl AgentBootstrap {
                     enrollment.ca_pem.trim(),
                     quote(&enrollment.token),
                 ));
-                format!(
-                    "--enroll-url {} --ca-file {STATE_DIR}/ca.crt --bootstrap-token-file {STATE_DIR}/bootstrap-token",
-                    enrollment.url
-                )
+                enrollment
+                    .agent_flags(
+                        &format!("{STATE_DIR}/ca.crt"),
+                        &format!("{STATE_DIR}/bootstrap-token"),
+                    )
+                    .join(" ")
             }
             None => "--insecure".to_string(),
         };

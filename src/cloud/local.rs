@@ -115,19 +115,6 @@ fn write_record(path: &Path, record: &impl Serialize) -> Result<()> {
 }
 
 /// The first free address `prefix.x.y` (x, y in 1..=254) not in `used`.
-/// Writes a file only its owner can read.
-fn write_private(path: &Path, content: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)?
-        .write_all(content)
-}
-
 fn allocate_address(prefix: &str, used: &[String]) -> Result<String> {
     for x in 0..=255u32 {
         for y in 1..=254u32 {
@@ -201,22 +188,16 @@ impl LocalCompute {
         use std::os::unix::process::CommandExt;
         let dir = self.instance_dir(instance_id);
         std::fs::create_dir_all(&dir).map_err(|e| io_error("instance dir", e))?;
-        let mut security: Vec<std::ffi::OsString> = vec!["--insecure".into()];
-        if let Some(enrollment) = enrollment {
-            let (ca, token) = (dir.join("ca.crt"), dir.join("bootstrap-token"));
-            std::fs::write(&ca, &enrollment.ca_pem).map_err(|e| io_error("CA file", e))?;
-            write_private(&token, enrollment.token.as_bytes()).map_err(|e| io_error("token file", e))?;
-            security = vec![
-                "--enroll-url".into(),
-                enrollment.url.clone().into(),
-                "--ca-file".into(),
-                ca.into(),
-                "--bootstrap-token-file".into(),
-                token.into(),
-                "--instance-id".into(),
-                instance_id.into(),
-            ];
-        }
+        let security = match enrollment {
+            Some(enrollment) => {
+                let mut flags = enrollment
+                    .write_files(&dir)
+                    .map_err(|e| io_error("enrollment files", e))?;
+                flags.extend(["--instance-id".into(), instance_id.into()]);
+                flags
+            }
+            None => vec!["--insecure".into()],
+        };
         let log = std::fs::File::create(dir.join("agent.log")).map_err(|e| io_error("agent log", e))?;
         let log_err = log.try_clone().map_err(|e| io_error("agent log", e))?;
         let mut child = std::process::Command::new(&self.options.agent_binary)

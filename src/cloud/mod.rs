@@ -9,6 +9,7 @@ pub mod sim;
 pub mod snapshot;
 
 use std::collections::BTreeMap;
+use std::path::Path;
 
 use crate::crd::TagMap;
 
@@ -136,6 +137,32 @@ pub struct Enrollment {
     pub token: String,
     pub ca_pem: String,
     pub url: String,
+}
+
+impl Enrollment {
+    /// The agent's flags to enroll with the CA and the token in these files (the bootstrap
+    /// writes them on an instance).
+    pub fn agent_flags(&self, ca_file: &str, token_file: &str) -> Vec<String> {
+        [
+            "--enroll-url",
+            &self.url,
+            "--ca-file",
+            ca_file,
+            "--bootstrap-token-file",
+            token_file,
+        ]
+        .map(String::from)
+        .to_vec()
+    }
+
+    /// Writes the CA and the token (only its owner reads it) into `dir`, as the bootstrap does
+    /// on an instance, and returns the agent's flags naming them.
+    pub fn write_files(&self, dir: &Path) -> std::io::Result<Vec<String>> {
+        let (ca, token) = (dir.join("ca.crt"), dir.join("bootstrap-token"));
+        std::fs::write(&ca, &self.ca_pem)?;
+        crate::agent::state::write_private(&token, self.token.as_bytes())?;
+        Ok(self.agent_flags(&ca.display().to_string(), &token.display().to_string()))
+    }
 }
 
 impl std::fmt::Debug for Enrollment {

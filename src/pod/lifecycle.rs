@@ -244,8 +244,7 @@ async fn launch_request(
         namespace,
         name: pod.name_any(),
         placement: template.as_ref().and_then(|t| t.spec.placement.clone()),
-        enrollment: ctx.agents.tls().map(|tls| tls.enrollment()),
-        ..settings.into_request(instance_type)
+        ..settings.into_request(instance_type, ctx.agents.tls().map(|tls| tls.enrollment()))
     };
     Ok(Ok(Launch {
         request,

@@ -67,9 +67,14 @@ pub struct LaunchSettings {
 
 impl LaunchSettings {
     /// The launch request of these settings as `instance_type`, with the agent port also in a
-    /// tag (how the operator finds the agent again); whose instance it is (pod UID, pool,
-    /// node, name) is the caller's to fill in.
-    pub fn into_request(self, instance_type: String) -> LaunchRequest {
+    /// tag (how the operator finds the agent again) and how the agent enrolls (`None`: agent
+    /// TLS is disabled); whose instance it is (pod UID, pool, node, name) is the caller's to
+    /// fill in.
+    pub fn into_request(
+        self,
+        instance_type: String,
+        enrollment: Option<crate::cloud::Enrollment>,
+    ) -> LaunchRequest {
         let mut tags = self.tags;
         tags.insert(crate::crd::tags::AGENT_PORT.into(), self.agent_port.to_string());
         LaunchRequest {
@@ -83,6 +88,7 @@ impl LaunchSettings {
             spot: self.spot,
             agent_port: self.agent_port,
             tags,
+            enrollment,
             ..LaunchRequest::default()
         }
     }

@@ -222,20 +222,15 @@ impl AgentProcess {
         nonce: &str,
     ) -> AgentProcess {
         std::fs::create_dir_all(home).unwrap();
-        let (ca, token) = (home.join("ca.crt"), home.join("bootstrap-token"));
-        std::fs::write(&ca, authority.ca_pem()).unwrap();
-        std::fs::write(&token, authority.mint_token(nonce, Duration::from_secs(3600))).unwrap();
+        let enrollment = ec2_kubelet::cloud::Enrollment {
+            nonce: nonce.into(),
+            token: authority.mint_token(nonce, Duration::from_secs(3600)),
+            ca_pem: authority.ca_pem().into(),
+            url: url.into(),
+        };
+        let mut args = enrollment.write_files(home).unwrap();
+        args.extend(["--instance-id".into(), instance_id.into()]);
         let address = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
-        let args: Vec<std::ffi::OsString> = vec![
-            "--enroll-url".into(),
-            url.into(),
-            "--ca-file".into(),
-            ca.into(),
-            "--bootstrap-token-file".into(),
-            token.into(),
-            "--instance-id".into(),
-            instance_id.into(),
-        ];
         let (state_dir, root_dir) = (home.join("state"), home.join("root"));
         let child = Self::spawn(&state_dir, &root_dir, &address.to_string(), &args);
         AgentProcess {
@@ -246,7 +241,7 @@ impl AgentProcess {
         }
     }
 
-    fn spawn(state_dir: &Path, root_dir: &Path, listen: &str, security: &[std::ffi::OsString]) -> Child {
+    fn spawn(state_dir: &Path, root_dir: &Path, listen: &str, security: &[String]) -> Child {
         use std::os::unix::process::CommandExt;
         Command::new(env!("CARGO_BIN_EXE_ec2-kubelet-agent"))
             .args(security)
@@ -330,9 +325,9 @@ impl Replica {
         // The replica's own client, created on its runtime: nothing of it outlives a crash.
         let handle = runtime.spawn(async move {
             let client = ec2_kubelet::operator::client(kube_config).unwrap();
-            let mut ctx = ec2_kubelet::controller::Context::new(client, compute, config, &name);
-            let _enrollment = ec2_kubelet::operator::secure_agents(&mut ctx).await.unwrap();
-            let ctx = std::sync::Arc::new(ctx);
+            let (ctx, _enrollment) = ec2_kubelet::operator::context(client, compute, config, &name)
+                .await
+                .unwrap();
             let _ = metrics_tx.send(ctx.metrics.clone());
             ec2_kubelet::operator::run(ctx, stopped).await
         });
@@ -567,6 +562,16 @@ pub fn fast_config() -> ec2_kubelet::config::OperatorConfig {
     config
 }
 
+/// [`fast_config`] plus fast pool resyncs and orphan collection, and 30 s before a silent
+/// agent's pod is lost: the config of the pod-lifecycle tests.
+pub fn lifecycle_config() -> ec2_kubelet::config::OperatorConfig {
+    let mut config = fast_config();
+    config.sync.agent_lost_seconds = 30;
+    config.sync.pool_resync_seconds = 2;
+    config.sync.orphan_grace_seconds = 1;
+    config
+}
+
 thread_local! {
     static ENROLL_PORT: u16 = free_port();
 }
@@ -663,6 +668,92 @@ pub async fn create_pool(client: &kube::Client, name: &str, spec: serde_json::Va
         .unwrap();
 }
 
+/// What a test needs to run the real `ec2-kubelet run` binary against a dev cluster: a
+/// kubeconfig, a config file (the `local` backend under `<dir>/local`, every server on a
+/// loopback port of its own, then `extra` top-level YAML), and the servers' addresses.
+pub struct RunFiles {
+    pub config: PathBuf,
+    pub kubeconfig: PathBuf,
+    pub local: PathBuf,
+    pub metrics: SocketAddr,
+    pub health: SocketAddr,
+    pub kubelet: SocketAddr,
+}
+
+impl RunFiles {
+    pub fn new(
+        cluster: &ec2_kubelet::devcluster::DevCluster,
+        dir: &Path,
+        cluster_name: &str,
+        extra: &str,
+    ) -> RunFiles {
+        let kubeconfig = dir.join("kubeconfig");
+        cluster.write_kubeconfig(&kubeconfig).unwrap();
+        let loopback = || SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
+        let (metrics, health, kubelet, enroll) = (loopback(), loopback(), loopback(), loopback());
+        let local = dir.join("local");
+        let config = dir.join("operator.yaml");
+        std::fs::write(
+            &config,
+            format!(
+                "clusterName: {cluster_name}\nnamespace: {OPERATOR_NAMESPACE}\n\
+                 server:\n  metricsAddress: {metrics}\n  healthAddress: {health}\n  kubeletAddress: {kubelet}\n  enrollAddress: {enroll}\n\
+                 local:\n  stateDir: {}\n  agentBinary: {}\n{extra}",
+                local.display(),
+                env!("CARGO_BIN_EXE_ec2-kubelet-agent"),
+            ),
+        )
+        .unwrap();
+        RunFiles {
+            config,
+            kubeconfig,
+            local,
+            metrics,
+            health,
+            kubelet,
+        }
+    }
+
+    /// Starts the operator binary (killed when dropped) at log level `rust_log`, its output
+    /// appended to `log`, or the test's own output without one.
+    pub fn spawn(&self, rust_log: &str, log: Option<&Path>) -> tokio::process::Child {
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_ec2-kubelet"));
+        command
+            .args(["run", "--config"])
+            .arg(&self.config)
+            .env("KUBECONFIG", &self.kubeconfig)
+            .env("RUST_LOG", rust_log)
+            .kill_on_drop(true);
+        if let Some(log) = log {
+            let out = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(log)
+                .unwrap();
+            command.stdout(out.try_clone().unwrap()).stderr(out);
+        }
+        command.spawn().expect("start the operator")
+    }
+}
+
+/// The template `default/general` (t3.micro, an agent port of its own) and a pool of `nodes`
+/// nodes using it: what most tests on the `local` backend start from.
+pub async fn local_template_and_pool(client: &kube::Client, pool: &str, nodes: i32) {
+    create_template(
+        client,
+        "general",
+        serde_json::json!({"imageId": "ami-0123456789abcdef0", "instanceTypes": ["t3.micro"], "agentPort": free_port()}),
+    )
+    .await;
+    create_pool(
+        client,
+        pool,
+        serde_json::json!({"nodes": nodes, "subnetIds": ["subnet-0a"], "securityGroupIds": ["sg-0a"],
+            "templateRef": {"namespace": "default", "name": "general"}}),
+    )
+    .await;
+}
+
 /// A one-container pod (`local/shell`) for virtual nodes: it tolerates their taint and selects
 /// them (or the nodes of `pool`).
 pub fn virtual_pod(
@@ -746,6 +837,52 @@ pub async fn agent_authority(client: &kube::Client) -> std::sync::Arc<ec2_kubele
             .await
             .expect("the agent CA"),
     )
+}
+
+/// An operator cluster whose `aws` backend runs against the EC2 emulator, with a network, an
+/// image, and agents on loopback (see [`loopback_agents`]).
+pub struct MotoCloud {
+    _moto: Moto,
+    pub ec2: aws_sdk_ec2::Client,
+    pub network: Network,
+    /// An image the emulator offers.
+    pub image_id: String,
+    pub cluster: ec2_kubelet::devcluster::DevCluster,
+    pub client: kube::Client,
+    pub aws: std::sync::Arc<ec2_kubelet::cloud::aws::AwsCompute>,
+    pub agents: AgentFarm,
+    _dir: tempfile::TempDir,
+}
+
+impl MotoCloud {
+    /// The emulator, a network `<prefix>.0.0/16`, and a dev cluster with its scheduler.
+    pub async fn start(prefix: &str) -> MotoCloud {
+        let moto = Moto::start();
+        let ec2 = moto.ec2_client();
+        let network = moto.network(prefix).await;
+        let images = ec2.describe_images().owners("amazon").send().await.unwrap();
+        let image_id = images.images()[0].image_id().unwrap().to_string();
+        let dir = tempfile::tempdir().unwrap();
+        let cluster = operator_cluster(true).await;
+        let client = cluster.client();
+        let (resolver, agents) = loopback_agents(dir.path(), agent_authority(&client).await);
+        let aws = std::sync::Arc::new(ec2_kubelet::cloud::aws::AwsCompute::from_client(
+            ec2.clone(),
+            "test",
+            Some(resolver),
+        ));
+        MotoCloud {
+            _moto: moto,
+            ec2,
+            network,
+            image_id,
+            cluster,
+            client,
+            aws,
+            agents,
+            _dir: dir,
+        }
+    }
 }
 
 /// The reason and message of every event about objects named `name`.
