@@ -60,11 +60,12 @@ impl Env {
             .await
     }
 
-    /// Launches an instance whose own agent never enrolls (its user data has a bad token): the
-    /// test enrolls in its place, with a token for the instance's nonce.
+    /// Launches an instance whose own agent never enrolls: its user data names an enrollment
+    /// URL nobody answers, so the agent keeps retrying (and the instance stays live) without
+    /// spending its token. The test enrolls in its place, with a token for the instance's nonce.
     async fn launch_unenrolled(&self, name: &str) -> (Instance, String) {
         let enrollment = self.ctx.agents.tls().map(|tls| Enrollment {
-            token: "ekb1.unusable".into(),
+            url: format!("https://127.0.0.1:{}", common::free_port()),
             ..tls.enrollment()
         });
         self.launch_with(name, enrollment).await
