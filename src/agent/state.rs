@@ -166,10 +166,17 @@ pub struct PodDir {
 }
 
 impl PodDir {
+    /// Saves the spec (it holds the resolved values of Secrets and ConfigMaps): the pod's
+    /// directory is owner-only (0700) and `pod.pb` is 0600, whatever the umask.
     pub fn save_spec(&self, spec: &PodSpec) -> std::io::Result<()> {
-        std::fs::create_dir_all(&self.root)?;
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.root)?;
+        std::fs::set_permissions(&self.root, std::fs::Permissions::from_mode(0o700))?;
         write_atomic(&self.root.join("accepted_at"), now_ms().to_string().as_bytes())?;
-        write_atomic(&self.root.join("pod.pb"), &spec.encode_to_vec())
+        write_private(&self.root.join("pod.pb"), &spec.encode_to_vec())
     }
 
     pub fn load_spec(&self) -> Result<PodSpec, Error> {
@@ -308,6 +315,29 @@ mod tests {
             "runs with an exit record are not live"
         );
         assert!(pod.latest_run("other").is_none());
+    }
+
+    #[test]
+    fn the_saved_spec_is_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::new(dir.path()).unwrap();
+        let pod = state.pod("uid-2").unwrap();
+        let mode = |path: &Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+        // A spec saved twice (the agent re-accepting a pod) keeps the modes.
+        for _ in 0..2 {
+            pod.save_spec(&PodSpec {
+                uid: "uid-2".into(),
+                ..Default::default()
+            })
+            .unwrap();
+            assert_eq!(
+                mode(&pod.root.join("pod.pb")),
+                0o600,
+                "pod.pb holds resolved secrets"
+            );
+            assert_eq!(mode(&pod.root), 0o700, "the pod's directory holds its volumes");
+        }
     }
 
     #[test]
