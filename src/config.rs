@@ -149,6 +149,48 @@ pub struct ServerConfig {
     /// PEM private key of `kubeletTlsCertFile`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kubelet_tls_key_file: Option<PathBuf>,
+    /// Who may call the kubelet API, and how they prove it.
+    pub kubelet_auth: KubeletAuthConfig,
+}
+
+/// Authentication and authorization of the kubelet API's callers, as a kubelet's
+/// `authentication` (x509, webhook, anonymous) and `authorization` (Webhook, AlwaysAllow).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct KubeletAuthConfig {
+    /// PEM bundle that client certificates must be signed by (the API server's
+    /// kubelet-client certificate is). Default: `client-ca-file` of the ConfigMap
+    /// `kube-system/extension-apiserver-authentication`, read at start.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_ca_file: Option<PathBuf>,
+    /// Bearer tokens are checked with a TokenReview (metrics-server, Prometheus with a service
+    /// account token).
+    pub token_review: bool,
+    /// Serve callers with neither a certificate nor a token as `system:anonymous` (still
+    /// subject to authorization). Off (the default): they get 401.
+    pub anonymous: bool,
+    /// `Webhook`: every request is checked with a SubjectAccessReview on `nodes/<subresource>`
+    /// of the node it is addressed to, as a kubelet does. `AlwaysAllow`: any authenticated
+    /// caller.
+    pub authorization: KubeletAuthorization,
+}
+
+impl Default for KubeletAuthConfig {
+    fn default() -> Self {
+        KubeletAuthConfig {
+            client_ca_file: None,
+            token_review: true,
+            anonymous: false,
+            authorization: KubeletAuthorization::Webhook,
+        }
+    }
+}
+
+/// How the kubelet API authorizes an authenticated caller.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KubeletAuthorization {
+    Webhook,
+    AlwaysAllow,
 }
 
 impl Default for ServerConfig {
@@ -160,6 +202,7 @@ impl Default for ServerConfig {
             enroll_address: "0.0.0.0:8443".into(),
             kubelet_tls_cert_file: None,
             kubelet_tls_key_file: None,
+            kubelet_auth: KubeletAuthConfig::default(),
         }
     }
 }

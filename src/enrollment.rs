@@ -20,12 +20,15 @@ use crate::agent::proto::{EnrollRequest, EnrollResponse};
 use crate::agent::state::now_ms;
 use crate::cloud::{Compute, Enrollment, InstanceFilter};
 use crate::config::AgentTlsConfig;
+use crate::controller::backoff::retry_transient;
 use crate::crd::tags;
 use crate::pki::{self, Authority, Credentials, SwappableCert};
 
 /// Lifetime of the operator's own certificate (client to agents, server to enrolling agents);
 /// renewed at two thirds.
 const OPERATOR_CERT_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+/// How long a starting replica retries transient API errors while loading the CA.
+const PATIENCE: Duration = Duration::from_secs(30);
 
 /// The CA of this cluster's agents: read from the Secret `pki::CA_SECRET` in `namespace`, or
 /// created there by the first replica to start (a replica that loses the creation race reads
@@ -33,10 +36,11 @@ const OPERATOR_CERT_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 pub async fn load_or_create_authority(client: &kube::Client, namespace: &str) -> Result<Authority, String> {
     let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
     for _ in 0..3 {
-        if let Some(secret) = secrets
-            .get_opt(pki::CA_SECRET)
-            .await
-            .map_err(|e| format!("reading Secret {namespace}/{}: {e}", pki::CA_SECRET))?
+        if let Some(secret) = retry_transient("reading the agent CA", PATIENCE, || {
+            secrets.get_opt(pki::CA_SECRET)
+        })
+        .await
+        .map_err(|e| format!("reading Secret {namespace}/{}: {e}", pki::CA_SECRET))?
         {
             let data = secret.data.unwrap_or_default();
             let field = |key: &str| {
@@ -74,7 +78,11 @@ pub async fn load_or_create_authority(client: &kube::Client, namespace: &str) ->
             )]
             .into(),
         );
-        match secrets.create(&PostParams::default(), &secret).await {
+        let params = PostParams::default();
+        let created = retry_transient("creating the agent CA", PATIENCE, || {
+            secrets.create(&params, &secret)
+        });
+        match created.await {
             Ok(_) => {
                 tracing::info!(%namespace, secret = pki::CA_SECRET, "created the agent CA");
                 return Ok(authority);

@@ -137,16 +137,22 @@ fn node_trigger(node: &Node) -> Option<u64> {
     )))
 }
 
-/// Renews the controller lease until a renewal fails.
-async fn keep_leading(lease: &LeaseLock, every: Duration) {
+/// Renews the controller lease until another holds it or no renewal succeeded for `deadline`.
+async fn keep_leading(lease: &LeaseLock, every: Duration, deadline: Duration) {
     let mut ticker = tokio::time::interval(every);
+    let mut renewed = tokio::time::Instant::now();
     loop {
         ticker.tick().await;
         match lease.try_acquire_or_renew().await {
-            Ok(true) => {}
+            Ok(true) => renewed = tokio::time::Instant::now(),
             Ok(false) => return,
+            // A failed renewal is retried until the renew deadline: one flaky response does not
+            // cost the leadership, and leading stops well before the lease can pass to another.
+            Err(error) if renewed.elapsed() < deadline => {
+                tracing::warn!(%error, "renewing the controller lease; retrying");
+            }
             Err(error) => {
-                tracing::warn!(%error, "renewing the controller lease");
+                tracing::warn!(%error, ?deadline, "renewing the controller lease failed past the renew deadline");
                 return;
             }
         }
@@ -178,7 +184,7 @@ pub async fn run(ctx: Arc<Context>, mut stop: watch::Receiver<bool>) {
         tracing::info!(identity = %ctx.identity, "leading: running the pool controller");
         tokio::select! {
             _ = run_controller(ctx.clone()) => {}
-            _ = keep_leading(&leader, renew) => tracing::warn!("lost the controller lease"),
+            _ = keep_leading(&leader, renew, duration * 2 / 3) => tracing::warn!("lost the controller lease"),
             _ = stopped(&mut stop) => break,
         }
     }
@@ -187,15 +193,18 @@ pub async fn run(ctx: Arc<Context>, mut stop: watch::Receiver<bool>) {
 }
 
 /// Starts the kubelet API of the virtual nodes on `server.kubeletAddress`, with the configured
-/// serving certificate or a self-signed one.
+/// serving certificate or a self-signed one, and its callers' authentication (`server.kubeletAuth`).
 pub async fn start_kubelet(ctx: Arc<Context>) -> Result<crate::kubelet::KubeletServer, String> {
     let server = &ctx.config.server;
+    let auth = crate::kubelet::auth::Authenticator::new(ctx.client.clone(), server.kubelet_auth.clone());
+    let client_ca = auth.client_ca().await?;
     let tls = crate::kubelet::tls::server_config(
         server.kubelet_tls_cert_file.as_deref(),
         server.kubelet_tls_key_file.as_deref(),
+        client_ca.as_deref(),
     )?;
     let address = server.kubelet_address.clone();
-    crate::kubelet::KubeletServer::start(ctx, &address, tls)
+    crate::kubelet::KubeletServer::start(ctx, &address, tls, Arc::new(auth))
         .await
         .map_err(|e| format!("serving the kubelet API on {address}: {e}"))
 }

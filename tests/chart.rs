@@ -82,6 +82,11 @@ fn rendered_config_map_is_a_valid_operator_config() {
         Some("https://enroll.platform.internal:8443")
     );
     assert_eq!(config.server.enroll_address, "0.0.0.0:8443");
+    assert_eq!(
+        config.server.kubelet_auth,
+        ec2_kubelet::config::KubeletAuthConfig::default(),
+        "the chart's kubeletAuth values are the operator's defaults"
+    );
     let enroll = documents
         .iter()
         .find(|d| d["kind"] == "Service" && d["metadata"]["name"] == "demo-ec2-kubelet-enroll")
@@ -219,6 +224,19 @@ async fn the_chart_grants_exactly_what_the_operator_uses() {
         (String::from_utf8_lossy(&logs.stdout) == "hi-s3cret\n").then_some(())
     })
     .await;
+    // metrics-server's scrape: a bearer token, checked with a TokenReview.
+    let token = cluster.auth().issue_token("scraper", &["system:masters"]);
+    let running = pods.get("rbac").await.unwrap();
+    let host_ip = running.status.unwrap().host_ip.unwrap();
+    let host = format!("{host_ip}:{}", kubelet.address.port());
+    let scraped = common::kubelet_get(
+        kubelet.address,
+        &host,
+        "/stats/summary",
+        common::As::Token(&token),
+    )
+    .await;
+    assert_eq!(scraped.map(|(status, _)| status), Ok(200));
     pods.delete("rbac", &DeleteParams::default()).await.unwrap();
     common::eventually(60, "the pod released", || async {
         pods.get_opt("rbac").await.ok()?.is_none().then_some(())

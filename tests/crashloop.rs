@@ -10,101 +10,20 @@
 
 mod common;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use ec2_kubelet::cloud::local::LocalCompute;
-use ec2_kubelet::cloud::{Compute, InstanceFilter};
-use ec2_kubelet::crd::{Ec2NodePool, tags};
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, PostParams};
 use rand::Rng;
 use serde_json::json;
 
-/// Fast leases and resyncs, so a dead replica's nodes are taken over within seconds.
-const FAST: &str = "lease: {durationSeconds: 3, renewIntervalSeconds: 1}\n\
-                    sync: {nodeStatusSeconds: 2, poolResyncSeconds: 2, orphanGraceSeconds: 1, agentLostSeconds: 60}\n";
-
 struct Figures {
     kills: u32,
     created: u32,
     /// Pods whose deletion was asked for (by name).
     deleted: BTreeSet<String>,
-}
-
-/// What the cluster and the cloud say, checked against the invariants; `Err` names the first
-/// violation (the caller retries until the operator has converged).
-async fn check_invariants(client: &kube::Client, compute: &LocalCompute) -> Result<(usize, usize), String> {
-    let pods: Vec<Pod> = Api::<Pod>::default_namespaced(client.clone())
-        .list(&Default::default())
-        .await
-        .map_err(|e| e.to_string())?
-        .items;
-    let pool = Api::<Ec2NodePool>::all(client.clone())
-        .get("crash")
-        .await
-        .map_err(|e| e.to_string())?;
-    let bindings: Vec<(String, String)> = pool
-        .status
-        .map(|s| s.bindings)
-        .unwrap_or_default()
-        .into_iter()
-        .flat_map(|(node, pods)| pods.into_keys().map(move |uid| (node.clone(), uid)))
-        .collect();
-    let instances = compute
-        .describe_instances(&InstanceFilter::Cluster)
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut launched: BTreeMap<String, usize> = BTreeMap::new();
-    for instance in &instances {
-        *launched
-            .entry(instance.tag(tags::POD_UID).unwrap_or("").to_string())
-            .or_default() += 1;
-    }
-    let live: Vec<_> = instances.iter().filter(|i| i.state.is_alive()).collect();
-    let uids: BTreeSet<String> = pods.iter().filter_map(|p| p.uid()).collect();
-
-    if let Some((uid, n)) = launched.iter().find(|(_, n)| **n > 1) {
-        // Permanent: fail at once rather than wait.
-        panic!("pod {uid} was launched {n} times");
-    }
-    for pod in &pods {
-        let name = pod.name_any();
-        if pod.metadata.deletion_timestamp.is_some() {
-            return Err(format!("pod {name} is Terminating"));
-        }
-        let uid = pod.uid().unwrap_or_default();
-        let phase = pod
-            .status
-            .as_ref()
-            .and_then(|s| s.phase.clone())
-            .unwrap_or_default();
-        if phase != "Running" {
-            return Err(format!("pod {name} is {phase:?}"));
-        }
-        let on = live
-            .iter()
-            .filter(|i| i.tag(tags::POD_UID) == Some(uid.as_str()))
-            .count();
-        if on != 1 {
-            return Err(format!("pod {name} has {on} live instances"));
-        }
-        let bound = bindings.iter().filter(|(_, b)| *b == uid).count();
-        if bound != 1 {
-            return Err(format!("pod {name} has {bound} bindings"));
-        }
-    }
-    if let Some((node, uid)) = bindings.iter().find(|(_, uid)| !uids.contains(uid)) {
-        return Err(format!("binding {uid} on {node} has no pod"));
-    }
-    if let Some(orphan) = live
-        .iter()
-        .find(|i| !i.tag(tags::POD_UID).is_some_and(|uid| uids.contains(uid)))
-    {
-        return Err(format!("instance {} is live without a pod", orphan.instance_id));
-    }
-    Ok((pods.len(), launched.len()))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -116,7 +35,7 @@ async fn sigkilled_operators_lose_nothing_leak_nothing_and_launch_nothing_twice(
     let cluster = common::operator_cluster(true).await;
     let client = cluster.client();
     let dir = tempfile::tempdir().unwrap();
-    let files = common::RunFiles::new(&cluster, dir.path(), "test", FAST);
+    let files = common::RunFiles::new(&cluster, dir.path(), "test", common::FAST_TAKEOVER);
     let log = dir.path().join("operator.log");
     // The test's own view of the local cloud (the same records the operators write); it
     // terminates whatever is left when the test ends.
@@ -178,7 +97,7 @@ async fn sigkilled_operators_lose_nothing_leak_nothing_and_launch_nothing_twice(
     // The last operator converges; the invariants hold.
     let deadline = Instant::now() + Duration::from_secs(120);
     let (live_pods, launches) = loop {
-        let why = match check_invariants(&client, &compute).await {
+        let why = match common::check_invariants(&client, &compute, "crash").await {
             Ok(counts) => break counts,
             Err(why) => why,
         };

@@ -899,7 +899,7 @@ async fn fake_kubelet() -> u16 {
     let port = listener.local_addr().unwrap().port();
     // Kubelets serve HTTPS; the proxy does not verify their certificates, as an API server
     // without --kubelet-certificate-authority.
-    let tls = ec2_kubelet::kubelet::tls::server_config(None, None).unwrap();
+    let tls = ec2_kubelet::kubelet::tls::server_config(None, None, None).unwrap();
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {

@@ -103,7 +103,7 @@ impl Fixture {
 fn fake_kubelet() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = listener.local_addr().unwrap().port();
-    let tls = ec2_kubelet::kubelet::tls::server_config(None, None).expect("kubelet certificate");
+    let tls = ec2_kubelet::kubelet::tls::server_config(None, None, None).expect("kubelet certificate");
     std::thread::spawn(move || {
         for stream in listener.incoming().flatten() {
             // Kubelets serve HTTPS (the proxy does not verify the certificate).

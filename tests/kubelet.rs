@@ -4,30 +4,33 @@
 
 mod common;
 
-use http_body_util::BodyExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, PostParams};
 use serde_json::{Value, json};
 
-/// A GET over TLS (any certificate) with the given `Host`, as the API server and metrics-server
-/// reach a kubelet.
-async fn https_get(address: std::net::SocketAddr, host: &str, path: &str) -> (u16, String) {
-    let tcp = tokio::net::TcpStream::connect(address).await.unwrap();
-    let connector = tokio_rustls::TlsConnector::from(ec2_kubelet::kubelet::tls::insecure_client_config());
-    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
-    let tls = connector.connect(name, tcp).await.unwrap();
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+/// A ClusterRole granting `get` on `nodes/<subresource>`, bound to `user`.
+async fn grant_node_subresource(client: &kube::Client, user: &str, subresource: &str) {
+    use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+    let name = format!("{user}-{subresource}");
+    let role: ClusterRole = serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "rules": [{"apiGroups": [""], "resources": [format!("nodes/{subresource}")], "verbs": ["get"]}],
+    }))
+    .unwrap();
+    Api::<ClusterRole>::all(client.clone())
+        .create(&PostParams::default(), &role)
         .await
         .unwrap();
-    tokio::spawn(connection);
-    let request = hyper::Request::get(path)
-        .header(hyper::header::HOST, host)
-        .body(http_body_util::Empty::<hyper::body::Bytes>::new())
+    let binding: ClusterRoleBinding = serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
+        "subjects": [{"kind": "User", "name": user, "apiGroup": "rbac.authorization.k8s.io"}],
+    }))
+    .unwrap();
+    Api::<ClusterRoleBinding>::all(client.clone())
+        .create(&PostParams::default(), &binding)
+        .await
         .unwrap();
-    let response = sender.send_request(request).await.unwrap();
-    let status = response.status().as_u16();
-    let body = response.into_body().collect().await.unwrap().to_bytes();
-    (status, String::from_utf8_lossy(&body).into_owned())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -127,11 +130,23 @@ async fn kubectl_logs_exec_and_stats_reach_the_pods_agent_through_the_kubelet_ap
         "attach follows the output to the end: {out}"
     );
 
-    // /stats/summary for the node the request is addressed to, and /healthz.
+    // /stats/summary for the node the request is addressed to, by a caller RBAC lets read
+    // nodes/stats (a bearer token, checked with a TokenReview), as metrics-server scrapes it.
+    let auth = cluster.auth();
+    grant_node_subresource(&client, "metrics-server", "stats").await;
+    let metrics_token = auth.issue_token("metrics-server", &[]);
     let node = running.spec.as_ref().unwrap().node_name.clone().unwrap();
     let host_ip = running.status.as_ref().unwrap().host_ip.clone().unwrap();
     let host = format!("{host_ip}:{}", kubelet.address.port());
-    let (status, body) = https_get(kubelet.address, &host, "/stats/summary").await;
+    let address = kubelet.address;
+    let (status, body) = common::kubelet_get(
+        address,
+        &host,
+        "/stats/summary",
+        common::As::Token(&metrics_token),
+    )
+    .await
+    .unwrap();
     assert_eq!(status, 200, "{body}");
     let summary: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(summary["node"]["nodeName"], node.as_str());
@@ -145,10 +160,73 @@ async fn kubectl_logs_exec_and_stats_reach_the_pods_agent_through_the_kubelet_ap
             > 0
     );
     assert!(stats["cpu"]["time"].is_string());
-    let (status, body) = https_get(kubelet.address, "10.255.255.1:10250", "/stats/summary").await;
+    let (status, body) = common::kubelet_get(
+        kubelet.address,
+        "10.255.255.1:10250",
+        "/stats/summary",
+        common::As::Token(&metrics_token),
+    )
+    .await
+    .unwrap();
     assert_eq!(status, 404, "no node has that address: {body}");
+
+    // Nobody else gets in.
+    let logs_path = "/containerLogs/default/talker/main";
+    let (status, body) = common::kubelet_get(address, &host, logs_path, common::As::Token(&metrics_token))
+        .await
+        .unwrap();
     assert_eq!(
-        https_get(kubelet.address, &host, "/healthz").await,
+        (status, body.as_str()),
+        (
+            403,
+            "Forbidden (user=metrics-server, verb=get, resource=nodes, subresource=proxy)"
+        ),
+        "nodes/stats does not grant nodes/proxy"
+    );
+    for path in [
+        logs_path,
+        "/stats/summary",
+        "/healthz",
+        "/exec/default/talker/main",
+    ] {
+        let (status, body) = common::kubelet_get(address, &host, path, common::As::Anonymous)
+            .await
+            .unwrap();
+        assert_eq!((status, body.as_str()), (401, "Unauthorized"), "anonymous {path}");
+        let (status, _) = common::kubelet_get(address, &host, path, common::As::Token("dev.forged-token"))
+            .await
+            .unwrap();
+        assert_eq!(status, 401, "a token the cluster did not issue, {path}");
+    }
+    let nobody = auth.issue_certificate("nobody", None).unwrap();
+    let (status, body) =
+        common::kubelet_get(address, &host, "/stats/summary", common::As::Certificate(&nobody))
+            .await
+            .unwrap();
+    assert_eq!(
+        status, 403,
+        "a certificate of the cluster CA, but no RBAC grant: {body}"
+    );
+    // A certificate from another CA does not complete the handshake (or the request).
+    let foreign = ec2_kubelet::devcluster::auth::ClusterAuth::generate()
+        .unwrap()
+        .issue_certificate("kube-apiserver-kubelet-client", Some("system:masters"))
+        .unwrap();
+    let refused = common::kubelet_get(address, &host, logs_path, common::As::Certificate(&foreign)).await;
+    assert!(
+        refused.is_err(),
+        "a foreign CA's certificate is refused: {refused:?}"
+    );
+    // A cluster-CA certificate in system:masters (what the API server presents) is served.
+    let admin = auth.issue_certificate("admin", Some("system:masters")).unwrap();
+    let (status, body) = common::kubelet_get(address, &host, logs_path, common::As::Certificate(&admin))
+        .await
+        .unwrap();
+    assert_eq!((status, body.as_str()), (200, "line-1\nline-2\nline-3\n"));
+    assert_eq!(
+        common::kubelet_get(address, &host, "/healthz", common::As::Token(&metrics_token))
+            .await
+            .unwrap(),
         (200, "ok".into())
     );
 

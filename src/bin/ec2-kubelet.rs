@@ -94,6 +94,17 @@ struct DevArgs {
     /// Changes a watch can replay before it gets 410 Gone.
     #[arg(long, default_value_t = ec2_kubelet::devcluster::store::DEFAULT_HISTORY)]
     history: usize,
+    /// Share of resource requests answered with an injected fault (0.0-1.0): try a client
+    /// against a flaky API server.
+    #[arg(long, default_value_t = 0.0)]
+    fault_rate: f64,
+    /// The faults to inject, comma-separated: server-error, too-many-requests, conflict, gone,
+    /// drop-watch, slow (default: all).
+    #[arg(long, value_delimiter = ',')]
+    faults: Vec<ec2_kubelet::devcluster::faults::Fault>,
+    /// Inject faults only into requests whose User-Agent starts with this (e.g. ec2-kubelet/).
+    #[arg(long)]
+    fault_user_agent: Option<String>,
     /// Log format.
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -274,11 +285,26 @@ fn run(config: OperatorConfig) -> ExitCode {
 
 fn dev(args: DevArgs) -> ExitCode {
     telemetry::init(args.log_format);
+    if !(0.0..=1.0).contains(&args.fault_rate) {
+        return fail(&format!(
+            "--fault-rate {}: must be between 0.0 and 1.0",
+            args.fault_rate
+        ));
+    }
     block_on(async move {
+        let mut faults = ec2_kubelet::devcluster::faults::FaultOptions {
+            rate: args.fault_rate,
+            user_agent: args.fault_user_agent.clone(),
+            ..Default::default()
+        };
+        if !args.faults.is_empty() {
+            faults.kinds = args.faults.clone();
+        }
         let options = DevClusterOptions {
             address: args.listen,
             scheduler: !args.no_scheduler,
             history: args.history,
+            faults,
             ..DevClusterOptions::default()
         };
         let cluster = match DevCluster::start(options).await {

@@ -90,14 +90,22 @@ pub fn user_data(user: Option<&str>, bootstrap: &AgentBootstrap) -> String {
         parts.push((content_type, user.to_string()));
     }
     parts.push(("text/x-shellscript", bootstrap.script()));
+    // The boundary must occur in no part: user data that contains it could otherwise end the
+    // document early and drop the agent bootstrap, or add parts of its own.
+    let mut boundary = BOUNDARY.to_string();
+    let mut attempt = 0u32;
+    while parts.iter().any(|(_, body)| body.contains(&boundary)) {
+        attempt += 1;
+        boundary = format!("{BOUNDARY}{attempt}");
+    }
     let mut document =
-        format!("MIME-Version: 1.0\nContent-Type: multipart/mixed; boundary=\"{BOUNDARY}\"\n\n");
+        format!("MIME-Version: 1.0\nContent-Type: multipart/mixed; boundary=\"{boundary}\"\n\n");
     for (content_type, body) in parts {
         document.push_str(&format!(
-            "--{BOUNDARY}\nContent-Type: {content_type}; charset=\"utf-8\"\n\n{body}\n"
+            "--{boundary}\nContent-Type: {content_type}; charset=\"utf-8\"\n\n{body}\n"
         ));
     }
-    document.push_str(&format!("--{BOUNDARY}--\n"));
+    document.push_str(&format!("--{boundary}--\n"));
     document
 }
 

@@ -56,6 +56,37 @@ impl Default for Backoff {
     }
 }
 
+/// Whether a Kubernetes API error may pass by itself: a 5xx, a 429, or no answer at all.
+pub fn is_transient(error: &kube::Error) -> bool {
+    match error {
+        kube::Error::Api(status) => status.code >= 500 || status.code == 429,
+        kube::Error::HyperError(_) | kube::Error::Service(_) => true,
+        _ => false,
+    }
+}
+
+/// Runs `call` again while it fails with a transient error, backing off from 0.5 s (with
+/// jitter) for at most `patience`; other errors, and the last transient one, are returned. For
+/// steps a replica cannot start without: one flaky answer must not cost a start.
+pub async fn retry_transient<T, F, Fut>(what: &str, patience: Duration, mut call: F) -> Result<T, kube::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, kube::Error>>,
+{
+    let deadline = Instant::now() + patience;
+    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(8));
+    loop {
+        match call().await {
+            Err(error) if is_transient(&error) && Instant::now() < deadline => {
+                let delay = backoff.next_delay();
+                tracing::warn!(%error, retry_in = ?delay, "{what}; retrying");
+                tokio::time::sleep(delay).await;
+            }
+            outcome => return outcome,
+        }
+    }
+}
+
 struct PoolGate {
     open_at: Instant,
     /// While the pool recovers from throttling, callers pass one at a time, this far apart.

@@ -103,6 +103,18 @@ pub mod annotations {
     pub const USER_DATA: &str = "ec2-kubelet.io/user-data";
     pub const TAGS: &str = "ec2-kubelet.io/tags";
     pub const SPOT: &str = "ec2-kubelet.io/spot";
+    /// Every annotation above: what users set.
+    pub const USER_SET: [&str; 9] = [
+        INSTANCE_TYPE,
+        TEMPLATE,
+        IMAGE_ID,
+        SUBNET_ID,
+        SECURITY_GROUPS,
+        IAM_INSTANCE_PROFILE,
+        USER_DATA,
+        TAGS,
+        SPOT,
+    ];
     /// Written by the operator: the instance that runs the pod.
     pub const INSTANCE_ID: &str = "ec2-kubelet.io/instance-id";
 }

@@ -162,6 +162,11 @@ impl ApiError {
         ApiError::new(500, "InternalError", message)
     }
 
+    /// API priority and fairness turning a request away (sent with `Retry-After`).
+    pub fn too_many_requests(message: impl Into<String>) -> ApiError {
+        ApiError::new(429, "TooManyRequests", message)
+    }
+
     pub fn service_unavailable(message: impl Into<String>) -> ApiError {
         ApiError::new(503, "ServiceUnavailable", message)
     }

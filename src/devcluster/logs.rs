@@ -74,7 +74,7 @@ async fn dial(
         .await
         .map_err(|e| unreachable(&e))?;
     let name = rustls::pki_types::ServerName::try_from(host.clone()).map_err(|e| unreachable(&e))?;
-    let connector = tokio_rustls::TlsConnector::from(crate::kubelet::tls::insecure_client_config());
+    let connector = tokio_rustls::TlsConnector::from(state.auth.kubelet_client());
     let tls = connector.connect(name, tcp).await.map_err(|e| unreachable(&e))?;
     Ok((tls, format!("{internal_ip}:{port}")))
 }

@@ -3,12 +3,15 @@
 //! the semantics the operator, kubectl and helm rely on: discovery, generic storage of the
 //! built-in kinds, CRDs that become servable and validate against their schema, selectors,
 //! paging, watches with resume/bookmarks/410, the four patch types, status subresources,
-//! finalizers, graceful pod deletion, namespace cascade, a minimal scheduler and the pod log
-//! proxy to the node's kubelet endpoint.
+//! finalizers, graceful pod deletion, namespace cascade, a minimal scheduler, the pod log and
+//! exec proxy to the node's kubelet endpoint (with a kubelet-client certificate), and the
+//! TokenReview and SubjectAccessReview (by RBAC) that kubelets authenticate callers with.
 
+pub mod auth;
 mod builtin;
 mod convert;
 pub mod error;
+pub mod faults;
 mod logs;
 mod openapi;
 pub mod patch;
@@ -47,6 +50,8 @@ pub struct DevClusterOptions {
     pub kubelet_host: Option<String>,
     /// Record every resource request (`DevCluster::audit`): tests check RBAC rules with it.
     pub audit: bool,
+    /// Faults injected into resource requests (off by default; see [`DevCluster::set_faults`]).
+    pub faults: faults::FaultOptions,
 }
 
 impl Default for DevClusterOptions {
@@ -58,6 +63,7 @@ impl Default for DevClusterOptions {
             bookmark_interval: Duration::from_secs(5),
             kubelet_host: Some("127.0.0.1".into()),
             audit: false,
+            faults: faults::FaultOptions::default(),
         }
     }
 }
@@ -81,6 +87,10 @@ impl DevCluster {
         let listener = tokio::net::TcpListener::bind(options.address).await?;
         let address = listener.local_addr()?;
         let store = Arc::new(Store::new(options.history));
+        let auth = auth::ClusterAuth::generate().map_err(std::io::Error::other)?;
+        store
+            .create_builtin("", "configmaps", Some("kube-system"), auth.config_map())
+            .map_err(|e| std::io::Error::other(e.message))?;
         let (stop, stop_rx) = watch::channel(false);
         let (watch_epoch, _) = watch::channel(0u64);
         let state = Arc::new(server::State {
@@ -90,6 +100,8 @@ impl DevCluster {
             watch_epoch,
             watch_gate: Arc::new(RwLock::new(())),
             audit: std::sync::Mutex::new(Vec::new()),
+            auth,
+            faults: faults::Injector::new(options.faults.clone()),
         });
         let accept_state = state.clone();
         let mut accept_stop = stop_rx.clone();
@@ -132,6 +144,21 @@ impl DevCluster {
     /// rounds).
     pub fn take_audit(&self) -> Vec<server::AuditRecord> {
         std::mem::take(&mut *self.state.audit.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// The cluster CA, tokens and client certificates callers of kubelets authenticate with.
+    pub fn auth(&self) -> &auth::ClusterAuth {
+        &self.state.auth
+    }
+
+    /// Changes the faults injected from now on.
+    pub fn set_faults(&self, options: faults::FaultOptions) {
+        self.state.faults.set(options);
+    }
+
+    /// How many of each fault were injected so far.
+    pub fn injected_faults(&self) -> std::collections::BTreeMap<&'static str, u64> {
+        self.state.faults.counts()
     }
 
     pub fn store(&self) -> &Arc<Store> {

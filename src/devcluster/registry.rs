@@ -352,9 +352,20 @@ pub fn builtins() -> Vec<Arc<ResourceType>> {
         .printer(Printer::Crds)
         .build(),
     ];
-    let mut bindings = Builtin::new("", "v1", "bindings", "Binding", true).build();
-    Arc::make_mut(&mut bindings).create_only = true;
-    types.push(bindings);
+    for (group, resource, kind, namespaced) in [
+        ("", "bindings", "Binding", true),
+        ("authentication.k8s.io", "tokenreviews", "TokenReview", false),
+        (
+            "authorization.k8s.io",
+            "subjectaccessreviews",
+            "SubjectAccessReview",
+            false,
+        ),
+    ] {
+        let mut create_only = Builtin::new(group, "v1", resource, kind, namespaced).build();
+        Arc::make_mut(&mut create_only).create_only = true;
+        types.push(create_only);
+    }
     let mut events = Builtin::new("events.k8s.io", "v1", "events", "Event", true)
         .printer(Printer::Events)
         .fields(EVENT_FIELDS)

@@ -19,6 +19,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use super::DevClusterOptions;
 use super::convert::to_api;
 use super::error::ApiError;
+use super::faults::{Fault, RequestShape};
 use super::openapi;
 use super::registry::ResourceType;
 use super::selector::{FieldSelector, LabelSelector};
@@ -41,6 +42,10 @@ pub struct State {
     pub watch_gate: Arc<RwLock<()>>,
     /// Every resource request, when `options.audit` is on.
     pub audit: std::sync::Mutex<Vec<AuditRecord>>,
+    /// Cluster CA, kubelet-client identity, tokens.
+    pub auth: super::auth::ClusterAuth,
+    /// Faults injected into resource requests.
+    pub faults: super::faults::Injector,
 }
 
 /// One resource request as an authorizer sees it: who (User-Agent), the verb, and what.
@@ -80,7 +85,13 @@ fn json_response(status: StatusCode, value: &Value, warnings: &[String]) -> Resp
 
 fn error_response(error: &ApiError) -> Response<Body> {
     let status = StatusCode::from_u16(error.code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    json_response(status, &error.status(), &[])
+    let mut response = json_response(status, &error.status(), &[]);
+    if status == StatusCode::TOO_MANY_REQUESTS {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+    }
+    response
 }
 
 /// Serves one accepted connection until it closes or the server shuts down.
@@ -353,6 +364,46 @@ async fn resource(
         _ => Subresource::Main,
     };
     let method = request.method().clone();
+    let user_agent = request
+        .headers()
+        .get(header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    let watch = method == Method::GET && name.is_none() && query.flag("watch");
+    let shape = RequestShape {
+        user_agent: &user_agent,
+        watch,
+        update: matches!(method, Method::PUT | Method::PATCH) && name.is_some(),
+    };
+    let mut cut_watch_after = None;
+    if let Some((fault, delay)) = state.faults.draw(&shape) {
+        tracing::debug!(fault = fault.name(), path = %request.uri().path(), "injecting a fault");
+        match fault {
+            Fault::ServerError => return Err(ApiError::internal("injected fault: internal error")),
+            Fault::TooManyRequests => {
+                return Err(ApiError::too_many_requests(
+                    "injected fault: too many requests, please try again later",
+                ));
+            }
+            Fault::Conflict => {
+                return Err(ApiError::conflict(
+                    &rt.group,
+                    &rt.resource,
+                    name.as_deref().unwrap_or_default(),
+                    "the object has been modified; please apply your changes to the latest version and try again",
+                ));
+            }
+            Fault::Gone => {
+                let (tx, rx) = mpsc::channel(1);
+                let expired = ApiError::gone("injected fault: too old resource version");
+                let _ = tx.try_send(watch_line("ERROR", &expired.status()));
+                return Ok(stream_response(rx, None));
+            }
+            Fault::DropWatch => cut_watch_after = Some(delay),
+            Fault::Slow => tokio::time::sleep(delay).await,
+        }
+    }
     if state.options.audit {
         let verb = match (&method, &name) {
             (&Method::GET, None) if query.flag("watch") => "watch",
@@ -366,12 +417,7 @@ async fn resource(
             _ => "other",
         };
         let record = AuditRecord {
-            user_agent: request
-                .headers()
-                .get(header::USER_AGENT)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or_default()
-                .to_string(),
+            user_agent: user_agent.clone(),
             verb: verb.into(),
             group: rt.group.clone(),
             resource: match &subresource {
@@ -383,9 +429,9 @@ async fn resource(
         state.audit.lock().unwrap_or_else(|p| p.into_inner()).push(record);
     }
     match (method, name, subresource.as_deref()) {
-        (Method::GET, None, None) if query.flag("watch") => {
+        (Method::GET, None, None) if watch => {
             let format = table_wanted.then_some(include);
-            watch_response(state, rt, version, namespace, query, format).await
+            watch_response(state, rt, version, namespace, query, format, cut_watch_after).await
         }
         (Method::GET, None, None) => {
             let mut options = query.list_options(&rt)?;
@@ -430,6 +476,16 @@ async fn resource(
                 object
             };
             Ok(json_response(StatusCode::OK, &body, &[]))
+        }
+        (Method::POST, None, None) if rt.resource == "tokenreviews" => {
+            let (content_type, bytes) = read_body(request).await?;
+            let review = state.auth.token_review(decode(&content_type, &bytes)?);
+            Ok(json_response(StatusCode::CREATED, &review, &[]))
+        }
+        (Method::POST, None, None) if rt.resource == "subjectaccessreviews" => {
+            let (content_type, bytes) = read_body(request).await?;
+            let review = super::auth::subject_access_review(store, decode(&content_type, &bytes)?)?;
+            Ok(json_response(StatusCode::CREATED, &review, &[]))
         }
         (Method::POST, None, None) if rt.create_only => {
             let (_, bytes) = read_body(request).await?;
@@ -556,6 +612,7 @@ async fn watch_response(
     namespace: Option<String>,
     query: Query,
     table_format: Option<IncludeObject>,
+    cut_after: Option<Duration>,
 ) -> Result<Response<Body>, ApiError> {
     let list = query.list_options(&rt)?;
     let bookmarks = query.flag("allowWatchBookmarks");
@@ -595,9 +652,13 @@ async fn watch_response(
             // The real server answers an expired resourceVersion with an ERROR event.
             let _ = tx.try_send(watch_line("ERROR", &error.status()));
             drop(tx);
-            return Ok(stream_response(rx));
+            return Ok(stream_response(rx, None));
         }
     };
+    // A dropped watch: the stream ends at `cut_after`, and the body breaks off with an error
+    // instead of ending cleanly (what a reset connection looks like to the client).
+    let cut = cut_after.map(|_| Arc::new(std::sync::atomic::AtomicBool::new(false)));
+    let cut_flag = cut.clone();
     let matches = {
         let namespace = namespace.clone().filter(|_| rt.namespaced);
         move |object: &Value| {
@@ -661,11 +722,19 @@ async fn watch_response(
         }
         let deadline = tokio::time::sleep(timeout);
         tokio::pin!(deadline);
+        let cut_at = tokio::time::sleep(cut_after.unwrap_or(timeout));
+        tokio::pin!(cut_at);
         let mut ticker = tokio::time::interval(bookmark_every);
         ticker.tick().await;
         loop {
             tokio::select! {
                 _ = &mut deadline => return,
+                _ = &mut cut_at, if cut_flag.is_some() => {
+                    if let Some(flag) = &cut_flag {
+                        flag.store(true, std::sync::atomic::Ordering::SeqCst);
+                    }
+                    return;
+                }
                 _ = epoch.changed() => return,
                 _ = tx.closed() => return,
                 _ = ticker.tick(), if bookmarks => {
@@ -692,11 +761,24 @@ async fn watch_response(
             }
         }
     });
-    Ok(stream_response(rx))
+    Ok(stream_response(rx, cut))
 }
 
-fn stream_response(rx: mpsc::Receiver<Bytes>) -> Response<Body> {
-    let stream = ReceiverStream::new(rx).map(|bytes| Ok::<_, std::io::Error>(Frame::data(bytes)));
+/// A chunked JSON stream of what `rx` carries; if `broken` is set when `rx` ends, the body
+/// ends with an error (the connection is reset rather than the response finished).
+fn stream_response(
+    rx: mpsc::Receiver<Bytes>,
+    broken: Option<Arc<std::sync::atomic::AtomicBool>>,
+) -> Response<Body> {
+    let tail = futures::stream::once(async move {
+        broken
+            .filter(|b| b.load(std::sync::atomic::Ordering::SeqCst))
+            .map(|_| Err(std::io::Error::other("watch dropped (injected fault)")))
+    })
+    .filter_map(|item| item);
+    let stream = ReceiverStream::new(rx)
+        .map(|bytes| Ok::<_, std::io::Error>(Frame::data(bytes)))
+        .chain(tail);
     Response::builder()
         .status(StatusCode::OK)
         .header(header::CONTENT_TYPE, "application/json")

@@ -36,14 +36,16 @@ const RESIZE: u8 = 4;
 const CLOSE: u8 = 255;
 
 pub(crate) struct Target {
+    node: String,
     namespace: String,
     name: String,
     container: String,
 }
 
 impl Target {
-    pub(crate) fn new(namespace: &str, name: &str, container: &str) -> Target {
+    pub(crate) fn new(node: &str, namespace: &str, name: &str, container: &str) -> Target {
         Target {
+            node: node.into(),
             namespace: namespace.into(),
             name: name.into(),
             container: container.into(),
@@ -163,7 +165,7 @@ pub(crate) async fn exec(
         return Err(Reply::bad_request("command is required"));
     }
     let (accept, protocol) = negotiate(request.headers())?;
-    let (pod, mut agent) = pod_agent(&ctx, &target.namespace, &target.name).await?;
+    let (pod, mut agent) = pod_agent(&ctx, &target.node, &target.namespace, &target.name).await?;
     let (inputs, input_rx) = mpsc::channel::<ExecInput>(16);
     let start = ExecStart {
         pod_uid: pod.uid().unwrap_or_default(),
@@ -256,7 +258,7 @@ pub(crate) async fn attach(
     _query: Query,
 ) -> Result<Response<Body>, Reply> {
     let (accept, protocol) = negotiate(request.headers())?;
-    let (pod, mut agent) = pod_agent(&ctx, &target.namespace, &target.name).await?;
+    let (pod, mut agent) = pod_agent(&ctx, &target.node, &target.namespace, &target.name).await?;
     let logs = GetLogsRequest {
         pod_uid: pod.uid().unwrap_or_default(),
         container: target.container.clone(),

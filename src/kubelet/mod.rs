@@ -10,7 +10,12 @@
 //! | `GET/POST /attach/{ns}/{pod}/{container}` | `GetLogs` with follow: the container's output (read-only) |
 //! | `GET /stats/summary` | `GetStats` of every pod on the node the request is addressed to |
 //! | `GET /healthz` | none |
+//!
+//! Every caller is authenticated (client certificate or bearer token) and authorized for
+//! `nodes/<subresource>` of the node the request is addressed to (its `Host` is the node's
+//! InternalIP), as a kubelet does: see [`auth`]. A pod is only served through its own node.
 
+pub mod auth;
 mod exec;
 mod stats;
 pub mod tls;
@@ -24,16 +29,16 @@ use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
 use hyper::body::{Bytes, Frame, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::ResourceExt;
-use kube::api::Api;
+use kube::api::{Api, ListParams};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::agent::proto::GetLogsRequest;
 use crate::cloud::InstanceFilter;
 use crate::controller::Context;
-use crate::crd::{annotations, default_agent_port, tags};
+use crate::crd::{annotations, default_agent_port, labels, tags};
 
 type Body = BoxBody<Bytes, std::io::Error>;
 use crate::agent::client::AgentChannel;
@@ -112,18 +117,51 @@ impl Query {
     }
 }
 
-/// The pod and a connection to its instance's agent.
+/// The virtual node whose InternalIP the request's `Host` names (the API server and
+/// metrics-server dial a node's InternalIP).
+async fn addressed_node(ctx: &Context, request: &Request<Incoming>) -> Result<Node, Reply> {
+    let host = request
+        .headers()
+        .get(hyper::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| request.uri().host())
+        .unwrap_or_default();
+    let ip = host
+        .rsplit_once(':')
+        .map_or(host, |(ip, _)| ip)
+        .trim_matches(['[', ']']);
+    let nodes: Api<Node> = Api::all(ctx.client.clone());
+    let virtual_nodes = nodes
+        .list(&ListParams::default().labels(labels::POOL))
+        .await
+        .map_err(|e| Reply::unavailable(format!("listing nodes: {e}")))?;
+    virtual_nodes
+        .items
+        .into_iter()
+        .find(|node| {
+            node.status
+                .as_ref()
+                .and_then(|s| s.addresses.as_ref())
+                .is_some_and(|a| a.iter().any(|a| a.type_ == "InternalIP" && a.address == ip))
+        })
+        .ok_or_else(|| Reply::not_found(format!("no virtual node has the address {ip:?}")))
+}
+
+/// The pod (on `node`) and a connection to its instance's agent.
 pub(crate) async fn pod_agent(
     ctx: &Context,
+    node: &str,
     namespace: &str,
     name: &str,
 ) -> Result<(Pod, AgentChannel), Reply> {
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), namespace);
+    let not_found = || Reply::not_found(format!("pod {namespace}/{name} not found on node {node}"));
     let pod = pods
         .get_opt(name)
         .await
         .map_err(|e| Reply::unavailable(format!("reading pod {namespace}/{name}: {e}")))?
-        .ok_or_else(|| Reply::not_found(format!("pod {namespace}/{name} not found")))?;
+        .filter(|pod| pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node))
+        .ok_or_else(not_found)?;
     let instance_id = pod
         .annotations()
         .get(annotations::INSTANCE_ID)
@@ -159,7 +197,12 @@ pub(crate) async fn pod_agent(
 }
 
 /// `/containerLogs/{ns}/{pod}/{container}`: the agent's log stream as the response body.
-async fn container_logs(ctx: &Context, path: &[&str], query: &Query) -> Result<Response<Body>, Reply> {
+async fn container_logs(
+    ctx: &Context,
+    node: &str,
+    path: &[&str],
+    query: &Query,
+) -> Result<Response<Body>, Reply> {
     let [namespace, name, container] = path else {
         return Err(Reply::bad_request(
             "expected /containerLogs/{namespace}/{pod}/{container}",
@@ -173,7 +216,7 @@ async fn container_logs(ctx: &Context, path: &[&str], query: &Query) -> Result<R
         ),
         None => None,
     };
-    let (pod, agent) = pod_agent(ctx, namespace, name).await?;
+    let (pod, agent) = pod_agent(ctx, node, namespace, name).await?;
     let request = GetLogsRequest {
         pod_uid: pod.uid().unwrap_or_default(),
         container: container.to_string(),
@@ -216,7 +259,15 @@ pub(crate) async fn log_body(
     Ok(response)
 }
 
-async fn route(ctx: Arc<Context>, request: Request<Incoming>) -> Result<Response<Body>, Reply> {
+/// Authenticates and authorizes the caller (`certified`: the user its verified client
+/// certificate names), then serves the request.
+async fn route(
+    ctx: Arc<Context>,
+    auth: Arc<auth::Authenticator>,
+    certified: Option<auth::Caller>,
+    request: Request<Incoming>,
+) -> Result<Response<Body>, Reply> {
+    let caller = auth.authenticate(certified.as_ref(), request.headers()).await?;
     // Names of namespaces, pods and containers are DNS labels: no escaping to undo.
     let path: Vec<String> = request
         .uri()
@@ -226,20 +277,26 @@ async fn route(ctx: Arc<Context>, request: Request<Incoming>) -> Result<Response
         .map(String::from)
         .collect();
     let path: Vec<&str> = path.iter().map(String::as_str).collect();
-    let query = Query::parse(request.uri().query());
     let method = request.method().clone();
+    if method == Method::GET && path == ["healthz"] {
+        return Ok(text(StatusCode::OK, "ok"));
+    }
+    let node = addressed_node(&ctx, &request).await?;
+    let node_name = node.name_any();
+    let (verb, subresource) = auth::attributes(&method, request.uri().path());
+    auth.authorize(&caller, verb, subresource, &node_name).await?;
+    let query = Query::parse(request.uri().query());
     match (method, path.as_slice()) {
-        (Method::GET, ["healthz"]) => Ok(text(StatusCode::OK, "ok")),
-        (Method::GET, ["containerLogs", rest @ ..]) => container_logs(&ctx, rest, &query).await,
+        (Method::GET, ["containerLogs", rest @ ..]) => container_logs(&ctx, &node_name, rest, &query).await,
         (Method::GET | Method::POST, ["exec", namespace, name, container]) => {
-            let target = exec::Target::new(namespace, name, container);
+            let target = exec::Target::new(&node_name, namespace, name, container);
             exec::exec(ctx.clone(), request, target, query).await
         }
         (Method::GET | Method::POST, ["attach", namespace, name, container]) => {
-            let target = exec::Target::new(namespace, name, container);
+            let target = exec::Target::new(&node_name, namespace, name, container);
             exec::attach(ctx.clone(), request, target, query).await
         }
-        (Method::GET, ["stats", "summary"]) => stats::summary(&ctx, &request).await,
+        (Method::GET, ["stats", "summary"]) => stats::summary(&ctx, &node).await,
         (_, _) => Err(Reply::not_found(format!(
             "{} is not served by the ec2-kubelet kubelet API",
             request.uri().path()
@@ -260,6 +317,7 @@ impl KubeletServer {
         ctx: Arc<Context>,
         address: &str,
         tls: Arc<rustls::ServerConfig>,
+        auth: Arc<auth::Authenticator>,
     ) -> std::io::Result<KubeletServer> {
         let listener = tokio::net::TcpListener::bind(address).await?;
         let address = listener.local_addr()?;
@@ -274,7 +332,7 @@ impl KubeletServer {
                         Err(error) => { tracing::warn!(%error, "kubelet API accept"); continue }
                     },
                 };
-                let (ctx, acceptor) = (ctx.clone(), acceptor.clone());
+                let (ctx, auth, acceptor) = (ctx.clone(), auth.clone(), acceptor.clone());
                 tokio::spawn(async move {
                     let stream = match acceptor.accept(stream).await {
                         Ok(stream) => stream,
@@ -283,11 +341,18 @@ impl KubeletServer {
                             return;
                         }
                     };
+                    // A presented certificate was verified against the client CA in the handshake.
+                    let certified = stream
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|chain| chain.first())
+                        .and_then(auth::Caller::from_certificate);
                     let service = hyper::service::service_fn(move |request: Request<Incoming>| {
-                        let ctx = ctx.clone();
+                        let (ctx, auth, certified) = (ctx.clone(), auth.clone(), certified.clone());
                         async move {
                             let path = request.uri().path().to_string();
-                            let response = route(ctx, request).await.unwrap_or_else(|reply| {
+                            let response = route(ctx, auth, certified, request).await.unwrap_or_else(|reply| {
                                 tracing::debug!(%path, status = %reply.0, message = %reply.1, "kubelet API request failed");
                                 reply.into_response()
                             });

@@ -1,10 +1,8 @@
 //! `/stats/summary` (the kubelet's `stats/v1alpha1` Summary) for the virtual node a request is
-//! addressed to (its `Host` is the node's InternalIP, as the API server and metrics-server dial
-//! it): one `GetStats` per running pod, containers summed into pods and pods into the node, so
+//! addressed to: one `GetStats` per running pod, containers summed into pods and pods into the node, so
 //! metrics-server and `kubectl top` work.
 
-use hyper::body::Incoming;
-use hyper::{Request, Response, StatusCode};
+use hyper::{Response, StatusCode};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::ResourceExt;
 use kube::api::{Api, ListParams};
@@ -13,7 +11,6 @@ use serde_json::{Value, json};
 use super::{Body, Reply, full, pod_agent};
 use crate::agent::proto::GetStatsRequest;
 use crate::controller::Context;
-use crate::crd::labels;
 
 fn rfc3339(unix_ms: i64) -> String {
     jiff::Timestamp::from_millisecond(unix_ms)
@@ -29,37 +26,7 @@ fn usage(time: &str, core_nanoseconds: u64, nanocores: u64, working_set: u64) ->
     )
 }
 
-/// The virtual node whose InternalIP the request's `Host` names.
-async fn addressed_node(ctx: &Context, request: &Request<Incoming>) -> Result<Node, Reply> {
-    let host = request
-        .headers()
-        .get(hyper::header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .or_else(|| request.uri().host())
-        .unwrap_or_default();
-    let ip = host
-        .rsplit_once(':')
-        .map_or(host, |(ip, _)| ip)
-        .trim_matches(['[', ']']);
-    let nodes: Api<Node> = Api::all(ctx.client.clone());
-    let virtual_nodes = nodes
-        .list(&ListParams::default().labels(labels::POOL))
-        .await
-        .map_err(|e| Reply::unavailable(format!("listing nodes: {e}")))?;
-    virtual_nodes
-        .items
-        .into_iter()
-        .find(|node| {
-            node.status
-                .as_ref()
-                .and_then(|s| s.addresses.as_ref())
-                .is_some_and(|a| a.iter().any(|a| a.type_ == "InternalIP" && a.address == ip))
-        })
-        .ok_or_else(|| Reply::not_found(format!("no virtual node has the address {ip:?}")))
-}
-
-pub(crate) async fn summary(ctx: &Context, request: &Request<Incoming>) -> Result<Response<Body>, Reply> {
-    let node = addressed_node(ctx, request).await?;
+pub(crate) async fn summary(ctx: &Context, node: &Node) -> Result<Response<Body>, Reply> {
     let node_name = node.name_any();
     let pods: Api<Pod> = Api::all(ctx.client.clone());
     let on_node = pods
@@ -73,7 +40,7 @@ pub(crate) async fn summary(ctx: &Context, request: &Request<Incoming>) -> Resul
     for pod in on_node.items {
         let namespace = pod.namespace().unwrap_or_default();
         let name = pod.name_any();
-        let stats = match pod_agent(ctx, &namespace, &name).await {
+        let stats = match pod_agent(ctx, &node_name, &namespace, &name).await {
             Ok((pod, mut agent)) => agent
                 .get_stats(GetStatsRequest {
                     pod_uid: pod.uid().unwrap_or_default(),

@@ -10,14 +10,15 @@ use std::sync::Arc;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
-}
+use crate::pki::provider;
 
-/// A TLS server configuration (HTTP/1.1) for the kubelet API.
+/// A TLS server configuration (HTTP/1.1) for the kubelet API. With `client_ca` (PEM), client
+/// certificates are asked for and, when presented, must be signed by it (a caller may instead
+/// authenticate with a bearer token, as with a kubelet's `--client-ca-file`).
 pub fn server_config(
     cert_file: Option<&Path>,
     key_file: Option<&Path>,
+    client_ca: Option<&str>,
 ) -> Result<Arc<rustls::ServerConfig>, String> {
     let (certs, key) = match (cert_file, key_file) {
         (Some(cert), Some(key)) => {
@@ -36,10 +37,22 @@ pub fn server_config(
             );
         }
     };
-    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+    let builder = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_no_client_auth()
+        .map_err(|e| e.to_string())?;
+    let builder = match client_ca {
+        Some(pem) => {
+            let roots = crate::pki::root_store(pem).map_err(|e| format!("kubelet client CA: {e}"))?;
+            let verifier =
+                rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+                    .allow_unauthenticated()
+                    .build()
+                    .map_err(|e| format!("kubelet client CA: {e}"))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder
         .with_single_cert(certs, key)
         .map_err(|e| format!("kubelet serving certificate: {e}"))?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
@@ -58,15 +71,33 @@ fn self_signed() -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>
 /// A TLS client configuration that accepts any server certificate: what the dev cluster uses
 /// to reach kubelets, as an API server without `--kubelet-certificate-authority` does.
 pub fn insecure_client_config() -> Arc<rustls::ClientConfig> {
+    Arc::new(insecure_client_builder().with_no_client_auth())
+}
+
+/// [`insecure_client_config`] presenting a client certificate (PEM chain and key): the API
+/// server's kubelet-client identity, or a test's caller.
+pub fn insecure_client_config_with_identity(
+    cert_pem: &str,
+    key_pem: &str,
+) -> Result<Arc<rustls::ClientConfig>, String> {
+    let certs = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("client certificate: {e}"))?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| format!("client key: {e}"))?;
+    let config = insecure_client_builder()
+        .with_client_auth_cert(certs, key)
+        .map_err(|e| format!("client certificate and key: {e}"))?;
+    Ok(Arc::new(config))
+}
+
+fn insecure_client_builder() -> rustls::ConfigBuilder<rustls::ClientConfig, rustls::client::WantsClientCert> {
     let provider = provider();
     let verifier = Arc::new(AcceptAnyServer(provider.clone()));
-    let config = rustls::ClientConfig::builder_with_provider(provider)
+    rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .expect("the default provider supports the default versions")
         .dangerous()
         .with_custom_certificate_verifier(verifier)
-        .with_no_client_auth();
-    Arc::new(config)
 }
 
 #[derive(Debug)]

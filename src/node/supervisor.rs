@@ -56,11 +56,19 @@ pub async fn stopped(stop: &mut watch::Receiver<bool>) {
 }
 
 /// Runs `node::run` until it returns cleanly or `stop` turns true, restarting it after errors
-/// with exponential backoff (1 s to 30 s).
+/// with exponential backoff (1 s to 30 s). A run that lasted longer than the longest backoff
+/// starts the backoff over: old failures do not slow the recovery from a new one.
 async fn supervise(ctx: Arc<Context>, node: watch::Receiver<VirtualNode>, mut stop: watch::Receiver<bool>) {
-    let mut backoff = Duration::from_secs(1);
+    const FIRST: Duration = Duration::from_secs(1);
+    const LONGEST: Duration = Duration::from_secs(30);
+    let mut backoff = FIRST;
     loop {
-        match super::run(ctx.clone(), node.clone(), stop.clone()).await {
+        let started = tokio::time::Instant::now();
+        let outcome = super::run(ctx.clone(), node.clone(), stop.clone()).await;
+        if started.elapsed() > LONGEST {
+            backoff = FIRST;
+        }
+        match outcome {
             Ok(()) => return,
             Err(error) => {
                 let name = node.borrow().name.clone();
@@ -71,7 +79,7 @@ async fn supervise(ctx: Arc<Context>, node: watch::Receiver<VirtualNode>, mut st
             _ = stopped(&mut stop) => return,
             _ = tokio::time::sleep(backoff) => {}
         }
-        backoff = (backoff * 2).min(Duration::from_secs(30));
+        backoff = (backoff * 2).min(LONGEST);
     }
 }
 

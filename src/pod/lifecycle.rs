@@ -122,7 +122,11 @@ async fn launch_request(
 ) -> Result<Result<Launch, InvalidSetting>> {
     let namespace = pod.namespace().unwrap_or_default();
     let pod_annotations = pod.annotations().clone();
-    let template = match settings::template_ref(&namespace, &pod_annotations, &node.spec) {
+    let template_ref = match settings::template_ref(&namespace, &pod_annotations, &node.spec) {
+        Ok(template_ref) => template_ref,
+        Err(invalid) => return Ok(Err(invalid)),
+    };
+    let template = match template_ref {
         Some((template_namespace, name)) => {
             let templates: Api<Ec2PodTemplate> = Api::namespaced(ctx.client.clone(), &template_namespace);
             match templates.get_opt(&name).await? {

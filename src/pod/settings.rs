@@ -10,24 +10,37 @@ use crate::cloud::LaunchRequest;
 use crate::crd::{Ec2NodePoolSpec, Ec2PodTemplateSpec, TagMap, annotations};
 
 /// Where a pod's template comes from: its `ec2-kubelet.io/template` annotation (`name` in the
-/// pod's namespace, or `namespace/name`), else the pool's `templateRef`.
+/// pod's namespace, or `namespace/name`), else the pool's `templateRef`. An annotation that is
+/// not a namespace and object name is invalid.
 pub fn template_ref(
     pod_namespace: &str,
     pod_annotations: &BTreeMap<String, String>,
     pool: &Ec2NodePoolSpec,
-) -> Option<(String, String)> {
+) -> Result<Option<(String, String)>, InvalidSetting> {
     if let Some(value) = pod_annotations
         .get(annotations::TEMPLATE)
         .filter(|v| !v.is_empty())
     {
-        return Some(match value.split_once('/') {
-            Some((namespace, name)) => (namespace.to_string(), name.to_string()),
-            None => (pod_namespace.to_string(), value.clone()),
-        });
+        let (namespace, name) = match value.split_once('/') {
+            Some((namespace, name)) => (namespace, name),
+            None => (pod_namespace, value.as_str()),
+        };
+        let label = Regex::new(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$").expect("a valid regex");
+        let subdomain = Regex::new(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$").expect("a valid regex");
+        if !label.is_match(namespace) || !subdomain.is_match(name) {
+            return Err(invalid(
+                annotations::TEMPLATE,
+                format!(
+                    "{value:?} is not a template name: use name (in the pod's namespace) or namespace/name"
+                ),
+            ));
+        }
+        return Ok(Some((namespace.to_string(), name.to_string())));
     }
-    pool.template_ref
+    Ok(pool
+        .template_ref
         .as_ref()
-        .map(|r| (r.namespace.clone(), r.name.clone()))
+        .map(|r| (r.namespace.clone(), r.name.clone())))
 }
 
 /// A launch setting that cannot be used: the annotation (or template field) and the fix.
@@ -315,18 +328,27 @@ mod tests {
         let pool = pool();
         assert_eq!(
             template_ref("apps", &annotations(&[]), &pool),
-            Some(("infra".into(), "general".into()))
+            Ok(Some(("infra".into(), "general".into())))
         );
         let named = annotations(&[(annotations::TEMPLATE, "gpu")]);
         assert_eq!(
             template_ref("apps", &named, &pool),
-            Some(("apps".into(), "gpu".into()))
+            Ok(Some(("apps".into(), "gpu".into())))
         );
         let qualified = annotations(&[(annotations::TEMPLATE, "shared/gpu")]);
         assert_eq!(
             template_ref("apps", &qualified, &pool),
-            Some(("shared".into(), "gpu".into()))
+            Ok(Some(("shared".into(), "gpu".into())))
         );
+        for bad in ["a/b/c", "GPU", "/gpu", "shared/", "../gpu", "gpu?watch=true"] {
+            let error =
+                template_ref("apps", &annotations(&[(annotations::TEMPLATE, bad)]), &pool).unwrap_err();
+            assert!(
+                error.to_string().starts_with("ec2-kubelet.io/template: ")
+                    && error.message.contains("namespace/name"),
+                "{bad}: {error}"
+            );
+        }
     }
 
     #[test]
@@ -410,7 +432,30 @@ mod tests {
                 "yes",
                 "ec2-kubelet.io/spot: \"yes\" is not a boolean",
             ),
+            (
+                annotations::SUBNET_ID,
+                "subnet-XYZ",
+                "ec2-kubelet.io/subnet-id: \"subnet-XYZ\" is not valid",
+            ),
+            (
+                annotations::IAM_INSTANCE_PROFILE,
+                "my profile",
+                "ec2-kubelet.io/iam-instance-profile: \"my profile\" is not valid",
+            ),
+            (
+                annotations::USER_DATA,
+                &"#!/bin/sh\n".repeat(2000),
+                "ec2-kubelet.io/user-data: 20000 bytes is more than the 16 KiB EC2 accepts",
+            ),
         ];
+        // Every annotation a user sets has a case here, but the template's, whose bad values
+        // are in `templates_come_from_the_annotation_or_the_pool`.
+        for key in annotations::USER_SET {
+            assert!(
+                key == annotations::TEMPLATE || cases.iter().any(|(k, _, _)| *k == key),
+                "no bad-value case for {key}"
+            );
+        }
         for (key, value, expected) in cases {
             let error = resolve(
                 &pool(),

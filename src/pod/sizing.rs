@@ -41,7 +41,11 @@ pub fn parse_quantity(text: &str) -> Result<f64, String> {
         "Ei" => 1024f64.powi(6),
         other => return Err(format!("{text:?} has an unknown suffix {other:?}")),
     };
-    Ok(value * multiplier)
+    let value = value * multiplier;
+    if !value.is_finite() {
+        return Err(format!("{text:?} is too large a quantity"));
+    }
+    Ok(value)
 }
 
 /// What a pod asks of its instance.

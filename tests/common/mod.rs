@@ -898,3 +898,143 @@ pub async fn events_of(client: &kube::Client, name: &str) -> Vec<(String, String
         .map(|e| (e.reason.unwrap_or_default(), e.message.unwrap_or_default()))
         .collect()
 }
+
+/// How a test calls the kubelet API.
+pub enum As<'a> {
+    Anonymous,
+    Token(&'a str),
+    Certificate(&'a ec2_kubelet::devcluster::auth::ClientCertificate),
+}
+
+/// A GET over TLS (any server certificate) with the given `Host`, as the API server and
+/// metrics-server reach a kubelet; `Err` when the TLS handshake or the request is refused.
+pub async fn kubelet_get(
+    address: std::net::SocketAddr,
+    host: &str,
+    path: &str,
+    caller: As<'_>,
+) -> Result<(u16, String), String> {
+    let tls = match &caller {
+        As::Certificate(cert) => {
+            ec2_kubelet::kubelet::tls::insecure_client_config_with_identity(&cert.cert_pem, &cert.key_pem)?
+        }
+        _ => ec2_kubelet::kubelet::tls::insecure_client_config(),
+    };
+    let tcp = tokio::net::TcpStream::connect(address).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(tls)
+        .connect(name, tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(connection);
+    let mut request = hyper::Request::get(path).header(hyper::header::HOST, host);
+    if let As::Token(token) = caller {
+        request = request.header(hyper::header::AUTHORIZATION, format!("Bearer {token}"));
+    }
+    let request = request
+        .body(http_body_util::Empty::<hyper::body::Bytes>::new())
+        .unwrap();
+    // TLS 1.3 reports a refused client certificate only when the server's alert arrives.
+    let response = sender.send_request(request).await.map_err(|e| e.to_string())?;
+    let status = response.status().as_u16();
+    let body = http_body_util::BodyExt::collect(response.into_body())
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// What the cluster and the cloud say about the pods of the default namespace and `pool`,
+/// checked against the invariants: every pod Running on exactly one live instance with
+/// exactly one binding, no binding without a pod, no live instance without a pod, no pod
+/// launched twice (a panic: it cannot heal), no pod stuck Terminating. `Ok((pods, launches))`; `Err` names the first
+/// violation (the caller retries until the operator has converged).
+pub async fn check_invariants(
+    client: &kube::Client,
+    compute: &ec2_kubelet::cloud::local::LocalCompute,
+    pool: &str,
+) -> Result<(usize, usize), String> {
+    use ec2_kubelet::cloud::{Compute, InstanceFilter};
+    use ec2_kubelet::crd::{Ec2NodePool, tags};
+    use k8s_openapi::api::core::v1::Pod;
+    use kube::ResourceExt;
+    use kube::api::Api;
+    use std::collections::{BTreeMap, BTreeSet};
+    let pods: Vec<Pod> = Api::<Pod>::default_namespaced(client.clone())
+        .list(&Default::default())
+        .await
+        .map_err(|e| e.to_string())?
+        .items;
+    let pool = Api::<Ec2NodePool>::all(client.clone())
+        .get(pool)
+        .await
+        .map_err(|e| e.to_string())?;
+    let bindings: Vec<(String, String)> = pool
+        .status
+        .map(|s| s.bindings)
+        .unwrap_or_default()
+        .into_iter()
+        .flat_map(|(node, pods)| pods.into_keys().map(move |uid| (node.clone(), uid)))
+        .collect();
+    let instances = compute
+        .describe_instances(&InstanceFilter::Cluster)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut launched: BTreeMap<String, usize> = BTreeMap::new();
+    for instance in &instances {
+        *launched
+            .entry(instance.tag(tags::POD_UID).unwrap_or("").to_string())
+            .or_default() += 1;
+    }
+    let live: Vec<_> = instances.iter().filter(|i| i.state.is_alive()).collect();
+    let uids: BTreeSet<String> = pods.iter().filter_map(|p| p.uid()).collect();
+
+    if let Some((uid, n)) = launched.iter().find(|(_, n)| **n > 1) {
+        // Permanent: fail at once rather than wait.
+        panic!("pod {uid} was launched {n} times");
+    }
+    for pod in &pods {
+        let name = pod.name_any();
+        if pod.metadata.deletion_timestamp.is_some() {
+            return Err(format!("pod {name} is Terminating"));
+        }
+        let uid = pod.uid().unwrap_or_default();
+        let phase = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.phase.clone())
+            .unwrap_or_default();
+        if phase != "Running" {
+            return Err(format!("pod {name} is {phase:?}"));
+        }
+        let on = live
+            .iter()
+            .filter(|i| i.tag(tags::POD_UID) == Some(uid.as_str()))
+            .count();
+        if on != 1 {
+            return Err(format!("pod {name} has {on} live instances"));
+        }
+        let bound = bindings.iter().filter(|(_, b)| *b == uid).count();
+        if bound != 1 {
+            return Err(format!("pod {name} has {bound} bindings"));
+        }
+    }
+    if let Some((node, uid)) = bindings.iter().find(|(_, uid)| !uids.contains(uid)) {
+        return Err(format!("binding {uid} on {node} has no pod"));
+    }
+    if let Some(orphan) = live
+        .iter()
+        .find(|i| !i.tag(tags::POD_UID).is_some_and(|uid| uids.contains(uid)))
+    {
+        return Err(format!("instance {} is live without a pod", orphan.instance_id));
+    }
+    Ok((pods.len(), launched.len()))
+}
+
+/// Operator config (YAML) with fast leases and resyncs: a dead replica's nodes are taken over
+/// and a pool re-reconciled within seconds.
+pub const FAST_TAKEOVER: &str = "lease: {durationSeconds: 3, renewIntervalSeconds: 1}\n\
+                    sync: {nodeStatusSeconds: 2, poolResyncSeconds: 2, orphanGraceSeconds: 1, agentLostSeconds: 60}\n";
