@@ -28,20 +28,11 @@ struct Figures {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkilled_operators_lose_nothing_leak_nothing_and_launch_nothing_twice() {
-    let kills: u32 = std::env::var("EC2_KUBELET_CRASHLOOP_KILLS")
-        .ok()
-        .and_then(|k| k.parse().ok())
-        .unwrap_or(8);
+    let kills: u32 = common::env_or("EC2_KUBELET_CRASHLOOP_KILLS", 8);
     let cluster = common::operator_cluster(true).await;
     let client = cluster.client();
-    let dir = tempfile::tempdir().unwrap();
-    let files = common::RunFiles::new(&cluster, dir.path(), "test", common::FAST_TAKEOVER);
-    let log = dir.path().join("operator.log");
-    // The test's own view of the local cloud (the same records the operators write); it
-    // terminates whatever is left when the test ends.
-    let (compute, _cleanup) = common::local_compute(&files.local);
-
-    common::local_template_and_pool(&client, "crash", 2).await;
+    // The test's own view of the local cloud is the same records the operators write.
+    let run = common::BinaryRun::prepare(&cluster, "crash").await;
 
     let pods: Api<Pod> = Api::default_namespaced(client.clone());
     let mut figures = Figures {
@@ -49,7 +40,7 @@ async fn sigkilled_operators_lose_nothing_leak_nothing_and_launch_nothing_twice(
         created: 0,
         deleted: BTreeSet::new(),
     };
-    let mut operator = files.spawn("warn", Some(&log));
+    let mut operator = run.spawn();
     let mut next = 0u32;
     let mut rng = rand::rng();
     let started = Instant::now();
@@ -91,20 +82,20 @@ async fn sigkilled_operators_lose_nothing_leak_nothing_and_launch_nothing_twice(
         operator.start_kill().unwrap();
         let _ = operator.wait().await;
         figures.kills += 1;
-        operator = files.spawn("warn", Some(&log));
+        operator = run.spawn();
     }
 
     // The last operator converges; the invariants hold.
     let deadline = Instant::now() + Duration::from_secs(120);
     let (live_pods, launches) = loop {
-        let why = match common::check_invariants(&client, &compute, "crash").await {
+        let why = match common::check_invariants(&client, &run.compute, "crash").await {
             Ok(counts) => break counts,
             Err(why) => why,
         };
         assert!(
             Instant::now() < deadline,
             "not converged after the crash loop: {why}\noperator log:\n{}",
-            std::fs::read_to_string(&log).unwrap_or_default()
+            run.log_text()
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     };

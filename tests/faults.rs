@@ -17,13 +17,6 @@ use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use serde_json::json;
 
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 /// Every node of the pool is Ready.
 async fn nodes_ready(client: &kube::Client, pool: &str, expected: usize) -> Result<(), String> {
     let nodes = Api::<Node>::all(client.clone())
@@ -49,15 +42,11 @@ async fn nodes_ready(client: &kube::Client, pool: &str, expected: usize) -> Resu
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_operator_converges_through_api_server_faults() {
-    let rate: f64 = env_or("EC2_KUBELET_FAULT_RATE", 0.1);
-    let total: u32 = env_or("EC2_KUBELET_FAULT_PODS", 12);
+    let rate: f64 = common::env_or("EC2_KUBELET_FAULT_RATE", 0.1);
+    let total: u32 = common::env_or("EC2_KUBELET_FAULT_PODS", 12);
     let cluster = common::operator_cluster(true).await;
     let client = cluster.client();
-    let dir = tempfile::tempdir().unwrap();
-    let files = common::RunFiles::new(&cluster, dir.path(), "test", common::FAST_TAKEOVER);
-    let log = dir.path().join("operator.log");
-    let (compute, _cleanup) = common::local_compute(&files.local);
-    common::local_template_and_pool(&client, "flaky", 2).await;
+    let run = common::BinaryRun::prepare(&cluster, "flaky").await;
 
     cluster.set_faults(FaultOptions {
         rate,
@@ -67,7 +56,7 @@ async fn the_operator_converges_through_api_server_faults() {
         slow_max: Duration::from_millis(300),
     });
     let started = Instant::now();
-    let mut operator = files.spawn("warn", Some(&log));
+    let mut operator = run.spawn();
 
     // The workload: pods created in bursts, a third of them deleted again while the others
     // are being launched.
@@ -94,7 +83,7 @@ async fn the_operator_converges_through_api_server_faults() {
             .map(|f| f.name())
             .filter(|name| !cluster.injected_faults().contains_key(name))
             .collect();
-        let why = match common::check_invariants(&client, &compute, "flaky").await {
+        let why = match common::check_invariants(&client, &run.compute, "flaky").await {
             Ok(_) if !missing.is_empty() => format!("not yet injected: {missing:?}"),
             Ok(counts) if counts.0 == (total - deleted) as usize => {
                 match nodes_ready(&client, "flaky", 2).await {
@@ -109,7 +98,7 @@ async fn the_operator_converges_through_api_server_faults() {
             Instant::now() < deadline,
             "not converged through the faults: {why}\ninjected: {:?}\noperator log:\n{}",
             cluster.injected_faults(),
-            std::fs::read_to_string(&log).unwrap_or_default()
+            run.log_text()
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     };

@@ -224,6 +224,21 @@ impl Authenticator {
         }
     }
 
+    /// Creates a review (`TokenReview`, `SubjectAccessReview`): the API server's answer.
+    async fn review<K>(&self, review: &K, what: &str) -> Result<K, Reply>
+    where
+        K: kube::Resource<Scope = k8s_openapi::ClusterResourceScope, DynamicType = ()>
+            + Clone
+            + serde::Serialize
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug,
+    {
+        Api::<K>::all(self.client.clone())
+            .create(&PostParams::default(), review)
+            .await
+            .map_err(|e| Reply(StatusCode::INTERNAL_SERVER_ERROR, format!("{what}: {e}")))
+    }
+
     async fn review_token(&self, token: &str) -> Result<Option<Caller>, Reply> {
         let key = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes())
             .as_ref()
@@ -238,16 +253,7 @@ impl Authenticator {
             },
             ..Default::default()
         };
-        let reviews: Api<TokenReview> = Api::all(self.client.clone());
-        let answer = reviews
-            .create(&PostParams::default(), &review)
-            .await
-            .map_err(|e| {
-                Reply(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    format!("reviewing the bearer token: {e}"),
-                )
-            })?;
+        let answer = self.review(&review, "reviewing the bearer token").await?;
         let status = answer.status.unwrap_or_default();
         let caller = match (status.authenticated, status.user) {
             (Some(true), Some(user)) => Some(Caller {
@@ -334,16 +340,7 @@ impl Authenticator {
             },
             ..Default::default()
         };
-        let reviews: Api<SubjectAccessReview> = Api::all(self.client.clone());
-        let answer = reviews
-            .create(&PostParams::default(), &review)
-            .await
-            .map_err(|e| {
-                Reply(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    format!("authorizing the request: {e}"),
-                )
-            })?;
+        let answer = self.review(&review, "authorizing the request").await?;
         let status = answer.status.unwrap_or_default();
         Ok((status.allowed, status.reason.unwrap_or_default()))
     }

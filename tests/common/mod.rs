@@ -1038,3 +1038,48 @@ pub async fn check_invariants(
 /// and a pool re-reconciled within seconds.
 pub const FAST_TAKEOVER: &str = "lease: {durationSeconds: 3, renewIntervalSeconds: 1}\n\
                     sync: {nodeStatusSeconds: 2, poolResyncSeconds: 2, orphanGraceSeconds: 1, agentLostSeconds: 60}\n";
+
+/// The real operator binary on a dev cluster with a `local` pool: its files, log, and the
+/// test's own view of the local cloud (which terminates whatever is left when dropped).
+pub struct BinaryRun {
+    pub files: RunFiles,
+    pub log: PathBuf,
+    pub compute: std::sync::Arc<ec2_kubelet::cloud::local::LocalCompute>,
+    _cleanup: LocalInstances,
+    _dir: tempfile::TempDir,
+}
+
+impl BinaryRun {
+    /// Writes the files (fast takeover) and creates a local template and `pool` of two nodes.
+    pub async fn prepare(cluster: &ec2_kubelet::devcluster::DevCluster, pool: &str) -> BinaryRun {
+        let dir = tempfile::tempdir().unwrap();
+        let files = RunFiles::new(cluster, dir.path(), "test", FAST_TAKEOVER);
+        let log = dir.path().join("operator.log");
+        let (compute, cleanup) = local_compute(&files.local);
+        local_template_and_pool(&cluster.client(), pool, 2).await;
+        BinaryRun {
+            files,
+            log,
+            compute,
+            _cleanup: cleanup,
+            _dir: dir,
+        }
+    }
+
+    /// Starts an operator process logging warnings to the log file.
+    pub fn spawn(&self) -> tokio::process::Child {
+        self.files.spawn("warn", Some(&self.log))
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// An environment variable's value, or `default` when unset or unparsable (soak knobs).
+pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
