@@ -316,7 +316,7 @@ impl OperatorConfig {
 
     /// Checks every value, naming the first field at fault.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if !is_tag_safe_name(&self.cluster_name) {
+        if !crate::crd::is_dns_label(&self.cluster_name) {
             return Err(invalid(
                 "clusterName",
                 format!(
@@ -339,7 +339,7 @@ impl OperatorConfig {
                 format!("{endpoint:?} must be an http:// or https:// URL"),
             ));
         }
-        if !is_tag_safe_name(&self.namespace) {
+        if !crate::crd::is_dns_label(&self.namespace) {
             return Err(invalid(
                 "namespace",
                 format!("{:?} is not a valid namespace name", self.namespace),
@@ -425,18 +425,6 @@ impl OperatorConfig {
     pub fn lease_renew_interval(&self) -> Duration {
         Duration::from_secs(self.lease.renew_interval_seconds.into())
     }
-}
-
-/// A DNS-1123 label: also a safe EC2 tag value and Kubernetes namespace name.
-fn is_tag_safe_name(name: &str) -> bool {
-    let bytes = name.as_bytes();
-    !bytes.is_empty()
-        && bytes.len() <= 63
-        && bytes
-            .iter()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
-        && bytes[0] != b'-'
-        && bytes[bytes.len() - 1] != b'-'
 }
 
 fn is_region(region: &str) -> bool {

@@ -58,14 +58,7 @@ type Result<T> = std::result::Result<T, PkiError>;
 /// The DNS name in the certificate of the agent of `instance_id`. Refuses ids that are not a
 /// DNS label (`i-0123abcd`): nothing else may end up in a certificate.
 pub fn agent_name(instance_id: &str) -> Result<String> {
-    let label_ok = !instance_id.is_empty()
-        && instance_id.len() <= 63
-        && instance_id
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !instance_id.starts_with('-')
-        && !instance_id.ends_with('-');
-    if !label_ok {
+    if !crate::crd::is_dns_label(instance_id) {
         return Err(PkiError::Invalid(format!(
             "instance id {instance_id:?} is not a DNS label (expected something like i-0123456789abcdef0)"
         )));

@@ -170,8 +170,8 @@ async fn every_crd_field_with_an_invalid_value_is_refused_naming_the_field() {
             .into_iter()
             .find(|c| c.spec.names.kind == kind)
             .unwrap();
-        let schema = serde_json::to_value(&crd.spec.versions[0].schema).unwrap()["openAPIV3Schema"].clone();
-        let gvk = GroupVersionKind::gvk(&crd.spec.group, &crd.spec.versions[0].name, kind);
+        let schema = ec2_kubelet::schema::crd_schema(&crd, ec2_kubelet::crd::VERSION).unwrap();
+        let gvk = GroupVersionKind::gvk(&crd.spec.group, ec2_kubelet::crd::VERSION, kind);
         let resource = ApiResource::from_gvk_with_plural(&gvk, &crd.spec.names.plural);
         let api: Api<DynamicObject> = if crd.spec.scope == "Namespaced" {
             Api::namespaced_with(client.clone(), "default", &resource)

@@ -277,16 +277,6 @@ impl Runtime {
     }
 }
 
-fn is_dns_label(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 63
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !name.starts_with('-')
-        && !name.ends_with('-')
-}
-
 /// A relative path with no `..`: safe to join under a directory the agent owns.
 fn is_safe_relative(path: &str) -> bool {
     let path = Path::new(path);
@@ -305,7 +295,7 @@ pub fn validate_spec(spec: &PodSpec) -> Result<(), Error> {
     }
     let mut names = std::collections::HashSet::new();
     for (i, container) in spec.containers.iter().enumerate() {
-        if !is_dns_label(&container.name) {
+        if !crate::crd::is_dns_label(&container.name) {
             return invalid(format!(
                 "containers[{i}].name: {:?} is not a DNS label",
                 container.name
@@ -345,7 +335,7 @@ pub fn validate_spec(spec: &PodSpec) -> Result<(), Error> {
     }
     let mut volumes = std::collections::HashSet::new();
     for (i, volume) in spec.volumes.iter().enumerate() {
-        if !is_dns_label(&volume.name) || !volumes.insert(&volume.name) {
+        if !crate::crd::is_dns_label(&volume.name) || !volumes.insert(&volume.name) {
             return invalid(format!(
                 "volumes[{i}].name: {:?} is not a unique DNS label",
                 volume.name

@@ -20,10 +20,8 @@ use serde_json::{Value, json};
 
 use super::error::ApiError;
 use super::store::{ListOptions, Store};
+use crate::kubelet::auth::{AUTHENTICATION_CONFIG_MAP, CLIENT_CA_KEY};
 
-/// The ConfigMap holding the client CA, and its key.
-pub const AUTHENTICATION_CONFIG_MAP: &str = "extension-apiserver-authentication";
-pub const CLIENT_CA_KEY: &str = "client-ca-file";
 /// Who the log/exec proxy is to kubelets.
 pub const KUBELET_CLIENT_USER: &str = "kube-apiserver-kubelet-client";
 /// The group RBAC never denies.
@@ -73,11 +71,6 @@ impl ClusterAuth {
         })
     }
 
-    /// The cluster CA (PEM): what `client-ca-file` holds.
-    pub fn ca_pem(&self) -> &str {
-        &self.ca_pem
-    }
-
     /// A client certificate for `user` (CommonName) in `group` (Organization), signed by the
     /// cluster CA, as kube-apiserver's `--client-ca-file` users have.
     pub fn issue_certificate(
@@ -124,7 +117,7 @@ impl ClusterAuth {
     /// Answers a `TokenReview`: the status says whether the token is one the cluster issued,
     /// and whose.
     pub fn token_review(&self, mut review: Value) -> Value {
-        let token = review["spec"]["token"].as_str().unwrap_or_default();
+        let token = text(&review["spec"]["token"]);
         let user = self
             .tokens
             .lock()
@@ -222,8 +215,8 @@ fn text(value: &Value) -> &str {
 }
 
 fn subject_matches(subject: &Value, user: &User, binding_namespace: &str) -> bool {
-    let name = subject["name"].as_str().unwrap_or_default();
-    match subject["kind"].as_str().unwrap_or_default() {
+    let name = text(&subject["name"]);
+    match text(&subject["kind"]) {
         "User" => name == user.name,
         "Group" => user.groups.iter().any(|g| g == name),
         "ServiceAccount" => {
@@ -243,7 +236,7 @@ fn list(store: &Store, resource: &str, namespace: Option<&str>) -> Vec<Value> {
 }
 
 fn role_rules(store: &Store, role_ref: &Value, namespace: &str) -> Vec<Value> {
-    let name = role_ref["name"].as_str().unwrap_or_default();
+    let name = text(&role_ref["name"]);
     let (resource, namespace) = match role_ref["kind"].as_str() {
         Some("Role") => ("roles", Some(namespace)),
         _ => ("clusterroles", None),
@@ -275,7 +268,7 @@ fn decide(store: &Store, user: &User, attributes: &Attributes) -> Option<String>
         if grants(&binding, "") {
             return Some(format!(
                 "ClusterRoleBinding {}",
-                binding["metadata"]["name"].as_str().unwrap_or_default()
+                text(&binding["metadata"]["name"])
             ));
         }
     }
@@ -285,7 +278,7 @@ fn decide(store: &Store, user: &User, attributes: &Attributes) -> Option<String>
                 return Some(format!(
                     "RoleBinding {}/{}",
                     attributes.namespace,
-                    binding["metadata"]["name"].as_str().unwrap_or_default()
+                    text(&binding["metadata"]["name"])
                 ));
             }
         }
@@ -297,7 +290,7 @@ fn decide(store: &Store, user: &User, attributes: &Attributes) -> Option<String>
 pub fn subject_access_review(store: &Store, mut review: Value) -> Result<Value, ApiError> {
     let spec = &review["spec"];
     let user = User {
-        name: spec["user"].as_str().unwrap_or_default().to_string(),
+        name: text(&spec["user"]).to_string(),
         groups: strings(&spec["groups"]).into_iter().map(String::from).collect(),
     };
     if user.name.is_empty() && user.groups.is_empty() {

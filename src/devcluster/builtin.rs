@@ -127,16 +127,12 @@ pub fn validate_name(rt: &ResourceType, name: &str) -> Result<(), String> {
             Ok(())
         };
     }
-    let max = if label_only { 63 } else { 253 };
-    let valid_chars = name
-        .chars()
-        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || (c == '.' && !label_only));
-    let edges = name
-        .chars()
-        .next()
-        .zip(name.chars().last())
-        .is_some_and(|(a, b)| a.is_ascii_alphanumeric() && b.is_ascii_alphanumeric());
-    if name.len() <= max && valid_chars && edges {
+    let valid = if label_only {
+        crate::crd::is_dns_label(name)
+    } else {
+        crate::crd::is_dns_subdomain(name)
+    };
+    if valid {
         Ok(())
     } else if label_only {
         Err("a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', and must start and end with an alphanumeric character (e.g. 'my-name',  or '123-abc', regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?')".into())

@@ -48,6 +48,11 @@ impl Fault {
         }
     }
 
+    /// Faults only a watch can get.
+    fn watch_only(self) -> bool {
+        matches!(self, Fault::Gone | Fault::DropWatch)
+    }
+
     /// Whether this fault can befall a request of this shape.
     fn applies(self, watch: bool, update: bool) -> bool {
         match self {
@@ -98,7 +103,6 @@ impl Default for FaultOptions {
 }
 
 /// The fault settings in force and what was injected.
-#[derive(Default)]
 pub struct Injector {
     options: Mutex<FaultOptions>,
     counts: Mutex<BTreeMap<&'static str, u64>>,
@@ -152,11 +156,8 @@ impl Injector {
             .collect();
         // A watch gets a watch fault when one is enabled: watches are few, and the others
         // befall every other request anyway.
-        if eligible
-            .iter()
-            .any(|f| matches!(f, Fault::Gone | Fault::DropWatch))
-        {
-            eligible.retain(|f| !f.applies(false, true));
+        if eligible.iter().any(|f| f.watch_only()) {
+            eligible.retain(|f| f.watch_only());
         }
         let mut rng = rand::rng();
         if eligible.is_empty() || !rng.random_bool(rate.min(1.0)) {

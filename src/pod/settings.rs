@@ -25,9 +25,7 @@ pub fn template_ref(
             Some((namespace, name)) => (namespace, name),
             None => (pod_namespace, value.as_str()),
         };
-        let label = Regex::new(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$").expect("a valid regex");
-        let subdomain = Regex::new(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$").expect("a valid regex");
-        if !label.is_match(namespace) || !subdomain.is_match(name) {
+        if !crate::crd::is_dns_label(namespace) || !crate::crd::is_dns_subdomain(name) {
             return Err(invalid(
                 annotations::TEMPLATE,
                 format!(
