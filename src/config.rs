@@ -38,6 +38,8 @@ pub struct OperatorConfig {
     pub region: String,
     /// EC2 endpoint override (e.g. a local EC2 emulator); default: the region's endpoint.
     pub ec2_endpoint: Option<String>,
+    /// Timeouts and retries of every EC2 request.
+    pub ec2_client: Ec2ClientConfig,
     /// Compute backend.
     pub compute: ComputeBackend,
     /// Namespace of the operator: node-ownership leases and its CA Secret live there.
@@ -62,6 +64,7 @@ impl Default for OperatorConfig {
             cluster_name: "ec2-kubelet".into(),
             region: "us-east-1".into(),
             ec2_endpoint: None,
+            ec2_client: Ec2ClientConfig::default(),
             compute: ComputeBackend::Local,
             namespace: "ec2-kubelet-system".into(),
             lease: LeaseConfig::default(),
@@ -70,6 +73,32 @@ impl Default for OperatorConfig {
             local: LocalConfig::default(),
             agent_tls: AgentTlsConfig::default(),
             log_format: LogFormat::Text,
+        }
+    }
+}
+
+/// How the EC2 client treats a slow or failing EC2: every request is retried (adaptive mode:
+/// exponential backoff with jitter, and a client-side rate that drops while EC2 throttles) up
+/// to `maxAttempts`, each attempt bounded by `attemptTimeoutSeconds` and the whole by
+/// `operationTimeoutSeconds`. What still fails goes to the pod worker or the pool controller,
+/// which retry with their own backoff.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct Ec2ClientConfig {
+    /// One attempt (connect, send, answer) that takes longer is abandoned and retried.
+    pub attempt_timeout_seconds: u32,
+    /// A request, all attempts and their backoff included, that takes longer fails.
+    pub operation_timeout_seconds: u32,
+    /// Attempts per request (1: no retries).
+    pub max_attempts: u32,
+}
+
+impl Default for Ec2ClientConfig {
+    fn default() -> Self {
+        Ec2ClientConfig {
+            attempt_timeout_seconds: 20,
+            operation_timeout_seconds: 90,
+            max_attempts: 3,
         }
     }
 }
@@ -337,6 +366,25 @@ impl OperatorConfig {
             return Err(invalid(
                 "ec2Endpoint",
                 format!("{endpoint:?} must be an http:// or https:// URL"),
+            ));
+        }
+        let client = &self.ec2_client;
+        if client.max_attempts == 0 {
+            return Err(invalid("ec2Client.maxAttempts", "must be at least 1"));
+        }
+        if client.attempt_timeout_seconds == 0 {
+            return Err(invalid(
+                "ec2Client.attemptTimeoutSeconds",
+                "must be greater than 0",
+            ));
+        }
+        if client.operation_timeout_seconds < client.attempt_timeout_seconds {
+            return Err(invalid(
+                "ec2Client.operationTimeoutSeconds",
+                format!(
+                    "{} must be at least ec2Client.attemptTimeoutSeconds ({})",
+                    client.operation_timeout_seconds, client.attempt_timeout_seconds
+                ),
             ));
         }
         if !crate::crd::is_dns_label(&self.namespace) {

@@ -141,15 +141,22 @@ fn node_trigger(node: &Node) -> Option<u64> {
 async fn keep_leading(lease: &LeaseLock, every: Duration, deadline: Duration) {
     let mut ticker = tokio::time::interval(every);
     let mut renewed = tokio::time::Instant::now();
+    let mut retry = crate::controller::backoff::Backoff::new(Duration::from_secs(1), every);
     loop {
         ticker.tick().await;
         match lease.try_acquire_or_renew().await {
-            Ok(true) => renewed = tokio::time::Instant::now(),
+            Ok(true) => {
+                renewed = tokio::time::Instant::now();
+                retry.reset();
+            }
             Ok(false) => return,
-            // A failed renewal is retried until the renew deadline: one flaky response does not
-            // cost the leadership, and leading stops well before the lease can pass to another.
+            // A failed renewal is retried, sooner than the next renewal, until the renew
+            // deadline: flaky responses do not cost the leadership, and leading stops well
+            // before the lease can pass to another.
             Err(error) if renewed.elapsed() < deadline => {
-                tracing::warn!(%error, "renewing the controller lease; retrying");
+                let delay = retry.next_delay();
+                tracing::warn!(%error, retry_in = ?delay, "renewing the controller lease; retrying");
+                ticker.reset_after(delay);
             }
             Err(error) => {
                 tracing::warn!(%error, ?deadline, "renewing the controller lease failed past the renew deadline");
@@ -287,6 +294,7 @@ pub async fn compute(
                 &config.cluster_name,
                 &config.region,
                 config.ec2_endpoint.as_deref(),
+                &config.ec2_client,
             )
             .await;
             Ok(Arc::new(compute))

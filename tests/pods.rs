@@ -621,6 +621,182 @@ async fn a_frozen_agent_makes_its_pod_unready_then_lost_and_a_vanished_instance_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_that_never_reaches_running_fails_its_pod_once_and_is_terminated() {
+    let flaky: Arc<std::sync::OnceLock<Arc<common::FlakyCompute>>> = Arc::default();
+    let cell = flaky.clone();
+    let mut env = start_with(
+        |config| {
+            config.sync.agent_unreachable_seconds = 2;
+            config.sync.agent_lost_seconds = 5;
+        },
+        move |local| {
+            let wrapped = Arc::new(common::FlakyCompute::new(local));
+            wrapped
+                .never_running
+                .store(1, std::sync::atomic::Ordering::SeqCst);
+            let _ = cell.set(wrapped.clone());
+            wrapped
+        },
+    )
+    .await;
+    let flaky = flaky.get().unwrap().clone();
+    let pods: Api<Pod> = Api::default_namespaced(env.client.clone());
+    pods.create(
+        &PostParams::default(),
+        &pod("stuck", "sleep 3600", "Always", json!({})),
+    )
+    .await
+    .unwrap();
+    let failed = common::phase_of(&pods, "stuck", "Failed").await;
+    let status = failed.status.clone().unwrap();
+    assert_eq!(status.reason.as_deref(), Some("InstanceLost"));
+    let stuck = flaky.stuck.lock().unwrap()[0].clone();
+    let message = status.message.unwrap();
+    assert!(
+        message.contains(&format!(
+            "instance {} never reached running: still pending after 5 s",
+            stuck.instance_id
+        )),
+        "{message}"
+    );
+    common::eventually(30, "the pending instance terminated", || {
+        let flaky = flaky.clone();
+        async move {
+            (flaky.stuck.lock().unwrap()[0].state == ec2_kubelet::cloud::InstanceState::Terminated)
+                .then_some(())
+        }
+    })
+    .await;
+    let events = common::events_of(&env.client, "stuck").await;
+    let reasons: Vec<&str> = events.iter().map(|(r, _)| r.as_str()).collect();
+    assert_eq!(
+        reasons.iter().filter(|r| **r == "LaunchedInstance").count(),
+        1,
+        "{events:?}"
+    );
+    assert!(
+        events
+            .iter()
+            .any(|(r, m)| r == "InstanceLost" && m.contains("never reached running")),
+        "{events:?}"
+    );
+    // Failed is final: the pod is not relaunched; its controller would replace it.
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    assert_eq!(flaky.launch_calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert!(live_instances(&env.compute).await.is_empty());
+    pods.delete("stuck", &DeleteParams::default()).await.unwrap();
+    wait_gone(&pods, "stuck").await;
+    env.replica.take().unwrap().stop().await;
+}
+
+/// A container's state in the pod's status, by name.
+fn container_state(pod: &Pod, name: &str) -> Option<k8s_openapi::api::core::v1::ContainerState> {
+    pod.status
+        .as_ref()?
+        .container_statuses
+        .as_ref()?
+        .iter()
+        .find(|c| c.name == name)?
+        .state
+        .clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_agent_connection_resumes_the_status_stream_without_relaunching_anything() {
+    let flaky: Arc<std::sync::OnceLock<Arc<common::FlakyCompute>>> = Arc::default();
+    let cell = flaky.clone();
+    let mut env = start_with(
+        |_| {},
+        move |local| {
+            let wrapped = Arc::new(common::FlakyCompute::new(local));
+            wrapped
+                .relay_agents
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+            let _ = cell.set(wrapped.clone());
+            wrapped
+        },
+    )
+    .await;
+    let flaky = flaky.get().unwrap().clone();
+    let marker = env.local_dir.join("side-may-exit");
+    let mut spec = pod("cut", "sleep 3600", "Never", json!({}));
+    let side: k8s_openapi::api::core::v1::Container = serde_json::from_value(json!({
+        "name": "side", "image": "local/shell",
+        "command": ["/bin/sh", "-c", format!("while [ ! -e {} ]; do sleep 0.2; done; exit 3", marker.display())],
+    }))
+    .unwrap();
+    spec.spec.as_mut().unwrap().containers.push(side);
+    let pods: Api<Pod> = Api::default_namespaced(env.client.clone());
+    pods.create(&PostParams::default(), &spec).await.unwrap();
+    let running = common::eventually(60, "both containers running", || {
+        let pods = pods.clone();
+        async move {
+            let pod = pods.get("cut").await.ok()?;
+            let both = ["main", "side"]
+                .iter()
+                .all(|c| container_state(&pod, c).is_some_and(|s| s.running.is_some()));
+            both.then_some(pod)
+        }
+    })
+    .await;
+    let started = |pod: &Pod| container_state(pod, "main").and_then(|s| s.running?.started_at);
+    let main_started = started(&running).expect("main's start time");
+    let instance = running.annotations()["ec2-kubelet.io/instance-id"].clone();
+
+    // Cut the network between the operator and the agent, then let a container exit: the
+    // exit reaches the pod's status through the stream the operator opens again.
+    let cut = flaky.relays.lock().unwrap()[&instance].cut();
+    assert!(cut >= 1, "the operator's connection to the agent was open");
+    std::fs::write(&marker, b"").unwrap();
+    let exited = common::eventually(30, "side's exit in the pod's status", || {
+        let pods = pods.clone();
+        async move {
+            let pod = pods.get("cut").await.ok()?;
+            let terminated = container_state(&pod, "side")?.terminated?;
+            (terminated.exit_code == 3).then_some(pod)
+        }
+    })
+    .await;
+    assert!(
+        flaky.relays.lock().unwrap()[&instance].open() >= 1,
+        "the operator reconnected"
+    );
+    // The other container ran on untouched; nothing was launched or handed over twice.
+    assert_eq!(started(&exited), Some(main_started));
+    let main = exited
+        .status
+        .as_ref()
+        .unwrap()
+        .container_statuses
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|c| c.name == "main")
+        .unwrap()
+        .clone();
+    assert_eq!(main.restart_count, 0);
+    assert_eq!(exited.status.as_ref().unwrap().phase.as_deref(), Some("Running"));
+    assert_eq!(flaky.launch_calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(live_instances(&env.compute).await.len(), 1);
+    let events = common::events_of(&env.client, "cut").await;
+    assert_eq!(
+        events.iter().filter(|(r, _)| r == "LaunchedInstance").count(),
+        1,
+        "{events:?}"
+    );
+    let pool = ec2_kubelet::metrics::PoolLabels { pool: "pods".into() };
+    let metrics = &env.replica.as_ref().unwrap().metrics;
+    assert!(
+        metrics.agent_reconnects.get_or_create(&pool).get() >= 1,
+        "the reconnect is counted"
+    );
+    pods.delete("cut", &DeleteParams::default()).await.unwrap();
+    wait_gone(&pods, "cut").await;
+    assert!(live_instances(&env.compute).await.is_empty());
+    env.replica.take().unwrap().stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn instance_types_follow_annotation_template_and_requests_and_survive_capacity_and_throttling() {
     let flaky: Arc<std::sync::OnceLock<Arc<common::FlakyCompute>>> = Arc::default();
     let cell = flaky.clone();

@@ -1,4 +1,4 @@
-//! The `aws` backend: real EC2 through aws-sdk-ec2 (adaptive retry mode; endpoint overridable,
+//! The `aws` backend: real EC2 through aws-sdk-ec2 (adaptive retry mode, bounded attempts; endpoint overridable,
 //! so tests run it against a local EC2 emulator). Idempotency never relies on EC2 alone: every
 //! launch first looks the pod's instance up by its `pod-uid` tag, then sends `ClientToken`.
 
@@ -193,15 +193,38 @@ fn instance_of(instance: &aws_sdk_ec2::types::Instance) -> Option<Instance> {
     })
 }
 
+/// The operator's retries and timeouts (`ec2Client`) on an EC2 client configuration.
+pub fn tune(
+    config: aws_sdk_ec2::config::Builder,
+    settings: &crate::config::Ec2ClientConfig,
+) -> aws_sdk_ec2::config::Builder {
+    use aws_sdk_ec2::config::retry::RetryConfig;
+    use aws_sdk_ec2::config::timeout::TimeoutConfig;
+    let seconds = |s: u32| std::time::Duration::from_secs(u64::from(s.max(1)));
+    config
+        .retry_config(RetryConfig::adaptive().with_max_attempts(settings.max_attempts.max(1)))
+        .timeout_config(
+            TimeoutConfig::builder()
+                .operation_attempt_timeout(seconds(settings.attempt_timeout_seconds))
+                .operation_timeout(seconds(settings.operation_timeout_seconds))
+                .build(),
+        )
+}
+
 impl AwsCompute {
-    /// A backend for `region`, with credentials from the default chain and adaptive retries.
-    pub async fn new(cluster: &str, region: &str, endpoint: Option<&str>) -> Self {
+    /// A backend for `region`, with credentials from the default chain, and the retries and
+    /// timeouts of `settings`.
+    pub async fn new(
+        cluster: &str,
+        region: &str,
+        endpoint: Option<&str>,
+        settings: &crate::config::Ec2ClientConfig,
+    ) -> Self {
         let shared = aws_config::defaults(aws_config::BehaviorVersion::latest())
             .region(aws_config::Region::new(region.to_string()))
-            .retry_config(aws_config::retry::RetryConfig::adaptive())
             .load()
             .await;
-        let mut config = aws_sdk_ec2::config::Builder::from(&shared);
+        let mut config = tune(aws_sdk_ec2::config::Builder::from(&shared), settings);
         if let Some(endpoint) = endpoint {
             config = config.endpoint_url(endpoint);
         }

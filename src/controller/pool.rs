@@ -3,7 +3,7 @@
 //! virtual nodes in the pool's status for the node tasks, and on deletion removes every node
 //! and ENI before releasing its finalizer.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,7 +19,7 @@ use serde_json::{Value, json};
 
 use super::{Context, Error, Result};
 use crate::cloud::{Eni, EniRequest, InstanceFilter};
-use crate::crd::{ConditionStatus, Ec2NodePool, Ec2NodePoolSpec, labels, set_condition, tags};
+use crate::crd::{ConditionStatus, Ec2NodePool, Ec2NodePoolSpec, annotations, labels, set_condition, tags};
 use crate::node::{NODE_LEASE_NAMESPACE, node_name};
 
 /// Held on every pool until its nodes and ENIs are gone.
@@ -593,26 +593,63 @@ async fn collect_orphans(ctx: &Context, pool: &Ec2NodePool) -> Result<()> {
     let pods: Api<Pod> = Api::all(ctx.client.clone());
     // UIDs are metadata: at 10,000 pods a full list per pool reconcile would dominate the
     // API server's work after a restart.
-    let live: HashSet<String> = pods
-        .list_metadata(&ListParams::default())
-        .await?
-        .items
+    let metadata = pods.list_metadata(&ListParams::default()).await?.items;
+    let live: HashSet<String> = metadata.iter().filter_map(|p| p.uid()).collect();
+    // The instance each pod runs on, as recorded on the pod or in its binding.
+    let mut recorded: HashMap<String, String> = pool
+        .status
         .iter()
-        .filter_map(|p| p.uid())
+        .flat_map(|s| s.bindings.values())
+        .flat_map(|pods| pods.iter())
+        .filter_map(|(uid, b)| Some((uid.clone(), b.instance_id.clone()?)))
         .collect();
+    for pod in &metadata {
+        if let (Some(uid), Some(id)) = (pod.uid(), pod.annotations().get(annotations::INSTANCE_ID)) {
+            recorded.insert(uid, id.clone());
+        }
+    }
     let grace = i64::from(ctx.config.sync.orphan_grace_seconds) * 1000;
     let now = jiff::Timestamp::now().as_millisecond();
     let instances = ctx.pool_instances(&name, std::time::Instant::now()).await?;
-    let orphans: Vec<&crate::cloud::Instance> = instances
+    let settled: Vec<&crate::cloud::Instance> = instances
         .iter()
         .filter(|i| i.state.is_alive() && now - i.launch_time >= grace)
         // Warm instances have no pod yet: the warm pool tends (and retires) them.
-        .filter(|i| i.tag(crate::crd::tags::WARM) != Some("true"))
-        .filter(|i| {
-            i.tag(crate::crd::tags::POD_UID)
-                .is_some_and(|uid| !live.contains(uid))
-        })
+        .filter(|i| i.tag(tags::WARM) != Some("true"))
         .collect();
+    let orphans: Vec<&crate::cloud::Instance> = settled
+        .iter()
+        .copied()
+        .filter(|i| i.tag(tags::POD_UID).is_some_and(|uid| !live.contains(uid)))
+        .collect();
+    // A second instance for a live pod that runs on another one: a launch whose answer was
+    // lost and that EC2 did not fold into the first (a retry without its idempotency token).
+    let duplicates: Vec<String> = settled
+        .iter()
+        .filter(|i| {
+            i.tag(tags::POD_UID)
+                .and_then(|uid| recorded.get(uid))
+                .is_some_and(|id| *id != i.instance_id)
+        })
+        .map(|i| i.instance_id.clone())
+        .collect();
+    if !duplicates.is_empty() {
+        ctx.compute.terminate_instances(&duplicates).await?;
+        let note = format!(
+            "terminated {} instance(s) launched again for a pod that runs on another: {}",
+            duplicates.len(),
+            duplicates.join(", ")
+        );
+        publish(
+            ctx,
+            pool,
+            EventType::Warning,
+            "DuplicateInstancesTerminated",
+            note,
+            "GarbageCollect",
+        )
+        .await;
+    }
     if !orphans.is_empty() {
         let ids: Vec<String> = orphans.iter().map(|i| i.instance_id.clone()).collect();
         ctx.compute.terminate_instances(&ids).await?;
@@ -676,7 +713,7 @@ async fn cleanup(pool: &Ec2NodePool, ctx: &Context) -> Result<Action> {
         .pool_instances(&name, std::time::Instant::now())
         .await?
         .iter()
-        .filter(|i| i.state.is_alive() && i.tag(crate::crd::tags::WARM) == Some("true"))
+        .filter(|i| i.state.is_alive() && i.tag(tags::WARM) == Some("true"))
         .map(|i| i.instance_id.clone())
         .collect();
     if !warm.is_empty() {

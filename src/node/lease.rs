@@ -61,7 +61,8 @@ impl LeaseLock {
     }
 
     /// Takes the lease if it is free or expired, renews it if we hold it. `Ok(false)` when
-    /// another holder has it (or won a race for it).
+    /// another holder has it (or won a race for it); an error when the renewal of a lease we
+    /// hold failed, a conflict included.
     pub async fn try_acquire_or_renew(&self) -> Result<bool, kube::Error> {
         let now = jiff::Timestamp::now();
         match self.api.get_opt(&self.name).await? {
@@ -87,10 +88,13 @@ impl LeaseLock {
                     return Ok(false);
                 }
                 lease.spec = Some(self.spec(Some(&spec), now));
-                // `replace` carries the resourceVersion we read: a concurrent writer makes it a 409.
+                // `replace` carries the resourceVersion we read: a concurrent writer makes it a
+                // 409. Taking a lease, that writer won it; renewing ours, it tells nothing yet
+                // (the holder may still be us): an error the caller retries, until its renew
+                // deadline, and the next read says who holds the lease.
                 match self.api.replace(&self.name, &PostParams::default(), &lease).await {
                     Ok(_) => Ok(true),
-                    Err(kube::Error::Api(status)) if status.is_conflict() => Ok(false),
+                    Err(kube::Error::Api(status)) if status.is_conflict() && !ours => Ok(false),
                     Err(error) => Err(error),
                 }
             }

@@ -15,6 +15,7 @@ use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
+use crate::controller::backoff::Backoff;
 use crate::controller::{Context, Result};
 use crate::crd::{Ec2NodePoolSpec, GROUP, VERSION, labels};
 use lease::LeaseLock;
@@ -258,8 +259,11 @@ async fn patch_pool_readiness(ctx: &Context, node: &VirtualNode, ready: bool) ->
 }
 
 /// Runs one virtual node until `stop` turns true: waits to hold the node's ownership lease,
-/// then registers the node and keeps it alive. Returns an error when the API or cloud fails
-/// in a way the supervisor should restart it for.
+/// then registers the node and keeps it alive, as a kubelet's node loop does. A failed step
+/// (a 5xx, a 429, a conflict, no answer) is retried with backoff on the next tick and never
+/// stops the node's pods: they run as long as this replica holds the ownership lease, which a
+/// failed renewal gives up only at the renew deadline (two thirds of the lease), well before
+/// another replica could take the node.
 pub async fn run(
     ctx: Arc<Context>,
     mut node: watch::Receiver<VirtualNode>,
@@ -267,23 +271,16 @@ pub async fn run(
 ) -> Result<()> {
     let renew = Duration::from_secs(u64::from(ctx.config.lease.renew_interval_seconds.max(1)));
     let duration = Duration::from_secs(u64::from(ctx.config.lease.duration_seconds.max(1)));
+    let renew_deadline = duration * 2 / 3;
     let status_every = Duration::from_secs(u64::from(ctx.config.sync.node_status_seconds.max(1)));
     let leases: Api<Lease> = Api::namespaced(ctx.client.clone(), &ctx.config.namespace);
     let current = node.borrow().clone();
     let ownership = LeaseLock::new(leases, &current.name, &ctx.identity, duration);
     let mut held = false;
-    let mut registered: Option<VirtualNode> = None;
-    let mut last_health: Option<Health> = None;
-    let mut last_status = Instant::now();
-    let mut transition = String::new();
+    let mut renewed = Instant::now();
+    let mut retry = Backoff::new(Duration::from_secs(1), renew);
+    let mut state = Alive::default();
     let mut ticker = tokio::time::interval(renew);
-    // The node's pods run while this replica holds the node.
-    let mut pods: Option<(watch::Sender<bool>, tokio::task::JoinHandle<()>)> = None;
-    let stop_pods = |pods: &mut Option<(watch::Sender<bool>, tokio::task::JoinHandle<()>)>| {
-        if let Some((stop, _)) = pods.take() {
-            let _ = stop.send(true);
-        }
-    };
     loop {
         tokio::select! {
             _ = supervisor::stopped(&mut stop) => break,
@@ -291,56 +288,118 @@ pub async fn run(
             changed = node.changed() => if changed.is_err() { break },
         }
         let current = node.borrow().clone();
-        if !ownership.try_acquire_or_renew().await? {
-            if held {
-                tracing::info!(node = %current.name, "lost the node's ownership lease; another replica runs it");
+        match ownership.try_acquire_or_renew().await {
+            Ok(true) => renewed = Instant::now(),
+            Ok(false) => {
+                if held {
+                    tracing::info!(node = %current.name, "lost the node's ownership lease; another replica runs it");
+                }
+                held = false;
+                state.stop();
+                continue;
             }
-            held = false;
-            registered = None;
-            stop_pods(&mut pods);
-            continue;
+            Err(error) if held && renewed.elapsed() < renew_deadline => {
+                let delay = retry.next_delay();
+                tracing::warn!(node = %current.name, %error, retry_in = ?delay, "renewing the node's ownership lease; retrying");
+                ticker.reset_after(delay);
+                continue;
+            }
+            Err(error) => {
+                if held {
+                    tracing::warn!(node = %current.name, %error, "renewing the node's ownership lease failed past the renew deadline; stopping its pods");
+                }
+                held = false;
+                state.stop();
+                let delay = retry.next_delay();
+                ticker.reset_after(delay);
+                continue;
+            }
         }
         if !held {
             tracing::info!(node = %current.name, identity = %ctx.identity, "running virtual node");
             held = true;
         }
-        if registered.as_ref() != Some(&current) {
-            register(&ctx, &current).await?;
-            registered = Some(current.clone());
-            last_health = None;
-            stop_pods(&mut pods);
-        }
-        if pods.as_ref().is_none_or(|(_, handle)| handle.is_finished()) {
-            let (stop_tx, stop_rx) = watch::channel(false);
-            let handle = tokio::spawn(crate::pod::lifecycle::run(ctx.clone(), current.clone(), stop_rx));
-            pods = Some((stop_tx, handle));
-        }
-        renew_node_lease(&ctx, &current, duration).await?;
-        let due = last_health.is_none() || last_status.elapsed() >= status_every;
-        if due {
-            let health = check_health(&ctx, &current, status_every).await;
-            let changed = last_health.as_ref().is_none_or(|h| h.ready != health.ready);
-            if changed || transition.is_empty() {
-                transition = jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string();
+        match state.keep(&ctx, &current, duration, status_every).await {
+            Ok(()) => retry.reset(),
+            Err(error) => {
+                let delay = retry.next_delay();
+                tracing::warn!(node = %current.name, %error, retry_in = ?delay, "keeping the node alive; retrying");
+                ticker.reset_after(delay);
             }
-            patch_status(
-                &ctx,
-                &current,
-                node_status(&current, &health, ctx.kubelet_port(), &transition),
-            )
-            .await?;
-            if changed {
-                patch_pool_readiness(&ctx, &current, health.ready).await?;
-            }
-            last_health = Some(health);
-            last_status = Instant::now();
         }
     }
-    stop_pods(&mut pods);
+    state.stop();
     if held {
         let _ = ownership.release().await;
     }
     Ok(())
+}
+
+/// What a held node's loop keeps between ticks.
+#[derive(Default)]
+struct Alive {
+    registered: Option<VirtualNode>,
+    last_health: Option<Health>,
+    last_status: Option<Instant>,
+    transition: String,
+    /// The node's pods run while this replica holds the node.
+    pods: Option<(watch::Sender<bool>, tokio::task::JoinHandle<()>)>,
+}
+
+impl Alive {
+    /// Stops the node's pods and forgets the registration (after the node was lost).
+    fn stop(&mut self) {
+        if let Some((stop, _)) = self.pods.take() {
+            let _ = stop.send(true);
+        }
+        self.registered = None;
+    }
+
+    /// One tick of a held node: registered, its pods running, heartbeat renewed, status fresh.
+    async fn keep(
+        &mut self,
+        ctx: &Arc<Context>,
+        current: &VirtualNode,
+        duration: Duration,
+        status_every: Duration,
+    ) -> Result<()> {
+        if self.registered.as_ref() != Some(current) {
+            // A changed node (its spec, its address) restarts its pods on the new one.
+            if let Some((stop, _)) = self.pods.take() {
+                let _ = stop.send(true);
+            }
+            register(ctx, current).await?;
+            self.registered = Some(current.clone());
+            self.last_health = None;
+        }
+        if self.pods.as_ref().is_none_or(|(_, handle)| handle.is_finished()) {
+            let (stop_tx, stop_rx) = watch::channel(false);
+            let handle = tokio::spawn(crate::pod::lifecycle::run(ctx.clone(), current.clone(), stop_rx));
+            self.pods = Some((stop_tx, handle));
+        }
+        renew_node_lease(ctx, current, duration).await?;
+        let due =
+            self.last_health.is_none() || self.last_status.is_none_or(|at| at.elapsed() >= status_every);
+        if due {
+            let health = check_health(ctx, current, status_every).await;
+            let changed = self.last_health.as_ref().is_none_or(|h| h.ready != health.ready);
+            if changed || self.transition.is_empty() {
+                self.transition = jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string();
+            }
+            patch_status(
+                ctx,
+                current,
+                node_status(current, &health, ctx.kubelet_port(), &self.transition),
+            )
+            .await?;
+            if changed {
+                patch_pool_readiness(ctx, current, health.ready).await?;
+            }
+            self.last_health = Some(health);
+            self.last_status = Some(Instant::now());
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

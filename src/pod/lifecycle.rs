@@ -36,6 +36,21 @@ async fn publish(ctx: &Context, pod: &Pod, type_: EventType, reason: &str, note:
     ctx.publish_once(pod.object_ref(&()), type_, reason, note).await;
 }
 
+/// Records a warning that may repeat while a worker retries (a launch through an EC2 outage):
+/// through the recorder, which folds the repeats into one event with a count.
+async fn publish_repeating(ctx: &Context, pod: &Pod, reason: &str, note: String) {
+    let event = kube::runtime::events::Event {
+        type_: EventType::Warning,
+        reason: reason.into(),
+        note: Some(note),
+        action: "Launch".into(),
+        secondary: None,
+    };
+    if let Err(error) = ctx.recorder.publish(&event, &pod.object_ref(&())).await {
+        tracing::debug!(%error, %reason, "recording an event");
+    }
+}
+
 fn pods(ctx: &Context, namespace: &str) -> Api<Pod> {
     Api::namespaced(ctx.client.clone(), namespace)
 }
@@ -52,18 +67,22 @@ async fn set_binding(ctx: &Context, node: &VirtualNode, uid: &str, binding: Opti
 
 /// The instance already launched for this pod, found by its `pod-uid` tag in a snapshot of the
 /// pool's instances taken after `asked` (one `DescribeInstances` serves every pod that asks
-/// meanwhile).
+/// meanwhile). Should there be two (a launch EC2 did not fold into the first), the one the pod
+/// records, else the oldest: the pool controller terminates the other.
 async fn existing_instance(
     ctx: &Context,
     node: &VirtualNode,
     uid: &str,
+    recorded: Option<&str>,
     asked: std::time::Instant,
 ) -> Result<Option<Instance>> {
     let instances = ctx.pool_instances(&node.pool, asked).await?;
-    Ok(instances
+    let mut found: Vec<&Instance> = instances
         .iter()
-        .find(|i| i.tag(tags::POD_UID) == Some(uid) && i.state.is_alive())
-        .cloned())
+        .filter(|i| i.tag(tags::POD_UID) == Some(uid) && i.state.is_alive())
+        .collect();
+    found.sort_by_key(|i| (Some(i.instance_id.as_str()) != recorded, i.launch_time));
+    Ok(found.first().map(|i| (*i).clone()))
 }
 
 /// The template's `Ready=False` condition when the template controller found it invalid (not
@@ -559,7 +578,22 @@ async fn launch(shared: &Shared, pod_rx: &mut watch::Receiver<Pod>) -> Result<Op
                 )
                 .await;
             }
-            Err(error) => return Err(error.into()),
+            Err(error) => {
+                // The pod stays Pending and its worker retries with backoff: a retryable error
+                // (EC2 unavailable, timed out, throttled past the gate) may pass by itself; any
+                // other (an image or subnet gone, a parameter EC2 refuses) waits for the
+                // template or pool to be fixed.
+                let note = format!(
+                    "launching {instance_type}: {error}; {}",
+                    if error.is_retryable() {
+                        "retrying with backoff"
+                    } else {
+                        "retrying with backoff until the template or pool is fixed"
+                    }
+                );
+                publish_repeating(ctx, &pod, "FailedLaunch", note).await;
+                return Err(error.into());
+            }
         }
     }
     Err(cloud::Error::InsufficientCapacity {
@@ -615,6 +649,8 @@ async fn wait_for_agent(
     let check_every = (lost_after / 4).clamp(Duration::from_secs(1), Duration::from_secs(10));
     let mut next_check = tokio::time::Instant::now() + check_every;
     let mut unready = since.is_none();
+    // As the last look at the instance found it: EC2 has not started it yet.
+    let mut pending = instance.state == crate::cloud::InstanceState::Pending;
     loop {
         if deleting(&pod_rx.borrow()) {
             return Ok(AgentWait::Deleting);
@@ -624,11 +660,19 @@ async fn wait_for_agent(
         }
         let now_ = tokio::time::Instant::now();
         if now_ >= start + lost_after {
-            return Ok(AgentWait::Lost(format!(
-                "the agent of {} did not answer at {endpoint} for {} s",
-                instance.instance_id,
-                lost_after.as_secs()
-            )));
+            return Ok(AgentWait::Lost(if pending {
+                format!(
+                    "instance {} never reached running: still pending after {} s",
+                    instance.instance_id,
+                    lost_after.as_secs()
+                )
+            } else {
+                format!(
+                    "the agent of {} did not answer at {endpoint} for {} s",
+                    instance.instance_id,
+                    lost_after.as_secs()
+                )
+            }));
         }
         if !unready && now_ >= start + unready_after {
             unready = true;
@@ -652,7 +696,9 @@ async fn wait_for_agent(
             let not_before = std::time::Instant::now() - check_every;
             let found = shared.ctx.pool_instances(&shared.node.pool, not_before).await?;
             match found.iter().find(|i| i.instance_id == instance.instance_id) {
-                Some(current) if current.state.is_alive() => {}
+                Some(current) if current.state.is_alive() => {
+                    pending = current.state == crate::cloud::InstanceState::Pending;
+                }
                 Some(current) => {
                     return Ok(AgentWait::Lost(format!(
                         "instance {} is {:?} (stopped or terminated outside the operator)",
@@ -927,12 +973,26 @@ async fn drive(shared: &Shared, pod_rx: &mut watch::Receiver<Pod>) -> Result<()>
             .unwrap_or_else(std::time::Instant::now),
         None => std::time::Instant::now(),
     };
-    let mut found = Box::pin(existing_instance(&shared.ctx, &shared.node, &uid, asked)).await?;
+    let mut found = Box::pin(existing_instance(
+        &shared.ctx,
+        &shared.node,
+        &uid,
+        recorded.as_deref(),
+        asked,
+    ))
+    .await?;
     if found.is_none() && recorded.is_some() {
         // The snapshot may predate the instance (a worker retried right after its launch):
         // only one taken now can tell that it is gone.
         let now = std::time::Instant::now();
-        found = Box::pin(existing_instance(&shared.ctx, &shared.node, &uid, now)).await?;
+        found = Box::pin(existing_instance(
+            &shared.ctx,
+            &shared.node,
+            &uid,
+            recorded.as_deref(),
+            now,
+        ))
+        .await?;
     }
     match found {
         Some(instance) if failed => {
@@ -965,7 +1025,11 @@ struct Worker {
 async fn cleanup_deleted(shared: &Shared, pod: &Pod) -> Result<()> {
     let uid = pod.uid().unwrap_or_default();
     let asked = std::time::Instant::now();
-    if let Some(instance) = existing_instance(&shared.ctx, &shared.node, &uid, asked).await? {
+    let recorded = pod
+        .annotations()
+        .get(annotations::INSTANCE_ID)
+        .map(String::as_str);
+    if let Some(instance) = existing_instance(&shared.ctx, &shared.node, &uid, recorded, asked).await? {
         terminate(shared, &instance.instance_id).await?;
         tracing::info!(pod = %pod.name_any(), instance_id = %instance.instance_id, "terminated the instance of a deleted pod");
     }

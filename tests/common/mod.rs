@@ -2,6 +2,9 @@
 //! emulator (moto's server) on a free loopback port.
 #![allow(dead_code)]
 
+pub mod ec2_faults;
+pub mod relay;
+
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -88,14 +91,17 @@ impl Moto {
 
     /// An EC2 client of the real aws-sdk-ec2, pointed at this emulator with dummy static credentials.
     pub fn ec2_client(&self) -> aws_sdk_ec2::Client {
+        aws_sdk_ec2::Client::from_conf(self.ec2_config(&self.endpoint).build())
+    }
+
+    /// The configuration of such a client for `endpoint` (this emulator, or a proxy before it).
+    pub fn ec2_config(&self, endpoint: &str) -> aws_sdk_ec2::config::Builder {
         let credentials = aws_sdk_ec2::config::Credentials::new("testing", "testing", None, None, "static");
-        let config = aws_sdk_ec2::Config::builder()
+        aws_sdk_ec2::Config::builder()
             .behavior_version(aws_sdk_ec2::config::BehaviorVersion::latest())
             .region(aws_sdk_ec2::config::Region::new("us-east-1"))
-            .endpoint_url(&self.endpoint)
+            .endpoint_url(endpoint)
             .credentials_provider(credentials)
-            .build();
-        aws_sdk_ec2::Client::from_conf(config)
     }
 
     /// What moto printed so far (for failure messages).
@@ -452,6 +458,15 @@ pub struct FlakyCompute {
     pub no_capacity: std::sync::Mutex<Vec<String>>,
     pub throttle_launches: std::sync::atomic::AtomicU32,
     pub launch_calls: std::sync::atomic::AtomicU32,
+    /// The next this many launches make instances that stay `pending` for good (no agent ever
+    /// answers on them); they end when terminated.
+    pub never_running: std::sync::atomic::AtomicU32,
+    /// The instances made so, as EC2 would list them.
+    pub stuck: std::sync::Mutex<Vec<ec2_kubelet::cloud::Instance>>,
+    /// When set, the operator reaches each agent through a [`relay::Relay`] (by instance id)
+    /// whose connections the test can cut.
+    pub relay_agents: std::sync::atomic::AtomicBool,
+    pub relays: std::sync::Mutex<std::collections::HashMap<String, relay::Relay>>,
 }
 
 impl FlakyCompute {
@@ -461,7 +476,19 @@ impl FlakyCompute {
             no_capacity: Default::default(),
             throttle_launches: Default::default(),
             launch_calls: Default::default(),
+            never_running: Default::default(),
+            stuck: Default::default(),
+            relay_agents: Default::default(),
+            relays: Default::default(),
         }
+    }
+
+    fn is_stuck(&self, instance_id: &str) -> bool {
+        self.stuck
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|i| i.instance_id == instance_id)
     }
 }
 
@@ -508,16 +535,57 @@ impl ec2_kubelet::cloud::Compute for FlakyCompute {
                 instance_type: request.instance_type.clone(),
             });
         }
+        let stuck = self
+            .never_running
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if stuck {
+            let mut all = self.stuck.lock().unwrap();
+            let instance = ec2_kubelet::cloud::Instance {
+                instance_id: format!("i-0stuck{:011x}", all.len()),
+                state: ec2_kubelet::cloud::InstanceState::Pending,
+                instance_type: request.instance_type.clone(),
+                private_ip: Some("127.0.0.1".into()),
+                launch_time: jiff::Timestamp::now().as_millisecond(),
+                tags: ec2_kubelet::cloud::instance_tags("test", request),
+            };
+            all.push(instance.clone());
+            return Ok(instance);
+        }
         self.inner.launch_instance(request).await
     }
     async fn describe_instances(
         &self,
         filter: &ec2_kubelet::cloud::InstanceFilter,
     ) -> ec2_kubelet::cloud::Result<Vec<ec2_kubelet::cloud::Instance>> {
-        self.inner.describe_instances(filter).await
+        use ec2_kubelet::cloud::InstanceFilter;
+        let mut found = self.inner.describe_instances(filter).await?;
+        found.extend(
+            self.stuck
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|i| match filter {
+                    InstanceFilter::Ids(ids) => ids.contains(&i.instance_id),
+                    InstanceFilter::Pool(pool) => i.tag(ec2_kubelet::crd::tags::POOL) == Some(pool.as_str()),
+                    InstanceFilter::Cluster => true,
+                })
+                .cloned(),
+        );
+        Ok(found)
     }
     async fn terminate_instances(&self, instance_ids: &[String]) -> ec2_kubelet::cloud::Result<()> {
-        self.inner.terminate_instances(instance_ids).await
+        let (stuck, others): (Vec<String>, Vec<String>) =
+            instance_ids.iter().cloned().partition(|id| self.is_stuck(id));
+        for instance in self.stuck.lock().unwrap().iter_mut() {
+            if stuck.contains(&instance.instance_id) {
+                instance.state = ec2_kubelet::cloud::InstanceState::Terminated;
+            }
+        }
+        if others.is_empty() {
+            return Ok(());
+        }
+        self.inner.terminate_instances(&others).await
     }
     async fn tag_instance(
         &self,
@@ -531,7 +599,21 @@ impl ec2_kubelet::cloud::Compute for FlakyCompute {
         instance: &ec2_kubelet::cloud::Instance,
         port: u16,
     ) -> ec2_kubelet::cloud::Result<String> {
-        self.inner.agent_endpoint(instance, port)
+        if self.is_stuck(&instance.instance_id) {
+            // Nothing listens there: a pending instance has no agent yet.
+            return Ok("127.0.0.1:1".into());
+        }
+        let endpoint = self.inner.agent_endpoint(instance, port)?;
+        if !self.relay_agents.load(std::sync::atomic::Ordering::SeqCst) {
+            return Ok(endpoint);
+        }
+        // `http://host:port`: the relay takes the host and port, the operator the scheme.
+        let (scheme, target) = endpoint.split_once("://").expect("an endpoint URL");
+        let mut relays = self.relays.lock().unwrap();
+        let relay = relays
+            .entry(instance.instance_id.clone())
+            .or_insert_with(|| relay::Relay::start(target.to_string()));
+        Ok(format!("{scheme}://{}", relay.address))
     }
     async fn describe_images(
         &self,
@@ -851,12 +933,28 @@ pub struct MotoCloud {
     pub client: kube::Client,
     pub aws: std::sync::Arc<ec2_kubelet::cloud::aws::AwsCompute>,
     pub agents: AgentFarm,
+    /// With [`MotoCloud::start_behind_proxy`]: what `aws` talks to.
+    pub proxy: Option<ec2_faults::Ec2FaultProxy>,
     _dir: tempfile::TempDir,
 }
 
 impl MotoCloud {
     /// The emulator, a network `<prefix>.0.0/16`, and a dev cluster with its scheduler.
     pub async fn start(prefix: &str) -> MotoCloud {
+        MotoCloud::start_with(prefix, None).await
+    }
+
+    /// `start`, with the operator's backend (`aws`) talking to the emulator through an
+    /// [`ec2_faults::Ec2FaultProxy`], with the operator's own retries and timeouts (`settings`,
+    /// through `aws::tune`). The test's view (`ec2`) goes to the emulator directly.
+    pub async fn start_behind_proxy(
+        prefix: &str,
+        settings: &ec2_kubelet::config::Ec2ClientConfig,
+    ) -> MotoCloud {
+        MotoCloud::start_with(prefix, Some(settings)).await
+    }
+
+    async fn start_with(prefix: &str, proxied: Option<&ec2_kubelet::config::Ec2ClientConfig>) -> MotoCloud {
         let moto = Moto::start();
         let ec2 = moto.ec2_client();
         let network = moto.network(prefix).await;
@@ -866,8 +964,16 @@ impl MotoCloud {
         let cluster = operator_cluster(true).await;
         let client = cluster.client();
         let (resolver, agents) = loopback_agents(dir.path(), agent_authority(&client).await);
+        let (operator_ec2, proxy) = match proxied {
+            None => (ec2.clone(), None),
+            Some(settings) => {
+                let proxy = ec2_faults::Ec2FaultProxy::start(&moto.endpoint).await;
+                let config = ec2_kubelet::cloud::aws::tune(moto.ec2_config(&proxy.endpoint), settings);
+                (aws_sdk_ec2::Client::from_conf(config.build()), Some(proxy))
+            }
+        };
         let aws = std::sync::Arc::new(ec2_kubelet::cloud::aws::AwsCompute::from_client(
-            ec2.clone(),
+            operator_ec2,
             "test",
             Some(resolver),
         ));
@@ -880,6 +986,7 @@ impl MotoCloud {
             client,
             aws,
             agents,
+            proxy,
             _dir: dir,
         }
     }
