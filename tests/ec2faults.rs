@@ -13,7 +13,7 @@ use ec2_kubelet::cloud::{Compute, InstanceFilter};
 use ec2_kubelet::config::Ec2ClientConfig;
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
-use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use kube::api::{Api, DeleteParams, PostParams};
 use serde_json::json;
 
 /// The live instances tagged with the pod's UID, as EC2 itself (not the proxy) lists them.
@@ -142,18 +142,7 @@ async fn ec2_errors_timeouts_and_lost_answers_end_with_one_instance_per_pod() {
     for name in ["five-hundred", "silent", "lost-answer"] {
         pods.delete(name, &DeleteParams::default()).await.unwrap();
     }
-    common::eventually(90, "every pod released", || {
-        let pods = pods.clone();
-        async move {
-            pods.list(&ListParams::default())
-                .await
-                .ok()?
-                .items
-                .is_empty()
-                .then_some(())
-        }
-    })
-    .await;
+    common::no_pods_left(&pods, 90).await;
     assert_eq!(proxy.injected("TerminateInstances").len(), 4);
     let alive: Vec<_> = direct
         .describe_instances(&InstanceFilter::Pool("pods".into()))

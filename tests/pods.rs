@@ -74,6 +74,25 @@ async fn start_with(
     }
 }
 
+/// `start_with`, the operator's cloud wrapped in a [`common::FlakyCompute`] that `arm` sets up;
+/// returns it too, for the faults it counts.
+async fn start_flaky(
+    tweak: impl FnOnce(&mut OperatorConfig),
+    arm: impl FnOnce(&common::FlakyCompute) + Send + 'static,
+) -> (Env, Arc<common::FlakyCompute>) {
+    let flaky: Arc<std::sync::OnceLock<Arc<common::FlakyCompute>>> = Arc::default();
+    let cell = flaky.clone();
+    let env = start_with(tweak, move |local| {
+        let wrapped = Arc::new(common::FlakyCompute::new(local));
+        arm(&wrapped);
+        let _ = cell.set(wrapped.clone());
+        wrapped
+    })
+    .await;
+    let flaky = flaky.get().unwrap().clone();
+    (env, flaky)
+}
+
 fn pod(name: &str, script: &str, restart_policy: &str, annotations: Value) -> Pod {
     serde_json::from_value(json!({
         "metadata": {"name": name, "annotations": annotations},
@@ -605,41 +624,20 @@ async fn a_frozen_agent_makes_its_pod_unready_then_lost_and_a_vanished_instance_
     for name in ["frozen", "vanished"] {
         pods.delete(name, &DeleteParams::default()).await.unwrap();
     }
-    common::eventually(60, "the failed pods released", || {
-        let pods = pods.clone();
-        async move {
-            pods.list(&ListParams::default())
-                .await
-                .ok()?
-                .items
-                .is_empty()
-                .then_some(())
-        }
-    })
-    .await;
+    common::no_pods_left(&pods, 60).await;
     env.replica.take().unwrap().stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_instance_that_never_reaches_running_fails_its_pod_once_and_is_terminated() {
-    let flaky: Arc<std::sync::OnceLock<Arc<common::FlakyCompute>>> = Arc::default();
-    let cell = flaky.clone();
-    let mut env = start_with(
+    let (mut env, flaky) = start_flaky(
         |config| {
             config.sync.agent_unreachable_seconds = 2;
             config.sync.agent_lost_seconds = 5;
         },
-        move |local| {
-            let wrapped = Arc::new(common::FlakyCompute::new(local));
-            wrapped
-                .never_running
-                .store(1, std::sync::atomic::Ordering::SeqCst);
-            let _ = cell.set(wrapped.clone());
-            wrapped
-        },
+        |flaky| flaky.never_running.store(1, std::sync::atomic::Ordering::SeqCst),
     )
     .await;
-    let flaky = flaky.get().unwrap().clone();
     let pods: Api<Pod> = Api::default_namespaced(env.client.clone());
     pods.create(
         &PostParams::default(),
@@ -703,21 +701,15 @@ fn container_state(pod: &Pod, name: &str) -> Option<k8s_openapi::api::core::v1::
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cut_agent_connection_resumes_the_status_stream_without_relaunching_anything() {
-    let flaky: Arc<std::sync::OnceLock<Arc<common::FlakyCompute>>> = Arc::default();
-    let cell = flaky.clone();
-    let mut env = start_with(
+    let (mut env, flaky) = start_flaky(
         |_| {},
-        move |local| {
-            let wrapped = Arc::new(common::FlakyCompute::new(local));
-            wrapped
+        |flaky| {
+            flaky
                 .relay_agents
-                .store(true, std::sync::atomic::Ordering::SeqCst);
-            let _ = cell.set(wrapped.clone());
-            wrapped
+                .store(true, std::sync::atomic::Ordering::SeqCst)
         },
     )
     .await;
-    let flaky = flaky.get().unwrap().clone();
     let marker = env.local_dir.join("side-may-exit");
     let mut spec = pod("cut", "sleep 3600", "Never", json!({}));
     let side: k8s_openapi::api::core::v1::Container = serde_json::from_value(json!({
@@ -798,22 +790,16 @@ async fn a_cut_agent_connection_resumes_the_status_stream_without_relaunching_an
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn instance_types_follow_annotation_template_and_requests_and_survive_capacity_and_throttling() {
-    let flaky: Arc<std::sync::OnceLock<Arc<common::FlakyCompute>>> = Arc::default();
-    let cell = flaky.clone();
-    let mut env = start_with(
+    let (mut env, flaky) = start_flaky(
         |_| {},
-        move |local| {
-            let wrapped = Arc::new(common::FlakyCompute::new(local));
-            wrapped.no_capacity.lock().unwrap().push("t3.medium".into());
-            wrapped
+        |flaky| {
+            flaky.no_capacity.lock().unwrap().push("t3.medium".into());
+            flaky
                 .throttle_launches
                 .store(2, std::sync::atomic::Ordering::SeqCst);
-            let _ = cell.set(wrapped.clone());
-            wrapped
         },
     )
     .await;
-    let flaky = flaky.get().unwrap().clone();
     common::create_template(
         &env.client,
         "compute",

@@ -860,6 +860,22 @@ pub fn virtual_pod(
     serde_json::from_value(pod).unwrap()
 }
 
+/// Waits (up to `seconds`) until `pods` lists none: every pod released.
+pub async fn no_pods_left(pods: &kube::Api<k8s_openapi::api::core::v1::Pod>, seconds: u64) {
+    eventually(seconds, "every pod released", || {
+        let pods = pods.clone();
+        async move {
+            pods.list(&Default::default())
+                .await
+                .ok()?
+                .items
+                .is_empty()
+                .then_some(())
+        }
+    })
+    .await
+}
+
 /// Waits (up to 60 s) until the pod is in `phase`, and returns it.
 pub async fn phase_of(
     pods: &kube::Api<k8s_openapi::api::core::v1::Pod>,
