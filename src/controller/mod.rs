@@ -71,6 +71,29 @@ impl Context {
         Ok(self.instances.get(pool, not_before, fetch).await?)
     }
 
+    /// Records an event that may repeat (a controller's finding, a launch retried through an
+    /// outage) through `recorder`, which folds repeats into one event with a count. A failed
+    /// write is logged and otherwise ignored: events are best effort.
+    pub async fn publish(
+        &self,
+        regarding: &ObjectReference,
+        type_: EventType,
+        reason: &str,
+        note: String,
+        action: &str,
+    ) {
+        let event = kube::runtime::events::Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: action.into(),
+            secondary: None,
+        };
+        if let Err(error) = self.recorder.publish(&event, regarding).await {
+            tracing::debug!(%error, %reason, "recording an event");
+        }
+    }
+
     /// Records an event that happens once in its object's life (a pod's launch, its
     /// termination). The recorder keeps every event it published for six minutes to count
     /// repeats, and scans that cache on each publish: at thousands of pods that is megabytes

@@ -12,7 +12,7 @@ use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType};
+use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{self, Event as FinalizerEvent};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
@@ -178,16 +178,8 @@ fn now() -> Time {
 }
 
 async fn publish(ctx: &Context, template: &Ec2PodTemplate, type_: EventType, reason: &str, note: String) {
-    let event = Event {
-        type_,
-        reason: reason.into(),
-        note: Some(note),
-        action: "Validate".into(),
-        secondary: None,
-    };
-    if let Err(error) = ctx.recorder.publish(&event, &template.object_ref(&())).await {
-        tracing::debug!(%error, "recording a template event");
-    }
+    ctx.publish(&template.object_ref(&()), type_, reason, note, "Validate")
+        .await;
 }
 
 fn api(ctx: &Context, template: &Ec2PodTemplate) -> Api<Ec2PodTemplate> {

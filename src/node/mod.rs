@@ -349,10 +349,14 @@ struct Alive {
 impl Alive {
     /// Stops the node's pods and forgets the registration (after the node was lost).
     fn stop(&mut self) {
+        self.stop_pods();
+        self.registered = None;
+    }
+
+    fn stop_pods(&mut self) {
         if let Some((stop, _)) = self.pods.take() {
             let _ = stop.send(true);
         }
-        self.registered = None;
     }
 
     /// One tick of a held node: registered, its pods running, heartbeat renewed, status fresh.
@@ -365,9 +369,7 @@ impl Alive {
     ) -> Result<()> {
         if self.registered.as_ref() != Some(current) {
             // A changed node (its spec, its address) restarts its pods on the new one.
-            if let Some((stop, _)) = self.pods.take() {
-                let _ = stop.send(true);
-            }
+            self.stop_pods();
             register(ctx, current).await?;
             self.registered = Some(current.clone());
             self.last_health = None;

@@ -36,21 +36,6 @@ async fn publish(ctx: &Context, pod: &Pod, type_: EventType, reason: &str, note:
     ctx.publish_once(pod.object_ref(&()), type_, reason, note).await;
 }
 
-/// Records a warning that may repeat while a worker retries (a launch through an EC2 outage):
-/// through the recorder, which folds the repeats into one event with a count.
-async fn publish_repeating(ctx: &Context, pod: &Pod, reason: &str, note: String) {
-    let event = kube::runtime::events::Event {
-        type_: EventType::Warning,
-        reason: reason.into(),
-        note: Some(note),
-        action: "Launch".into(),
-        secondary: None,
-    };
-    if let Err(error) = ctx.recorder.publish(&event, &pod.object_ref(&())).await {
-        tracing::debug!(%error, %reason, "recording an event");
-    }
-}
-
 fn pods(ctx: &Context, namespace: &str) -> Api<Pod> {
     Api::namespaced(ctx.client.clone(), namespace)
 }
@@ -591,7 +576,15 @@ async fn launch(shared: &Shared, pod_rx: &mut watch::Receiver<Pod>) -> Result<Op
                         "retrying with backoff until the template or pool is fixed"
                     }
                 );
-                publish_repeating(ctx, &pod, "FailedLaunch", note).await;
+                // It repeats while the worker retries: the recorder folds the repeats.
+                ctx.publish(
+                    &pod.object_ref(&()),
+                    EventType::Warning,
+                    "FailedLaunch",
+                    note,
+                    "Launch",
+                )
+                .await;
                 return Err(error.into());
             }
         }

@@ -4,7 +4,7 @@
 //! the request and then losing the answer (the action happened; the caller never hears it).
 //! Everything else is forwarded to moto as is.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -30,7 +30,7 @@ pub enum Ec2Fault {
 #[derive(Default)]
 struct Rules {
     /// Faults still to inject, by action, in order.
-    pending: HashMap<String, Vec<Ec2Fault>>,
+    pending: HashMap<String, VecDeque<Ec2Fault>>,
     /// Requests seen, by action.
     seen: HashMap<String, u32>,
     /// Faults injected, by action.
@@ -109,11 +109,6 @@ impl Ec2FaultProxy {
             .cloned()
             .unwrap_or_default()
     }
-
-    /// Faults queued and not injected yet, over every action.
-    pub fn pending(&self) -> usize {
-        self.rules.lock().unwrap().pending.values().map(Vec::len).sum()
-    }
 }
 
 /// The `Action` of an EC2 query-protocol body (`Action=RunInstances&Version=…`).
@@ -148,13 +143,7 @@ async fn handle(
     let fault = {
         let mut rules = rules.lock().unwrap();
         *rules.seen.entry(action.clone()).or_default() += 1;
-        let fault = rules.pending.get_mut(&action).and_then(|queue| {
-            if queue.is_empty() {
-                None
-            } else {
-                Some(queue.remove(0))
-            }
-        });
+        let fault = rules.pending.get_mut(&action).and_then(VecDeque::pop_front);
         if let Some(fault) = fault {
             rules.injected.entry(action.clone()).or_default().push(fault);
         }
