@@ -255,13 +255,11 @@ impl HttpServer {
         let address = listener.local_addr()?;
         let (stop, mut stopped) = watch::channel(false);
         let task = tokio::spawn(async move {
+            let mut backoff = crate::net::AcceptBackoff::default();
             loop {
-                let stream = tokio::select! {
+                let (stream, _) = tokio::select! {
                     _ = stopped.changed() => return,
-                    accepted = listener.accept() => match accepted {
-                        Ok((stream, _)) => stream,
-                        Err(_) => continue,
-                    },
+                    accepted = backoff.accept("metrics", || listener.accept()) => accepted,
                 };
                 let handler = handler.clone();
                 tokio::spawn(async move {

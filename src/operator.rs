@@ -195,8 +195,10 @@ pub async fn run(ctx: Arc<Context>, mut stop: watch::Receiver<bool>) {
             _ = stopped(&mut stop) => break,
         }
     }
-    let _ = leader.release().await;
-    let _ = nodes.await;
+    leader.release_on_stop().await;
+    if let Err(error) = nodes.await {
+        tracing::warn!(%error, "the node supervisor ended abnormally");
+    }
 }
 
 /// Starts the kubelet API of the virtual nodes on `server.kubeletAddress`, with the configured

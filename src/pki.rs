@@ -474,19 +474,14 @@ pub fn tls_incoming(
 > {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let mut backoff = crate::net::AcceptBackoff::default();
     tokio::spawn(async move {
         loop {
-            let (stream, peer) = match listener.accept().await {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    tracing::warn!(%error, "accepting a connection");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
+            // The listener closes as soon as nobody takes connections any more.
+            let (stream, peer) = tokio::select! {
+                _ = tx.closed() => return,
+                accepted = backoff.accept("TLS", || listener.accept()) => accepted,
             };
-            if tx.is_closed() {
-                return;
-            }
             let (acceptor, tx) = (acceptor.clone(), tx.clone());
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {

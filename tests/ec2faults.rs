@@ -124,15 +124,11 @@ async fn ec2_errors_timeouts_and_lost_answers_end_with_one_instance_per_pod() {
         async move { (instances_of(direct, running).await == [recorded.clone()]).then_some(()) }
     })
     .await;
-    let events = common::events_of(&client, "pods").await;
-    assert!(
-        events
-            .iter()
-            .any(|(reason, message)| reason == "DuplicateInstancesTerminated"
-                && message.contains("launched again for a pod that runs on another")
-                && !message.contains(&recorded)),
-        "{events:?}"
-    );
+    // The event follows the termination the test saw.
+    common::wait_event(&client, "pods", "DuplicateInstancesTerminated", |message| {
+        message.contains("launched again for a pod that runs on another") && !message.contains(&recorded)
+    })
+    .await;
     let still = pods.get("lost-answer").await.unwrap();
     assert_eq!(still.status.unwrap().phase.as_deref(), Some("Running"));
 

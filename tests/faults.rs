@@ -54,6 +54,7 @@ async fn the_operator_converges_through_api_server_faults() {
         kinds: Fault::ALL.to_vec(),
         user_agent: Some(ec2_kubelet::operator::USER_AGENT.to_string()),
         slow_max: Duration::from_millis(300),
+        ..Default::default()
     });
     let started = Instant::now();
     let mut operator = run.spawn();

@@ -233,3 +233,27 @@ async fn kubectl_logs_exec_and_stats_reach_the_pods_agent_through_the_kubelet_ap
     replica.stop().await;
     kubelet.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_completes_its_tls_handshake_is_disconnected() {
+    use tokio::io::AsyncReadExt;
+    let cluster = common::operator_cluster(false).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (compute, _instances) = common::local_compute(&dir.path().join("local"));
+    let mut config = common::fast_config();
+    config.server.kubelet_address = format!("127.0.0.1:{}", common::free_port());
+    let (ctx, _enrollment) =
+        ec2_kubelet::operator::context(cluster.client(), compute, config, "kubelet-test")
+            .await
+            .unwrap();
+    let kubelet = ec2_kubelet::operator::start_kubelet(ctx).await.unwrap();
+    // A client that connects and says nothing would hold its connection (and a task) forever.
+    let mut silent = tokio::net::TcpStream::connect(kubelet.address).await.unwrap();
+    let mut byte = [0u8; 1];
+    let read = tokio::time::timeout(std::time::Duration::from_secs(30), silent.read(&mut byte)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "the kubelet API hangs up on a client that never completes its handshake: {read:?}"
+    );
+    kubelet.shutdown().await;
+}

@@ -599,8 +599,13 @@ async fn a_frozen_agent_makes_its_pod_unready_then_lost_and_a_vanished_instance_
         .unwrap();
     assert_eq!(ready.status, "False");
 
-    // Neither instance is left running, and neither pod is relaunched.
-    assert!(live_instances(&env.compute).await.is_empty());
+    // Neither instance is left running (each is terminated after its pod's status says
+    // InstanceLost), and neither pod is relaunched.
+    common::eventually(30, "both lost instances terminated", || {
+        let compute = env.compute.clone();
+        async move { live_instances(&compute).await.is_empty().then_some(()) }
+    })
+    .await;
     for name in ["frozen", "vanished"] {
         let reasons: Vec<String> = common::events_of(&env.client, name)
             .await
@@ -1016,5 +1021,59 @@ async fn deleting_the_pool_releases_its_pods_and_terminates_their_instances() {
         live_instances(&env.compute).await.is_empty(),
         "no instance outlives its pool"
     );
+    env.replica.take().unwrap().stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_deleted_while_the_watch_was_down_is_cleaned_up_after_the_relist() {
+    // Orphan collection far away: only the pod loop itself can clean up in time.
+    let mut env = start_with(|config| config.sync.orphan_grace_seconds = 3600, |local| local).await;
+    // The operator reaches the API server through a relay the test can take down.
+    if let Some(replica) = env.replica.take() {
+        replica.stop().await;
+    }
+    let relay = common::relay::Relay::start(env.cluster.address().to_string());
+    let mut through_relay = env.cluster.client_config();
+    through_relay.cluster_url = format!("http://{}", relay.address).parse().unwrap();
+    let compute: Arc<dyn Compute> = env.compute.clone();
+    env.replica = Some(common::Replica::start_with(
+        through_relay,
+        env.config.clone(),
+        compute,
+        "replica-b",
+    ));
+    let pods: Api<Pod> = Api::default_namespaced(env.client.clone());
+    let running = run_sleeper(&pods, "gap").await;
+    let uid = running.uid().unwrap();
+    assert_eq!(live_instances(&env.compute).await.len(), 1);
+
+    // The network drops; meanwhile the pod is deleted outright (grace 0: the object goes at
+    // once). When the network is back, every watch of the operator's is answered 410 Gone, so
+    // the pod watch must re-list, and the re-list no longer returns the pod.
+    relay.set_down(true);
+    pods.delete("gap", &DeleteParams::default().grace_period(0))
+        .await
+        .unwrap();
+    assert!(pods.get_opt("gap").await.unwrap().is_none());
+    env.cluster
+        .set_faults(ec2_kubelet::devcluster::faults::FaultOptions {
+            watch_rate: Some(1.0),
+            kinds: vec![ec2_kubelet::devcluster::faults::Fault::Gone],
+            user_agent: Some(ec2_kubelet::operator::USER_AGENT.into()),
+            ..Default::default()
+        });
+    relay.set_down(false);
+    common::eventually(30, "the deleted pod's instance terminated", || {
+        let compute = env.compute.clone();
+        async move { live_instances(&compute).await.is_empty().then_some(()) }
+    })
+    .await;
+    common::eventually(30, "the deleted pod's binding removed", || {
+        let (client, uid) = (env.client.clone(), uid.clone());
+        async move { binding_of(&client, &uid).await.is_none().then_some(()) }
+    })
+    .await;
+    assert!(env.cluster.injected_faults().get("gone").is_some_and(|n| *n > 0));
+    env.cluster.set_faults(Default::default());
     env.replica.take().unwrap().stop().await;
 }

@@ -132,15 +132,11 @@ async fn templates_are_checked_against_ec2_with_a_reason_per_invalid_field() {
             "{name}: {message}"
         );
         assert!(message.starts_with(&format!("{field}: ")), "{name}: {message}");
-        let events: Api<Event> = Api::namespaced(client.clone(), "default");
-        let listed = events
-            .list(&ListParams::default().fields(&format!("involvedObject.name={name}")))
-            .await
-            .unwrap();
-        assert!(
-            listed.items.iter().any(|e| e.reason.as_deref() == Some(reason)),
-            "{name}: a {reason} event"
-        );
+        // The event follows the status the test saw.
+        common::wait_event(&client, name, reason, |note| {
+            note.starts_with(&format!("{field}: "))
+        })
+        .await;
     }
     // What `kubectl get ecpt` shows.
     let listed = common::kubectl(&cluster, &["get", "ecpt", "valid", "no-image", "--no-headers"]).await;

@@ -8,11 +8,9 @@ pub mod template;
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::ObjectReference;
-use k8s_openapi::api::events::v1::Event as K8sEvent;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use kube::Client;
-use kube::api::{Api, PostParams};
-use kube::runtime::events::{EventType, Recorder, Reporter};
+
+use crate::events::{EventType, Recorder};
 
 use crate::cloud::Compute;
 use crate::config::OperatorConfig;
@@ -24,7 +22,8 @@ pub struct Context {
     pub config: OperatorConfig,
     /// This replica's name in leases (`holderIdentity`).
     pub identity: String,
-    pub recorder: Recorder,
+    /// Events, as client-go records them (repeats of one message fold into a series).
+    pub events: Recorder,
     /// Per-pool backoff shared by every pod worker (EC2 throttling).
     pub gate: backoff::CloudGate,
     pub metrics: Arc<crate::metrics::Metrics>,
@@ -39,13 +38,9 @@ pub struct Context {
 
 impl Context {
     pub fn new(client: Client, compute: Arc<dyn Compute>, config: OperatorConfig, identity: &str) -> Context {
-        let reporter = Reporter {
-            controller: "ec2-kubelet".into(),
-            instance: Some(identity.to_string()),
-        };
         let metrics = Arc::new(crate::metrics::Metrics::new());
         Context {
-            recorder: Recorder::new(client.clone(), reporter),
+            events: Recorder::new(client.clone(), "ec2-kubelet", identity),
             client,
             compute: Arc::new(crate::cloud::Metered::new(compute, metrics.clone())),
             config,
@@ -72,8 +67,7 @@ impl Context {
     }
 
     /// Records an event that may repeat (a controller's finding, a launch retried through an
-    /// outage) through `recorder`, which folds repeats into one event with a count. A failed
-    /// write is logged and otherwise ignored: events are best effort.
+    /// outage): see [`crate::events::Recorder::publish`].
     pub async fn publish(
         &self,
         regarding: &ObjectReference,
@@ -82,23 +76,11 @@ impl Context {
         note: String,
         action: &str,
     ) {
-        let event = kube::runtime::events::Event {
-            type_,
-            reason: reason.into(),
-            note: Some(note),
-            action: action.into(),
-            secondary: None,
-        };
-        if let Err(error) = self.recorder.publish(&event, regarding).await {
-            tracing::debug!(%error, %reason, "recording an event");
-        }
+        self.events.publish(regarding, type_, reason, note, action).await
     }
 
     /// Records an event that happens once in its object's life (a pod's launch, its
-    /// termination). The recorder keeps every event it published for six minutes to count
-    /// repeats, and scans that cache on each publish: at thousands of pods that is megabytes
-    /// and a quadratic scan for events that never repeat. Controllers' events, which do
-    /// repeat, go through `recorder`.
+    /// termination): see [`crate::events::Recorder::publish_once`].
     pub async fn publish_once(
         &self,
         regarding: ObjectReference,
@@ -106,38 +88,7 @@ impl Context {
         reason: &str,
         note: String,
     ) {
-        let now = jiff::Timestamp::now();
-        let namespace = regarding.namespace.clone().unwrap_or_else(|| "default".into());
-        let event = K8sEvent {
-            metadata: ObjectMeta {
-                name: Some(format!(
-                    "{}.{:x}",
-                    regarding.name.as_deref().unwrap_or("ec2-kubelet"),
-                    now.as_nanosecond()
-                )),
-                namespace: Some(namespace.clone()),
-                ..Default::default()
-            },
-            action: Some(reason.to_string()),
-            reason: Some(reason.to_string()),
-            note: Some(note),
-            event_time: Some(MicroTime(now)),
-            regarding: Some(regarding),
-            reporting_controller: Some("ec2-kubelet".into()),
-            reporting_instance: Some(self.identity.clone()),
-            type_: Some(
-                match type_ {
-                    EventType::Normal => "Normal",
-                    EventType::Warning => "Warning",
-                }
-                .into(),
-            ),
-            ..Default::default()
-        };
-        let events: Api<K8sEvent> = Api::namespaced(self.client.clone(), &namespace);
-        if let Err(error) = events.create(&PostParams::default(), &event).await {
-            tracing::debug!(%error, %reason, "recording an event");
-        }
+        self.events.publish_once(regarding, type_, reason, note).await
     }
 
     /// The ENIs of `pool` as of a `DescribeNetworkInterfaces` that started at or after

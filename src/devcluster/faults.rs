@@ -86,6 +86,8 @@ pub struct FaultOptions {
     pub kinds: Vec<Fault>,
     /// Only requests whose `User-Agent` starts with this; `None`: every client.
     pub user_agent: Option<String>,
+    /// Only requests for this resource (`leases`, `pods/status`); `None`: every resource.
+    pub resource: Option<String>,
     /// The longest delay of [`Fault::Slow`].
     pub slow_max: Duration,
 }
@@ -97,6 +99,7 @@ impl Default for FaultOptions {
             watch_rate: None,
             kinds: Fault::ALL.to_vec(),
             user_agent: None,
+            resource: None,
             slow_max: Duration::from_millis(500),
         }
     }
@@ -111,6 +114,8 @@ pub struct Injector {
 /// The shape of a resource request, as far as faults care.
 pub struct RequestShape<'a> {
     pub user_agent: &'a str,
+    /// `pods`, or `pods/status` for a subresource.
+    pub resource: &'a str,
     pub watch: bool,
     /// A PUT or PATCH of one object.
     pub update: bool,
@@ -146,6 +151,9 @@ impl Injector {
         if let Some(prefix) = &options.user_agent
             && !request.user_agent.starts_with(prefix.as_str())
         {
+            return None;
+        }
+        if options.resource.as_ref().is_some_and(|r| r != request.resource) {
             return None;
         }
         let mut eligible: Vec<Fault> = options
@@ -186,6 +194,7 @@ mod tests {
     fn shape(user_agent: &str, watch: bool, update: bool) -> RequestShape<'_> {
         RequestShape {
             user_agent,
+            resource: "pods",
             watch,
             update,
         }
@@ -218,6 +227,17 @@ mod tests {
             Some(Fault::Conflict)
         );
         assert_eq!(injector.counts(), BTreeMap::from([("conflict", 1), ("gone", 1)]));
+        injector.set(FaultOptions {
+            rate: 1.0,
+            kinds: vec![Fault::ServerError],
+            resource: Some("leases".into()),
+            ..Default::default()
+        });
+        assert_eq!(
+            injector.draw(&shape("ec2-kubelet/0.1", false, true)),
+            None,
+            "aimed at leases, not pods"
+        );
         injector.set(FaultOptions::default());
         assert_eq!(
             injector.draw(&shape("ec2-kubelet/0.1", true, true)),

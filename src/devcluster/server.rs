@@ -371,8 +371,13 @@ async fn resource(
         .unwrap_or_default()
         .to_string();
     let watch = method == Method::GET && name.is_none() && query.flag("watch");
+    let audited_resource = match &subresource {
+        Some(sub) => format!("{}/{sub}", rt.resource),
+        None => rt.resource.clone(),
+    };
     let shape = RequestShape {
         user_agent: &user_agent,
+        resource: &audited_resource,
         watch,
         update: matches!(method, Method::PUT | Method::PATCH) && name.is_some(),
     };
@@ -420,10 +425,7 @@ async fn resource(
             user_agent: user_agent.clone(),
             verb: verb.into(),
             group: rt.group.clone(),
-            resource: match &subresource {
-                Some(sub) => format!("{}/{sub}", rt.resource),
-                None => rt.resource.clone(),
-            },
+            resource: audited_resource.clone(),
             namespace: namespace.clone(),
         };
         state.audit.lock().unwrap_or_else(|p| p.into_inner()).push(record);

@@ -321,26 +321,21 @@ impl KubeletServer {
     ) -> std::io::Result<KubeletServer> {
         let listener = tokio::net::TcpListener::bind(address).await?;
         let address = listener.local_addr()?;
-        let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+        // Handshakes each in their own task and bounded in time, accept errors backed off.
+        let mut incoming = crate::pki::tls_incoming(listener, tls);
         let (stop, mut stopped) = watch::channel(false);
         let task = tokio::spawn(async move {
             loop {
-                let (stream, peer) = tokio::select! {
+                let stream = tokio::select! {
                     _ = stopped.changed() => return,
-                    accepted = listener.accept() => match accepted {
-                        Ok(accepted) => accepted,
-                        Err(error) => { tracing::warn!(%error, "kubelet API accept"); continue }
+                    stream = incoming.next() => match stream {
+                        Some(Ok(stream)) => stream,
+                        Some(Err(error)) => { tracing::warn!(%error, "kubelet API connection"); continue }
+                        None => return,
                     },
                 };
-                let (ctx, auth, acceptor) = (ctx.clone(), auth.clone(), acceptor.clone());
+                let (ctx, auth) = (ctx.clone(), auth.clone());
                 tokio::spawn(async move {
-                    let stream = match acceptor.accept(stream).await {
-                        Ok(stream) => stream,
-                        Err(error) => {
-                            tracing::debug!(%error, %peer, "kubelet API TLS handshake");
-                            return;
-                        }
-                    };
                     // A presented certificate was verified against the client CA in the handshake.
                     let certified = stream
                         .get_ref()

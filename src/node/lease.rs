@@ -114,16 +114,50 @@ impl LeaseLock {
             "metadata": {"resourceVersion": lease.metadata.resource_version},
             "spec": {"holderIdentity": null, "renewTime": null},
         });
+        // A 409 says the lease changed since it was read: the caller reads it again.
         match self
             .api
             .patch(&self.name, &PatchParams::default(), &Patch::Merge(&patch))
             .await
         {
             Ok(_) => Ok(()),
-            Err(kube::Error::Api(status)) if status.is_conflict() || status.is_not_found() => Ok(()),
+            Err(kube::Error::Api(status)) if status.is_not_found() => Ok(()),
             Err(error) => Err(error),
         }
     }
+
+    /// Gives the lease up on a clean stop, retrying transient errors and conflicts for up to
+    /// `RELEASE_PATIENCE`: a release that fails leaves the successor waiting a whole lease
+    /// duration. A release that still fails is logged at warn with its cause.
+    pub async fn release_on_stop(&self) {
+        let deadline = tokio::time::Instant::now() + RELEASE_PATIENCE;
+        let mut backoff =
+            crate::controller::backoff::Backoff::new(Duration::from_millis(200), Duration::from_secs(2));
+        loop {
+            match self.release().await {
+                Ok(()) => return,
+                Err(error) if retryable(&error) && tokio::time::Instant::now() < deadline => {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(lease = %self.name, %error, retry_in = ?delay, "releasing the lease; retrying");
+                    tokio::time::sleep(delay).await;
+                }
+                Err(error) => {
+                    tracing::warn!(lease = %self.name, %error, "releasing the lease failed: a successor waits for it to expire");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// How long a stopping replica keeps trying to release a lease (well within the 30 s a
+/// Deployment's pod gets to stop).
+const RELEASE_PATIENCE: Duration = Duration::from_secs(10);
+
+/// Errors worth another release attempt: transient ones and conflicts (read again, try again).
+fn retryable(error: &kube::Error) -> bool {
+    crate::controller::backoff::is_transient(error)
+        || matches!(error, kube::Error::Api(status) if status.is_conflict())
 }
 
 #[cfg(test)]

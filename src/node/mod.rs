@@ -18,6 +18,7 @@ use tokio::sync::watch;
 use crate::controller::backoff::Backoff;
 use crate::controller::{Context, Result};
 use crate::crd::{Ec2NodePoolSpec, GROUP, VERSION, labels};
+use crate::task::OwnedTask;
 use lease::LeaseLock;
 
 /// The namespace of kubelet heartbeat leases.
@@ -295,7 +296,7 @@ pub async fn run(
                     tracing::info!(node = %current.name, "lost the node's ownership lease; another replica runs it");
                 }
                 held = false;
-                state.stop();
+                state.stop().await;
                 continue;
             }
             Err(error) if held && renewed.elapsed() < renew_deadline => {
@@ -309,7 +310,7 @@ pub async fn run(
                     tracing::warn!(node = %current.name, %error, "renewing the node's ownership lease failed past the renew deadline; stopping its pods");
                 }
                 held = false;
-                state.stop();
+                state.stop().await;
                 let delay = retry.next_delay();
                 ticker.reset_after(delay);
                 continue;
@@ -328,9 +329,9 @@ pub async fn run(
             }
         }
     }
-    state.stop();
+    state.stop().await;
     if held {
-        let _ = ownership.release().await;
+        ownership.release_on_stop().await;
     }
     Ok(())
 }
@@ -343,19 +344,21 @@ struct Alive {
     last_status: Option<Instant>,
     transition: String,
     /// The node's pods run while this replica holds the node.
-    pods: Option<(watch::Sender<bool>, tokio::task::JoinHandle<()>)>,
+    pods: Option<OwnedTask>,
 }
 
 impl Alive {
     /// Stops the node's pods and forgets the registration (after the node was lost).
-    fn stop(&mut self) {
-        self.stop_pods();
+    async fn stop(&mut self) {
+        self.stop_pods().await;
         self.registered = None;
     }
 
-    fn stop_pods(&mut self) {
-        if let Some((stop, _)) = self.pods.take() {
-            let _ = stop.send(true);
+    /// Stops the node's pod loop and waits for its end: a new loop for the node starts only
+    /// after the old one has let go of every pod.
+    async fn stop_pods(&mut self) {
+        if let Some(pods) = self.pods.take() {
+            pods.stop().await;
         }
     }
 
@@ -369,15 +372,18 @@ impl Alive {
     ) -> Result<()> {
         if self.registered.as_ref() != Some(current) {
             // A changed node (its spec, its address) restarts its pods on the new one.
-            self.stop_pods();
+            self.stop_pods().await;
             register(ctx, current).await?;
             self.registered = Some(current.clone());
             self.last_health = None;
         }
-        if self.pods.as_ref().is_none_or(|(_, handle)| handle.is_finished()) {
-            let (stop_tx, stop_rx) = watch::channel(false);
-            let handle = tokio::spawn(crate::pod::lifecycle::run(ctx.clone(), current.clone(), stop_rx));
-            self.pods = Some((stop_tx, handle));
+        if self.pods.as_ref().is_none_or(OwnedTask::is_finished) {
+            // A loop that ended on its own (its watch stream closed) is joined first.
+            self.stop_pods().await;
+            let (ctx, node) = (ctx.clone(), current.clone());
+            self.pods = Some(OwnedTask::spawn(move |stop| {
+                crate::pod::lifecycle::run(ctx, node, stop)
+            }));
         }
         renew_node_lease(ctx, current, duration).await?;
         let due =

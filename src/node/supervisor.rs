@@ -10,11 +10,11 @@ use futures::StreamExt;
 use kube::api::Api;
 use kube::runtime::{WatchStreamExt, reflector, watcher};
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
 
 use super::VirtualNode;
 use crate::controller::Context;
 use crate::crd::Ec2NodePool;
+use crate::task::OwnedTask;
 
 /// The virtual nodes a pool's status lists (none while the pool is being deleted).
 pub fn desired_nodes(pool: &Ec2NodePool) -> Vec<VirtualNode> {
@@ -46,8 +46,7 @@ pub fn desired_nodes(pool: &Ec2NodePool) -> Vec<VirtualNode> {
 
 struct Running {
     node: watch::Sender<VirtualNode>,
-    stop: watch::Sender<bool>,
-    handle: JoinHandle<()>,
+    task: OwnedTask,
 }
 
 /// Resolves once `stop` turns true (or its sender is gone).
@@ -86,6 +85,9 @@ async fn supervise(ctx: Arc<Context>, node: watch::Receiver<VirtualNode>, mut st
 #[derive(Default)]
 struct Tasks {
     running: HashMap<String, Running>,
+    /// Tasks told to stop that may still be releasing their node: a node's new task starts
+    /// only once its old one has ended, so one replica never runs a node twice.
+    stopping: HashMap<String, OwnedTask>,
 }
 
 impl Tasks {
@@ -95,14 +97,23 @@ impl Tasks {
             .flat_map(|pool| desired_nodes(pool))
             .map(|node| (node.name.clone(), node))
             .collect();
-        self.running.retain(|name, task| {
-            let keep = desired.contains_key(name) && !task.handle.is_finished();
-            if !keep {
-                let _ = task.stop.send(true);
+        self.stopping.retain(|_, task| !task.is_finished());
+        let ended: Vec<String> = self
+            .running
+            .iter()
+            .filter(|(name, running)| !desired.contains_key(*name) || running.task.is_finished())
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in ended {
+            if let Some(running) = self.running.remove(&name) {
+                running.task.signal();
+                self.stopping.insert(name, running.task);
             }
-            keep
-        });
+        }
         for (name, node) in desired {
+            if self.stopping.contains_key(&name) {
+                continue;
+            }
             match self.running.get(&name) {
                 Some(task) => {
                     task.node.send_if_modified(|current| {
@@ -115,28 +126,25 @@ impl Tasks {
                 }
                 None => {
                     let (node_tx, node_rx) = watch::channel(node);
-                    let (stop_tx, stop_rx) = watch::channel(false);
-                    let handle = tokio::spawn(supervise(ctx.clone(), node_rx, stop_rx));
-                    self.running.insert(
-                        name,
-                        Running {
-                            node: node_tx,
-                            stop: stop_tx,
-                            handle,
-                        },
-                    );
+                    let ctx = ctx.clone();
+                    let task = OwnedTask::spawn(move |stop| supervise(ctx, node_rx, stop));
+                    self.running.insert(name, Running { node: node_tx, task });
                 }
             }
         }
     }
 
     async fn stop_all(&mut self) {
-        for task in self.running.values() {
-            let _ = task.stop.send(true);
+        for running in self.running.values() {
+            running.task.signal();
         }
-        for (_, task) in self.running.drain() {
-            let _ = task.handle.await;
-        }
+        let tasks = self.running.drain().map(|(_, running)| running.task);
+        futures::future::join_all(
+            tasks
+                .chain(self.stopping.drain().map(|(_, task)| task))
+                .map(OwnedTask::join),
+        )
+        .await;
     }
 }
 

@@ -3,14 +3,14 @@
 //! to the instance's agent, mirrors the agent's status stream into the pod, and on deletion
 //! stops the pod, terminates the instance and releases the pod object (grace 0), as a kubelet.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::events::EventType;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
-use kube::runtime::events::EventType;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Resource, ResourceExt};
 use serde_json::{Value, json};
@@ -1050,6 +1050,24 @@ async fn work(shared: Arc<Shared>, mut pod_rx: watch::Receiver<Pod>) {
     }
 }
 
+/// The workers whose pod a completed re-list did not return: their pods are gone.
+fn vanished<'a>(workers: impl Iterator<Item = &'a String>, listed: &HashSet<String>) -> Vec<String> {
+    workers.filter(|uid| !listed.contains(*uid)).cloned().collect()
+}
+
+/// A pod object is gone: its worker stops, and its instance and binding are cleaned up.
+fn deleted(shared: &Arc<Shared>, worker: Option<Worker>, pod: Pod) {
+    if let Some(worker) = worker {
+        worker.handle.abort();
+    }
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        if let Err(error) = cleanup_deleted(&shared, &pod).await {
+            tracing::warn!(%error, pod = %pod.name_any(), "cleaning up after a deleted pod");
+        }
+    });
+}
+
 /// Runs pod workers for every pod bound to `node` until `stop` turns true.
 pub async fn run(ctx: Arc<Context>, node: VirtualNode, mut stop: watch::Receiver<bool>) {
     let api: Api<Pod> = Api::all(ctx.client.clone());
@@ -1064,6 +1082,8 @@ pub async fn run(ctx: Arc<Context>, node: VirtualNode, mut stop: watch::Receiver
         status,
     });
     let mut workers: HashMap<String, Worker> = HashMap::new();
+    // The pods a re-list returned so far, while one is under way.
+    let mut relisted: Option<HashSet<String>> = None;
     loop {
         let event = tokio::select! {
             _ = stopped(&mut stop) => break,
@@ -1075,20 +1095,35 @@ pub async fn run(ctx: Arc<Context>, node: VirtualNode, mut stop: watch::Receiver
         };
         workers.retain(|_, w| !w.handle.is_finished());
         let pod = match event {
-            watcher::Event::Apply(pod) | watcher::Event::InitApply(pod) => pod,
-            watcher::Event::Delete(pod) => {
-                if let Some(worker) = workers.remove(&pod.uid().unwrap_or_default()) {
-                    worker.handle.abort();
+            watcher::Event::Apply(pod) => pod,
+            watcher::Event::InitApply(pod) => {
+                if let Some(listed) = relisted.as_mut() {
+                    listed.insert(pod.uid().unwrap_or_default());
                 }
-                let shared = shared.clone();
-                tokio::spawn(async move {
-                    if let Err(error) = cleanup_deleted(&shared, &pod).await {
-                        tracing::warn!(%error, pod = %pod.name_any(), "cleaning up after a deleted pod");
-                    }
-                });
+                pod
+            }
+            watcher::Event::Delete(pod) => {
+                let uid = pod.uid().unwrap_or_default();
+                deleted(&shared, workers.remove(&uid), pod);
                 continue;
             }
-            watcher::Event::Init | watcher::Event::InitDone => continue,
+            watcher::Event::Init => {
+                relisted = Some(HashSet::new());
+                continue;
+            }
+            // A pod deleted while the watch was down (a gap the re-list closed) never gets a
+            // Delete event: a worker whose pod the re-list no longer returns is one.
+            watcher::Event::InitDone => {
+                let listed = relisted.take().unwrap_or_default();
+                for uid in vanished(workers.keys(), &listed) {
+                    if let Some(worker) = workers.remove(&uid) {
+                        let pod = worker.pod.borrow().clone();
+                        tracing::info!(pod = %pod.name_any(), "the pod was deleted while the watch was down");
+                        deleted(&shared, Some(worker), pod);
+                    }
+                }
+                continue;
+            }
         };
         let uid = pod.uid().unwrap_or_default();
         match workers.get(&uid) {
@@ -1118,6 +1153,14 @@ mod tests {
     /// The size of the future an async fn of two owned arguments returns.
     fn future_size<A, B, F: std::future::Future>(_: fn(A, B) -> F) -> usize {
         std::mem::size_of::<F>()
+    }
+
+    #[test]
+    fn a_relist_that_no_longer_returns_a_pod_ends_its_worker() {
+        let workers = ["a".to_string(), "b".to_string(), "c".to_string()];
+        let listed = HashSet::from(["a".to_string(), "c".to_string(), "d".to_string()]);
+        assert_eq!(vanished(workers.iter(), &listed), ["b"]);
+        assert!(vanished(workers.iter(), &workers.iter().cloned().collect()).is_empty());
     }
 
     #[test]

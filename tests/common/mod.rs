@@ -319,13 +319,22 @@ impl Replica {
         compute: std::sync::Arc<dyn ec2_kubelet::cloud::Compute>,
         identity: &str,
     ) -> Replica {
+        Replica::start_with(cluster.client_config(), config, compute, identity)
+    }
+
+    /// `start`, with the replica's own client configuration (e.g. through a relay).
+    pub fn start_with(
+        kube_config: kube::Config,
+        config: ec2_kubelet::config::OperatorConfig,
+        compute: std::sync::Arc<dyn ec2_kubelet::cloud::Compute>,
+        identity: &str,
+    ) -> Replica {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
             .build()
             .unwrap();
         let (stop, stopped) = tokio::sync::watch::channel(false);
-        let kube_config = cluster.client_config();
         let name = identity.to_string();
         let (metrics_tx, metrics_rx) = std::sync::mpsc::channel();
         // The replica's own client, created on its runtime: nothing of it outlives a crash.
@@ -1020,6 +1029,27 @@ pub async fn events_of(client: &kube::Client, name: &str) -> Vec<(String, String
         .into_iter()
         .map(|e| (e.reason.unwrap_or_default(), e.message.unwrap_or_default()))
         .collect()
+}
+
+/// Waits until an event about objects named `name` has `reason` and a message that satisfies
+/// `matches`; returns every event about them then. A controller records an event after the
+/// effect it reports (a status written, an instance terminated), so a test that saw the effect
+/// waits for the event rather than reading once.
+pub async fn wait_event(
+    client: &kube::Client,
+    name: &str,
+    reason: &str,
+    matches: impl Fn(&str) -> bool,
+) -> Vec<(String, String)> {
+    let matches = &matches;
+    eventually(30, &format!("a {reason} event about {name}"), || async move {
+        let events = events_of(client, name).await;
+        events
+            .iter()
+            .any(|(r, message)| r == reason && matches(message))
+            .then_some(events)
+    })
+    .await
 }
 
 /// How a test calls the kubelet API.

@@ -11,6 +11,8 @@ pub struct Relay {
     pub address: std::net::SocketAddr,
     /// The copy tasks of the open connections.
     connections: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    /// While set, new connections are closed at once: the network is down.
+    down: Arc<std::sync::atomic::AtomicBool>,
     accept: JoinHandle<()>,
 }
 
@@ -29,9 +31,13 @@ impl Relay {
         let address = listener.local_addr().unwrap();
         let listener = tokio::net::TcpListener::from_std(listener).unwrap();
         let connections: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
-        let open = connections.clone();
+        let down: Arc<std::sync::atomic::AtomicBool> = Arc::default();
+        let (open, refuse) = (connections.clone(), down.clone());
         let accept = tokio::spawn(async move {
             while let Ok((mut inbound, _)) = listener.accept().await {
+                if refuse.load(std::sync::atomic::Ordering::SeqCst) {
+                    continue;
+                }
                 let target = target.clone();
                 let copy = tokio::spawn(async move {
                     if let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await {
@@ -46,7 +52,17 @@ impl Relay {
         Relay {
             address,
             connections,
+            down,
             accept,
+        }
+    }
+
+    /// Takes the network down (every open connection cut, new ones closed at once) or brings
+    /// it back up.
+    pub fn set_down(&self, down: bool) {
+        self.down.store(down, std::sync::atomic::Ordering::SeqCst);
+        if down {
+            self.cut();
         }
     }
 
