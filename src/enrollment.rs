@@ -2,14 +2,15 @@
 //! agents call for their certificates, and how the operator dials agents (its client
 //! certificate, and the instance name it requires of the agent's).
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use k8s_openapi::ByteString;
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::{Api, PostParams};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 use tonic::{Request, Response, Status};
 
@@ -106,15 +107,19 @@ pub struct AgentTls {
     /// The operator's credentials, and the enrollment server's copy of them.
     operator: RwLock<Credentials>,
     served: Arc<SwappableCert>,
-    /// Bootstrap tokens already exchanged (by nonce), until they expire.
-    spent: Mutex<HashMap<String, i64>>,
+    /// Bootstrap tokens already exchanged, recorded in the API server.
+    spent: SpentTokens,
 }
 
 impl AgentTls {
+    /// `client` and `namespace`: where spent bootstrap tokens are recorded (the operator's
+    /// namespace, shared by every replica).
     pub fn new(
         authority: Authority,
         config: &AgentTlsConfig,
         enroll_url: String,
+        client: kube::Client,
+        namespace: &str,
     ) -> Result<Arc<AgentTls>, String> {
         let operator = authority
             .issue_operator(OPERATOR_CERT_TTL)
@@ -127,7 +132,10 @@ impl AgentTls {
             token_ttl: Duration::from_secs(config.bootstrap_token_ttl_seconds.into()),
             operator: RwLock::new(operator),
             served,
-            spent: Mutex::new(HashMap::new()),
+            spent: SpentTokens {
+                leases: Api::namespaced(client, namespace),
+                swept: Mutex::new(None),
+            },
         }))
     }
 
@@ -183,13 +191,90 @@ impl AgentTls {
             .identity(Identity::from_pem(credentials.cert_pem, credentials.key_pem))
             .domain_name(name))
     }
+}
 
-    /// Marks the token of `nonce` (expiring at `expires`) spent; false if it already was.
-    fn spend(&self, nonce: &str, expires: i64) -> bool {
-        let mut spent = self.spent.lock().unwrap_or_else(|p| p.into_inner());
-        let now = now_ms();
-        spent.retain(|_, until| *until >= now);
-        spent.insert(nonce.to_string(), expires).is_none()
+/// The label of the Leases that record spent bootstrap tokens.
+pub const SPENT_TOKEN_LABEL: &str = "ec2-kubelet.io/spent-bootstrap-token";
+
+/// Bootstrap tokens already exchanged, so that a token works once, cluster-wide and across
+/// restarts: one Lease per spent token in the operator's namespace, named for the token's
+/// nonce, held by the instance that spent it until the token expires. Creating it is the
+/// compare-and-swap: of two replicas exchanging one token, the second gets a 409.
+struct SpentTokens {
+    leases: Api<Lease>,
+    /// When expired records were last deleted.
+    swept: Mutex<Option<std::time::Instant>>,
+}
+
+/// How often expired spent-token records are deleted.
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
+
+/// The name of the record of the token of `nonce` (the nonce is hex).
+fn spent_token_name(nonce: &str) -> String {
+    format!("ec2-kubelet-token-{nonce}")
+}
+
+impl SpentTokens {
+    /// Marks the token of `nonce` (issued for `instance_id`, expiring at `expires_ms`) spent:
+    /// true if this call spent it, false if it already was.
+    async fn spend(&self, nonce: &str, instance_id: &str, expires_ms: i64) -> Result<bool, kube::Error> {
+        self.sweep().await;
+        let now = jiff::Timestamp::now();
+        let remaining = (expires_ms - now.as_millisecond()).max(0) / 1000 + 1;
+        let record = Lease {
+            metadata: kube::api::ObjectMeta {
+                name: Some(spent_token_name(nonce)),
+                labels: Some([(SPENT_TOKEN_LABEL.to_string(), "true".to_string())].into()),
+                ..Default::default()
+            },
+            spec: Some(LeaseSpec {
+                holder_identity: Some(instance_id.to_string()),
+                acquire_time: Some(MicroTime(now)),
+                lease_duration_seconds: Some(i32::try_from(remaining).unwrap_or(i32::MAX)),
+                ..Default::default()
+            }),
+        };
+        match self.leases.create(&PostParams::default(), &record).await {
+            Ok(_) => Ok(true),
+            Err(kube::Error::Api(status)) if status.is_already_exists() => Ok(false),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Deletes the records of expired tokens (at most once a minute; an expired token is
+    /// refused by its signature check anyway). Failures are logged and retried next time.
+    async fn sweep(&self) {
+        {
+            let mut swept = self.swept.lock().unwrap_or_else(|p| p.into_inner());
+            if swept.is_some_and(|at| at.elapsed() < SWEEP_EVERY) {
+                return;
+            }
+            *swept = Some(std::time::Instant::now());
+        }
+        let params = ListParams::default().labels(&format!("{SPENT_TOKEN_LABEL}=true"));
+        let records = match self.leases.list(&params).await {
+            Ok(records) => records.items,
+            Err(error) => {
+                tracing::warn!(%error, "listing spent bootstrap tokens");
+                return;
+            }
+        };
+        let now = jiff::Timestamp::now();
+        for record in records {
+            let expired = record
+                .spec
+                .as_ref()
+                .is_none_or(|spec| crate::node::lease::expired(spec, now));
+            if !expired {
+                continue;
+            }
+            let name = record.metadata.name.unwrap_or_default();
+            if let Err(error) = self.leases.delete(&name, &DeleteParams::default()).await
+                && !matches!(&error, kube::Error::Api(status) if status.is_not_found())
+            {
+                tracing::warn!(%error, record = %name, "deleting a spent bootstrap token's record");
+            }
+        }
     }
 }
 
@@ -247,7 +332,13 @@ impl EnrollmentService {
                 "the bootstrap token was not issued for {instance_id}"
             )));
         }
-        if !self.tls.spend(&nonce, expires) {
+        let spent = self
+            .tls
+            .spent
+            .spend(&nonce, instance_id, expires)
+            .await
+            .map_err(|e| Status::unavailable(format!("recording the bootstrap token as spent: {e}")))?;
+        if !spent {
             return Err(Status::permission_denied("the bootstrap token was already used"));
         }
         Ok(())

@@ -258,7 +258,13 @@ async fn secure_agents(ctx: &mut Context) -> Result<Option<crate::enrollment::En
             format!("https://{}", std::net::SocketAddr::new(ip, address.port()))
         }
     };
-    let tls = AgentTls::new(authority, &config.agent_tls, url)?;
+    let tls = AgentTls::new(
+        authority,
+        &config.agent_tls,
+        url,
+        ctx.client.clone(),
+        &config.namespace,
+    )?;
     let server = enrollment::serve(listener, tls.clone(), ctx.compute.clone())?;
     tracing::info!(address = %server.address, url = %tls.enroll_url(), "serving agent enrollment");
     ctx.agents = crate::agent::client::Connections::with_tls(tls);

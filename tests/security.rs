@@ -546,3 +546,72 @@ async fn secrets_and_config_maps_never_reach_logs_events_or_tags() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bootstrap_token_works_once_across_replicas_and_restarts() {
+    let env = start(600).await;
+    let (c, _) = env.launch_unenrolled("c").await;
+    let authority = common::agent_authority(&env.client).await;
+    let ca = authority.ca_pem().to_string();
+    let token = authority.mint_token(c.tag(tags::ENROLLMENT).unwrap(), Duration::from_secs(600));
+    // A second replica, with its own enrollment endpoint (as behind one Service).
+    let second = || async {
+        let mut config = common::fast_config();
+        config.server.enroll_address = format!("127.0.0.1:{}", common::free_port());
+        let compute: Arc<dyn Compute> = env.compute.clone();
+        let (ctx, enrollment) =
+            ec2_kubelet::operator::context(env.client.clone(), compute, config, "security-b")
+                .await
+                .unwrap();
+        (ctx, enrollment.unwrap())
+    };
+    let (_b, b_enrollment) = second().await;
+    let b_url = format!("https://{}", b_enrollment.address);
+
+    let mut via_a = enrollment_client(&env.enroll_url(), &ca, None).await;
+    let issued = via_a
+        .enroll(enroll_request(&c.instance_id, &token))
+        .await
+        .expect("the token, once")
+        .into_inner();
+    assert!(issued.certificate_pem.contains("BEGIN CERTIFICATE"));
+    let refused = |result: Result<tonic::Response<_>, tonic::Status>, who: &str| {
+        let status = result.expect_err(who);
+        assert_eq!(status.code(), tonic::Code::PermissionDenied, "{who}: {status:?}");
+        assert!(status.message().contains("already used"), "{who}: {status:?}");
+    };
+    // Replayed at the other replica.
+    let mut via_b = enrollment_client(&b_url, &ca, None).await;
+    refused(
+        via_b.enroll(enroll_request(&c.instance_id, &token)).await,
+        "replica B",
+    );
+    // Replayed after a restart of that replica (nothing of the first one's memory left).
+    drop(b_enrollment);
+    let (_b2, b2_enrollment) = second().await;
+    let mut via_b2 = enrollment_client(&format!("https://{}", b2_enrollment.address), &ca, None).await;
+    refused(
+        via_b2.enroll(enroll_request(&c.instance_id, &token)).await,
+        "restarted replica B",
+    );
+    // The record names the instance that spent the token and lasts until the token expires.
+    let records: kube::Api<k8s_openapi::api::coordination::v1::Lease> =
+        kube::Api::namespaced(env.client.clone(), common::OPERATOR_NAMESPACE);
+    let listed = records
+        .list(
+            &kube::api::ListParams::default()
+                .labels(&format!("{}=true", ec2_kubelet::enrollment::SPENT_TOKEN_LABEL)),
+        )
+        .await
+        .unwrap();
+    let spec = listed
+        .items
+        .iter()
+        .filter_map(|l| l.spec.clone())
+        .find(|s| s.holder_identity.as_deref() == Some(c.instance_id.as_str()))
+        .expect("a record of the spent token");
+    assert!(
+        (590..=601).contains(&spec.lease_duration_seconds.unwrap()),
+        "{spec:?}"
+    );
+}
