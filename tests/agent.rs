@@ -661,3 +661,37 @@ async fn invalid_pod_is_refused_with_the_field() {
         .unwrap_err();
     assert_eq!(missing.code(), tonic::Code::NotFound);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exit_that_cannot_be_persisted_still_reaches_the_pod_status_with_its_code() {
+    let mut f = start_agent().await;
+    let go = f._dirs.path().join("go");
+    let script = format!("while [ ! -e {} ]; do sleep 0.05; done; exit 3", go.display());
+    launch(
+        &mut f.client,
+        pod("unrecorded", RestartPolicy::Never, vec![shell("main", &script)]),
+    )
+    .await;
+    watch_until(&mut f.client, "unrecorded", |s| is_running(container(s, "main"))).await;
+    // Now the run's exit record cannot be written: its temp file's place is taken by a
+    // directory (as root, permissions would not stop the write; a full disk fails the same way).
+    let run_dir = f._dirs.path().join("state/pods/unrecorded/containers/main/0");
+    assert!(run_dir.join("container.pid").exists(), "the run's directory");
+    std::fs::create_dir_all(run_dir.join("exit.tmp")).unwrap();
+    std::fs::write(&go, "").unwrap();
+    let seen = watch_until(&mut f.client, "unrecorded", |s| {
+        s.phase == PodPhase::Failed as i32
+    })
+    .await;
+    let exit = terminated(container(seen.last().unwrap(), "main")).expect("terminated");
+    assert_eq!(
+        exit.exit_code, 3,
+        "the container's own code, not a guess: {exit:?}"
+    );
+    assert_eq!(exit.reason, "Error");
+    assert!(
+        exit.message.contains("not persisted") && exit.message.contains("exit.json: Is a directory"),
+        "the status says the record is missing and why: {exit:?}"
+    );
+    assert!(!run_dir.join("exit.json").exists());
+}

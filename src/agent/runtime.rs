@@ -638,8 +638,22 @@ impl PodRuntime {
                                     started_at_unix_ms: now_ms(),
                                     finished_at_unix_ms: now_ms(),
                                 };
-                                let _ = run.create().and_then(|_| run.set_exit(&exit));
-                                (run, None)
+                                let exit = match run.create().and_then(|_| run.set_exit(&exit)) {
+                                    Ok(()) => exit,
+                                    Err(error) => {
+                                        tracing::warn!(pod_uid = %self.spec.uid, container = %container.name, %error, "recording a run that could not start");
+                                        ExitRecord {
+                                            message: format!(
+                                                "{} (not persisted on the instance: {error})",
+                                                exit.message
+                                            ),
+                                            ..exit
+                                        }
+                                    }
+                                };
+                                self.update(index, |c, _| c.restart_count = run.run as i32);
+                                pending_exit = Some(exit);
+                                continue;
                             }
                         }
                     }
@@ -767,21 +781,41 @@ impl PodRuntime {
             .stderr(shim_log)
             .kill_on_drop(false);
         std::fs::create_dir_all(self.working_dir(container))?;
-        let child = command.spawn()?;
-        if let Some(pid) = child.id() {
-            run.set_shim_pid(pid)?;
-        }
-        // "Running" means the container process exists: wait until the shim has recorded its pid
-        // (or that it could not start it). Bounded, in case the shim itself dies first.
-        for _ in 0..500 {
-            if run.container_pid().is_some() || run.exit().is_some() {
-                break;
+        let mut child = command.spawn()?;
+        if let Err(error) = record_start(run, &child).await {
+            // A run whose shim pid or start time is not on disk could not be re-adopted after an
+            // agent restart: it must not go on unrecorded. The container dies with its shim.
+            if let Some(pid) = run.container_pid() {
+                // SAFETY: signalling the process group created for this run's container.
+                unsafe { libc::kill(-pid, libc::SIGKILL) };
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            if let Err(kill) = child.kill().await {
+                tracing::warn!(run = %run.root.display(), error = %kill, "stopping a shim whose run could not be recorded");
+            }
+            return Err(Error::State(format!(
+                "recording the run in {}: {error}",
+                run.root.display()
+            )));
         }
-        run.set_started_at(now_ms())?;
         Ok(child)
     }
+}
+
+/// Records a run's shim pid, then (once the shim has started the container, or said it could
+/// not) its start time.
+async fn record_start(run: &RunDir, shim: &tokio::process::Child) -> std::io::Result<()> {
+    if let Some(pid) = shim.id() {
+        run.set_shim_pid(pid)?;
+    }
+    // "Running" means the container process exists: wait until the shim has recorded its pid
+    // (or that it could not start it). Bounded, in case the shim itself dies first.
+    for _ in 0..500 {
+        if run.container_pid().is_some() || run.exit().is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    run.set_started_at(now_ms())
 }
 
 /// Resolves once the pod is being terminated (the watch guard is not held past it).
@@ -812,19 +846,48 @@ fn lost_exit(run: &RunDir) -> ExitRecord {
     }
 }
 
+/// How a run ended when its shim could not record it but exited on its own: the shim's exit
+/// code is the container's (see `shim::record_exit`), and the pod's status says the record
+/// is missing and why (the shim's last words in `shim.log`).
+fn unrecorded_exit(run: &RunDir, code: i32) -> ExitRecord {
+    let log = std::fs::read_to_string(run.root.join("shim.log")).unwrap_or_default();
+    let why = log
+        .lines()
+        .rev()
+        .find(|line| !line.trim().is_empty())
+        .unwrap_or("the shim left no word");
+    ExitRecord {
+        exit_code: code,
+        signal: 0,
+        reason: if code == 0 { "Completed" } else { "Error" }.into(),
+        message: format!("the exit status was not persisted on the instance: {why}"),
+        started_at_unix_ms: run.started_at(),
+        finished_at_unix_ms: now_ms(),
+    }
+}
+
 /// Waits until a run ends and returns how. `child` is the shim when this agent started it.
 async fn wait_run(run: &RunDir, child: Option<tokio::process::Child>) -> ExitRecord {
     match child {
         Some(mut child) => {
-            let _ = child.wait().await;
+            let shim = child.wait().await;
+            match (run.exit(), shim.map(|status| status.code())) {
+                (Some(exit), _) => exit,
+                (None, Ok(Some(code))) => {
+                    let exit = unrecorded_exit(run, code);
+                    tracing::warn!(run = %run.root.display(), message = %exit.message, "a container's exit was not recorded");
+                    exit
+                }
+                (None, _) => lost_exit(run),
+            }
         }
         None => {
             while run.exit().is_none() && run.shim_pid().is_some_and(shim_alive) {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
+            run.exit().unwrap_or_else(|| lost_exit(run))
         }
     }
-    run.exit().unwrap_or_else(|| lost_exit(run))
 }
 
 /// Signals a run's process group: SIGTERM, then SIGKILL after `grace`; waits for the end.

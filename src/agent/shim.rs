@@ -98,7 +98,25 @@ fn pump(reader: impl Read, stream: &'static str, log: Arc<Mutex<LogWriter>>) {
     }
 }
 
-/// Runs the shim to completion; returns the process exit code of the shim itself.
+/// Records how a run ended. When the record cannot be written (a full or failing disk), the
+/// shim says why on its stderr (`shim.log`) and exits with the container's exit code, so the
+/// agent that started it still learns the code and reports the failure in the pod's status.
+fn record_exit(run: &RunDir, record: &ExitRecord) -> i32 {
+    match run.set_exit(record) {
+        Ok(()) => 0,
+        Err(error) => {
+            eprintln!(
+                "ec2-kubelet-agent shim: cannot record the exit status ({}) in {}: {error}",
+                record.exit_code,
+                run.root.join("exit.json").display()
+            );
+            record.exit_code
+        }
+    }
+}
+
+/// Runs the shim to completion; returns the process exit code of the shim itself: 0 once the
+/// exit record is written, else the container's exit code (see [`record_exit`]).
 pub fn run(args: ShimArgs) -> i32 {
     // A terminal hang-up or Ctrl-C aimed at the agent must not take containers with it.
     // SAFETY: setting signal dispositions to SIG_IGN has no preconditions.
@@ -113,15 +131,15 @@ pub fn run(args: ShimArgs) -> i32 {
     };
     let started_at = now_ms();
     let record_failure = |message: String| {
-        let _ = run.set_exit(&ExitRecord {
+        let record = ExitRecord {
             exit_code: 128,
             signal: 0,
             reason: "ContainerCannotRun".into(),
             message,
             started_at_unix_ms: started_at,
             finished_at_unix_ms: now_ms(),
-        });
-        1
+        };
+        record_exit(&run, &record)
     };
     let log = match LogWriter::open(&args.log_file, args.log_max_bytes) {
         Ok(log) => Arc::new(Mutex::new(log)),
@@ -162,7 +180,16 @@ pub fn run(args: ShimArgs) -> i32 {
             return record_failure(format!("cannot start {program:?}: {e}"));
         }
     };
-    let _ = run.set_container_pid(child.id());
+    if let Err(error) = run.set_container_pid(child.id()) {
+        // Without its pid on disk the agent could neither stop this container nor re-adopt
+        // it after a restart: it must not run.
+        // SAFETY: signalling the process group this shim just created for the container.
+        unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+        if let Err(wait) = child.wait() {
+            eprintln!("ec2-kubelet-agent shim: reaping the container: {wait}");
+        }
+        return record_failure(format!("cannot record the container's pid: {error}"));
+    }
     let mut pumps = Vec::new();
     if let Some(stdout) = child.stdout.take() {
         let log = log.clone();
@@ -183,15 +210,15 @@ pub fn run(args: ShimArgs) -> i32 {
     } else {
         String::new()
     };
-    let _ = run.set_exit(&ExitRecord {
+    let record = ExitRecord {
         exit_code,
         signal,
         reason: reason.into(),
         message,
         started_at_unix_ms: started_at,
         finished_at_unix_ms: now_ms(),
-    });
-    0
+    };
+    record_exit(&run, &record)
 }
 
 #[cfg(test)]

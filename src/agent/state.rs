@@ -53,27 +53,39 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-/// Writes a file atomically (temp file + rename), so readers never see half of it.
+/// Writes a file atomically and durably: a temp file, synced, renamed over `path`, and the
+/// directory synced. Readers never see half of it, and after a crash or a power loss the file
+/// has its old content or its new one: the agent re-adopts its containers from these files.
 pub fn write_atomic(path: &Path, content: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, content)?;
-    std::fs::rename(tmp, path)
+    write_durable(path, content, 0o644)
 }
 
-/// Writes a file only its owner can read (mode 0600), atomically: temp file, synced, renamed.
+/// [`write_atomic`] for a file only its owner can read (mode 0600).
 pub fn write_private(path: &Path, content: &[u8]) -> std::io::Result<()> {
+    write_durable(path, content, 0o600)
+}
+
+fn write_durable(path: &Path, content: &[u8], mode: u32) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");
+    // A temp file left by a crash keeps its old mode: start from a new one.
+    match std::fs::remove_file(&tmp) {
+        Err(error) if error.kind() != std::io::ErrorKind::NotFound => return Err(error),
+        _ => {}
+    }
     let mut file = std::fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
+        .create_new(true)
+        .mode(mode)
         .open(&tmp)?;
     file.write_all(content)?;
     file.sync_all()?;
-    std::fs::rename(tmp, path)
+    std::fs::rename(&tmp, path)?;
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => std::fs::File::open(dir)?.sync_all(),
+        _ => Ok(()),
+    }
 }
 
 fn read_i64(path: &Path) -> Option<i64> {
@@ -276,6 +288,26 @@ impl RunDir {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_private_write_over_a_stale_temp_file_is_still_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pod.pb");
+        // A crash left a world-readable temp file behind.
+        std::fs::write(path.with_extension("tmp"), b"old").unwrap();
+        std::fs::set_permissions(path.with_extension("tmp"), std::fs::Permissions::from_mode(0o644)).unwrap();
+        write_private(&path, b"secret").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"secret");
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert!(!path.with_extension("tmp").exists());
+        // A write that cannot land says so, and leaves the old content.
+        std::fs::create_dir(dir.path().join("exit.tmp")).unwrap();
+        std::fs::write(dir.path().join("exit.json"), b"{}").unwrap();
+        assert!(write_atomic(&dir.path().join("exit.json"), b"new").is_err());
+        assert_eq!(std::fs::read(dir.path().join("exit.json")).unwrap(), b"{}");
+    }
 
     #[test]
     fn spec_and_runs_survive_a_reload() {
