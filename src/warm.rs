@@ -165,9 +165,10 @@ async fn compare_and_swap<T>(
             Err(error) => return Err(error.into()),
         }
     }
-    Err(Error::Binding(format!(
-        "pool {pool}: the status kept changing under {CAS_ATTEMPTS} compare-and-swap writes"
-    )))
+    Err(Error::Contended {
+        object: format!("pool {pool}"),
+        attempts: CAS_ATTEMPTS,
+    })
 }
 
 /// `warmReady` and `warmLaunching` for the warm map after `removed` leave and `added` join.

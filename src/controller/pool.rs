@@ -108,21 +108,14 @@ pub async fn reconcile(pool: Arc<Ec2NodePool>, ctx: Arc<Context>) -> Result<Acti
         }
     })
     .await
-    .map_err(|error| match error {
-        finalizer::Error::ApplyFailed(error) | finalizer::Error::CleanupFailed(error) => error,
-        other => Error::Finalizer(other.to_string()),
-    })
+    .map_err(Error::from_finalizer)
 }
 
 /// Transient failures retry soon; the rest wait for the resync (a spec change triggers sooner).
 pub fn error_policy(pool: Arc<Ec2NodePool>, error: &Error, ctx: Arc<Context>) -> Action {
-    tracing::warn!(pool = %pool.name_any(), %error, "pool reconcile failed");
-    let retry = match error {
-        Error::Cloud(cloud) if !cloud.is_retryable() => ctx.config.sync.pool_resync_seconds.into(),
-        Error::InvalidSpec { .. } => ctx.config.sync.pool_resync_seconds.into(),
-        _ => 5 + u64::from(rand::random::<u8>() % 5),
-    };
-    Action::requeue(Duration::from_secs(retry))
+    tracing::warn!(pool = %pool.name_any(), %error, reason = error.reason(), "pool reconcile failed");
+    let resync = Duration::from_secs(ctx.config.sync.pool_resync_seconds.into());
+    Action::requeue(crate::controller::retry_after(error, resync))
 }
 
 async fn publish(

@@ -353,18 +353,16 @@ pub async fn reconcile(template: Arc<Ec2PodTemplate>, ctx: Arc<Context>) -> Resu
         }
     })
     .await
-    .map_err(|error| match error {
-        finalizer::Error::ApplyFailed(error) | finalizer::Error::CleanupFailed(error) => error,
-        other => Error::Finalizer(other.to_string()),
-    })
+    .map_err(Error::from_finalizer)
 }
 
-pub fn error_policy(template: Arc<Ec2PodTemplate>, error: &Error, _ctx: Arc<Context>) -> Action {
+pub fn error_policy(template: Arc<Ec2PodTemplate>, error: &Error, ctx: Arc<Context>) -> Action {
     match error {
         Error::InUse(_) => Action::requeue(Duration::from_secs(5)),
         _ => {
-            tracing::warn!(template = %template.name_any(), %error, "template reconcile failed");
-            Action::requeue(Duration::from_secs(5 + u64::from(rand::random::<u8>() % 5)))
+            tracing::warn!(template = %template.name_any(), %error, reason = error.reason(), "template reconcile failed");
+            let resync = Duration::from_secs(ctx.config.sync.template_resync_seconds.into());
+            Action::requeue(crate::controller::retry_after(error, resync))
         }
     }
 }

@@ -6,7 +6,7 @@
 //! before its instance is launched.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use kube::Client;
 use kube::api::{Api, Patch, PatchParams};
@@ -20,12 +20,62 @@ struct Change {
     node: String,
     uid: String,
     binding: Option<Value>,
-    done: oneshot::Sender<Result<(), String>>,
+    done: oneshot::Sender<Result<(), BindingError>>,
+}
+
+/// Why a binding change did not become durable.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum BindingError {
+    /// The API server refused or failed the batch this change was in (shared by every change
+    /// of the batch).
+    #[error("writing {count} binding(s) of pool {pool}: {source}")]
+    Write {
+        pool: String,
+        count: usize,
+        #[source]
+        source: Arc<kube::Error>,
+    },
+    #[error("the binding writer of pool {pool} stopped")]
+    Stopped { pool: String },
+}
+
+impl BindingError {
+    /// The API server's status code, when it answered.
+    fn code(&self) -> Option<u16> {
+        match self {
+            BindingError::Write { source, .. } => match source.as_ref() {
+                kube::Error::Api(status) => Some(status.code),
+                _ => None,
+            },
+            BindingError::Stopped { .. } => None,
+        }
+    }
+
+    /// Worth another try soon: a conflict, throttling, a 5xx or no answer. A 413 (the pool's
+    /// status is too large) or a 422 will not pass by retrying the same write.
+    pub fn is_retryable(&self) -> bool {
+        match self.code() {
+            Some(code) => code == 409 || code == 429 || code >= 500,
+            None => true,
+        }
+    }
+
+    /// A short name for events and metrics labels.
+    pub fn reason(&self) -> &'static str {
+        match self.code() {
+            Some(409) => "BindingConflict",
+            Some(413) => "BindingTooLarge",
+            Some(429) => "BindingThrottled",
+            Some(code) if code < 500 => "BindingRefused",
+            _ => "BindingWriteFailed",
+        }
+    }
 }
 
 /// The binding writer of one pool; cheap to clone.
 #[derive(Clone)]
 pub struct BindingWriter {
+    pool: String,
     tx: mpsc::UnboundedSender<Change>,
 }
 
@@ -33,13 +83,13 @@ impl BindingWriter {
     /// Starts the writer task of `pool`; it ends once every handle is dropped.
     pub fn start(client: Client, pool: String, writes: Counter) -> BindingWriter {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(run(client, pool, rx, writes));
-        BindingWriter { tx }
+        tokio::spawn(run(client, pool.clone(), rx, writes));
+        BindingWriter { pool, tx }
     }
 
     /// Writes (or with `None`, removes) the binding of pod `uid` on `node`, merged into what
     /// is there; returns once the API server has it.
-    pub async fn set(&self, node: &str, uid: &str, binding: Option<Value>) -> Result<(), String> {
+    pub async fn set(&self, node: &str, uid: &str, binding: Option<Value>) -> Result<(), BindingError> {
         let (done, written) = oneshot::channel();
         let change = Change {
             node: node.to_string(),
@@ -47,12 +97,11 @@ impl BindingWriter {
             binding,
             done,
         };
-        self.tx
-            .send(change)
-            .map_err(|_| "the binding writer stopped".to_string())?;
-        written
-            .await
-            .map_err(|_| "the binding writer stopped".to_string())?
+        let stopped = || BindingError::Stopped {
+            pool: self.pool.clone(),
+        };
+        self.tx.send(change).map_err(|_| stopped())?;
+        written.await.map_err(|_| stopped())?
     }
 }
 
@@ -87,12 +136,14 @@ async fn run(client: Client, pool: String, mut rx: mpsc::UnboundedReceiver<Chang
             .await
         {
             Ok(_) => Ok(()),
-            Err(error) => Err(format!(
-                "writing {} binding(s) of pool {pool}: {error}",
-                batch.len()
-            )),
+            Err(error) => Err(BindingError::Write {
+                pool: pool.clone(),
+                count: batch.len(),
+                source: Arc::new(error),
+            }),
         };
         for change in batch {
+            // A worker that stopped waiting needs no answer.
             let _ = change.done.send(result.clone());
         }
     }
@@ -147,5 +198,40 @@ mod tests {
         assert_eq!(merged(&batch)["status"]["bindings"]["n1"]["a"], Value::Null);
         let batch = [change("n1", "a", None), change("n1", "a", Some(json!({"x": 1})))];
         assert_eq!(merged(&batch)["status"]["bindings"]["n1"]["a"], json!({"x": 1}));
+    }
+
+    fn refused(code: u16) -> BindingError {
+        BindingError::Write {
+            pool: "p".into(),
+            count: 2,
+            source: Arc::new(kube::Error::Api(
+                kube::core::Status::failure("refused", "").with_code(code).boxed(),
+            )),
+        }
+    }
+
+    #[test]
+    fn a_conflict_a_too_large_status_and_a_server_error_are_told_apart() {
+        let cases = [
+            (409, true, "BindingConflict"),
+            (413, false, "BindingTooLarge"),
+            (422, false, "BindingRefused"),
+            (429, true, "BindingThrottled"),
+            (500, true, "BindingWriteFailed"),
+            (503, true, "BindingWriteFailed"),
+        ];
+        for (code, retryable, reason) in cases {
+            let error = refused(code);
+            assert_eq!(
+                (error.is_retryable(), error.reason()),
+                (retryable, reason),
+                "{code}"
+            );
+            let source = std::error::Error::source(&error).expect("the API error is kept");
+            assert!(source.to_string().contains("refused"), "{code}: {source}");
+        }
+        let stopped = BindingError::Stopped { pool: "p".into() };
+        assert!(stopped.is_retryable());
+        assert_eq!(stopped.to_string(), "the binding writer of pool p stopped");
     }
 }

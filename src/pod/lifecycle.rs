@@ -47,7 +47,7 @@ async fn set_binding(ctx: &Context, node: &VirtualNode, uid: &str, binding: Opti
         .of(&ctx.client, &node.pool, &ctx.metrics.binding_writes)
         .set(&node.name, uid, binding)
         .await
-        .map_err(Error::Binding)
+        .map_err(Error::from)
 }
 
 /// The instance already launched for this pod, found by its `pod-uid` tag in a snapshot of the
@@ -709,7 +709,7 @@ async fn wait_for_agent(
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(200)) => {}
             changed = pod_rx.changed() => if changed.is_err() {
-                return Err(Error::Agent("the pod worker was stopped".into()));
+                return Err(Error::WorkerStopped);
             },
         }
     }
@@ -732,7 +732,10 @@ async fn hand_over(shared: &Shared, pod: &Pod, agent: &mut AgentChannel, instanc
                     pod: Some(agent_spec),
                 })
                 .await
-                .map_err(|e| Error::Agent(format!("LaunchPod: {e}")))?;
+                .map_err(|source| Error::Agent {
+                    call: "LaunchPod",
+                    source,
+                })?;
             // No event: the pod's status says its containers started (and when); events cost a
             // write each, and a pod lifecycle stays within a handful of writes.
             let _ = reply.into_inner().already_known;
@@ -781,7 +784,7 @@ async fn mirror(
         }
         tokio::select! {
             changed = pod_rx.changed() => if changed.is_err() {
-                return Err(Error::Agent("the pod worker was stopped".into()));
+                return Err(Error::WorkerStopped);
             },
             report = stream.next() => match report {
                 Some(Ok(report)) if report.spot_interruption => {
