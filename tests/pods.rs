@@ -10,7 +10,7 @@ use ec2_kubelet::cloud::{Compute, InstanceFilter};
 use ec2_kubelet::config::OperatorConfig;
 use ec2_kubelet::crd::Ec2NodePool;
 use ec2_kubelet::devcluster::DevCluster;
-use k8s_openapi::api::core::v1::{Event, Pod};
+use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
@@ -194,20 +194,9 @@ async fn a_pod_runs_on_its_own_right_sized_instance_and_is_cleaned_up_on_delete(
         binding.instance_id.as_deref(),
         Some(instance.instance_id.as_str())
     );
-    let events: Api<Event> = Api::default_namespaced(env.client.clone());
-    let reasons: Vec<String> = events
-        .list(&ListParams::default().fields("involvedObject.name=web"))
-        .await
-        .unwrap()
-        .items
-        .into_iter()
-        .filter_map(|e| e.reason)
-        .collect();
+    // The scheduler's event and ours (recorded before the pod was handed to its agent).
     for reason in ["Scheduled", "LaunchedInstance"] {
-        assert!(
-            reasons.iter().any(|r| r == reason),
-            "{reason} missing from {reasons:?}"
-        );
+        common::wait_event(&env.client, "web", reason, |_| true).await;
     }
 
     pods.delete("web", &DeleteParams::default()).await.unwrap();
@@ -361,19 +350,11 @@ async fn orphan_instances_are_terminated_and_other_clusters_are_never_touched() 
         theirs[0].state.is_alive(),
         "an instance without our cluster tag is never touched"
     );
-    let events: Api<Event> = Api::all(env.client.clone());
-    let reasons: Vec<String> = events
-        .list(&ListParams::default().fields("involvedObject.name=pods"))
-        .await
-        .unwrap()
-        .items
-        .into_iter()
-        .filter_map(|e| e.reason)
-        .collect();
-    assert!(
-        reasons.iter().any(|r| r == "OrphanInstancesTerminated"),
-        "{reasons:?}"
-    );
+    // The event follows the termination the test saw.
+    common::wait_event(&env.client, "pods", "OrphanInstancesTerminated", |m| {
+        m.contains(&ghost.instance_id)
+    })
+    .await;
     env.replica.take().unwrap().stop().await;
 }
 

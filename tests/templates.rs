@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use ec2_kubelet::cloud::aws::AwsCompute;
 use ec2_kubelet::crd::{Ec2NodePool, Ec2PodTemplate};
-use k8s_openapi::api::core::v1::{Event, Pod};
+use k8s_openapi::api::core::v1::Pod;
 use kube::Client;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use serde_json::{Value, json};
@@ -461,16 +461,8 @@ async fn a_spot_interruption_fails_its_pod_and_a_darwin_pool_has_darwin_nodes() 
     );
     let ready = conditions.iter().find(|c| c.type_ == "Ready").unwrap();
     assert_eq!(ready.status, "False");
-    let events: Api<Event> = Api::default_namespaced(client.clone());
-    let reasons: Vec<String> = events
-        .list(&ListParams::default().fields("involvedObject.name=bargain"))
-        .await
-        .unwrap()
-        .items
-        .into_iter()
-        .filter_map(|e| e.reason)
-        .collect();
-    assert!(reasons.iter().any(|r| r == "SpotInterrupted"), "{reasons:?}");
+    // The event follows the status the test saw.
+    common::wait_event(&client, "bargain", "SpotInterrupted", |_| true).await;
     common::eventually(30, "the reclaimed instance terminated", || {
         let compute = compute.clone();
         async move {
