@@ -7,10 +7,9 @@ pub mod template;
 
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::ObjectReference;
 use kube::Client;
 
-use crate::events::{EventType, Recorder};
+use crate::events::Recorder;
 
 use crate::cloud::Compute;
 use crate::config::OperatorConfig;
@@ -64,31 +63,6 @@ impl Context {
         let filter = crate::cloud::InstanceFilter::Pool(pool.to_string());
         let fetch = || self.gate.call(pool, || self.compute.describe_instances(&filter));
         Ok(self.instances.get(pool, not_before, fetch).await?)
-    }
-
-    /// Records an event that may repeat (a controller's finding, a launch retried through an
-    /// outage): see [`crate::events::Recorder::publish`].
-    pub async fn publish(
-        &self,
-        regarding: &ObjectReference,
-        type_: EventType,
-        reason: &str,
-        note: String,
-        action: &str,
-    ) {
-        self.events.publish(regarding, type_, reason, note, action).await
-    }
-
-    /// Records an event that happens once in its object's life (a pod's launch, its
-    /// termination): see [`crate::events::Recorder::publish_once`].
-    pub async fn publish_once(
-        &self,
-        regarding: ObjectReference,
-        type_: EventType,
-        reason: &str,
-        note: String,
-    ) {
-        self.events.publish_once(regarding, type_, reason, note).await
     }
 
     /// The ENIs of `pool` as of a `DescribeNetworkInterfaces` that started at or after

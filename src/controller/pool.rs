@@ -126,7 +126,8 @@ async fn publish(
     note: String,
     action: &str,
 ) {
-    ctx.publish(&pool.object_ref(&()), type_, reason, note, action)
+    ctx.events
+        .publish(&pool.object_ref(&()), type_, reason, note, action)
         .await;
 }
 

@@ -178,7 +178,8 @@ fn now() -> Time {
 }
 
 async fn publish(ctx: &Context, template: &Ec2PodTemplate, type_: EventType, reason: &str, note: String) {
-    ctx.publish(&template.object_ref(&()), type_, reason, note, "Validate")
+    ctx.events
+        .publish(&template.object_ref(&()), type_, reason, note, "Validate")
         .await;
 }
 

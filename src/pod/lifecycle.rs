@@ -33,7 +33,9 @@ use crate::node::supervisor::stopped;
 /// Records a pod event. A pod's events do not repeat (one launch, one termination), so they
 /// skip the recorder's cache of recent events.
 async fn publish(ctx: &Context, pod: &Pod, type_: EventType, reason: &str, note: String) {
-    ctx.publish_once(pod.object_ref(&()), type_, reason, note).await;
+    ctx.events
+        .publish_once(pod.object_ref(&()), type_, reason, note)
+        .await;
 }
 
 fn pods(ctx: &Context, namespace: &str) -> Api<Pod> {
@@ -577,14 +579,15 @@ async fn launch(shared: &Shared, pod_rx: &mut watch::Receiver<Pod>) -> Result<Op
                     }
                 );
                 // It repeats while the worker retries: the recorder folds the repeats.
-                ctx.publish(
-                    &pod.object_ref(&()),
-                    EventType::Warning,
-                    "FailedLaunch",
-                    note,
-                    "Launch",
-                )
-                .await;
+                ctx.events
+                    .publish(
+                        &pod.object_ref(&()),
+                        EventType::Warning,
+                        "FailedLaunch",
+                        note,
+                        "Launch",
+                    )
+                    .await;
                 return Err(error.into());
             }
         }
