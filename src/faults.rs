@@ -15,6 +15,10 @@ static ARMED: Mutex<Armed> = Mutex::new(Vec::new());
 
 /// After a launch returned the instance, before the binding records it.
 pub const POD_LAUNCHED: &str = "pod.launched";
+/// In the `local` backend: after an instance's record is written, before its agent starts.
+pub const LOCAL_INSTANCE_RECORDED: &str = "local.instance-recorded";
+/// In the `local` backend: after an instance's agent started, before its record has the pid.
+pub const LOCAL_AGENT_STARTED: &str = "local.agent-started";
 /// After the instance was terminated, before the binding goes and the pod is released.
 pub const POD_TERMINATED: &str = "pod.terminated";
 

@@ -502,6 +502,67 @@ async fn crashes_between_launch_and_record_and_between_terminate_and_release_lea
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_launch_cut_short_before_the_instance_booted_is_completed_not_repeated() {
+    let mut env = start().await;
+    let pods: Api<Pod> = Api::default_namespaced(env.client.clone());
+    // The operator dies inside the launch: the instance is recorded, its agent not started.
+    let recorded = ec2_kubelet::faults::arm(ec2_kubelet::faults::LOCAL_INSTANCE_RECORDED, "default/halfway");
+    let created = pods
+        .create(
+            &PostParams::default(),
+            &pod("halfway", "sleep 3600", "Always", json!({})),
+        )
+        .await
+        .unwrap();
+    let uid = created.uid().unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(60), recorded)
+        .await
+        .expect("the launch reaches the fault point")
+        .unwrap();
+    env.replica.take().unwrap().kill();
+    let interrupted = launched_for(&env.compute, &uid).await;
+    assert_eq!(interrupted.len(), 1);
+    assert!(!interrupted[0].state.is_alive(), "{interrupted:?}");
+
+    // The next replica's retry completes that launch: the same instance, booted.
+    restart(&mut env, "replica-b");
+    let running = common::phase_of(&pods, "halfway", "Running").await;
+    let instances = launched_for(&env.compute, &uid).await;
+    assert_eq!(instances.len(), 1, "launched exactly once: {instances:?}");
+    assert_eq!(instances[0].instance_id, interrupted[0].instance_id);
+    assert_eq!(
+        running.annotations()["ec2-kubelet.io/instance-id"],
+        interrupted[0].instance_id
+    );
+
+    // The operator dies a moment later in the launch: the agent runs, the record has no pid
+    // yet. The agent wrote its own pid before it ran, so the instance is alive and adopted.
+    let started = ec2_kubelet::faults::arm(ec2_kubelet::faults::LOCAL_AGENT_STARTED, "default/later");
+    let created = pods
+        .create(
+            &PostParams::default(),
+            &pod("later", "sleep 3600", "Always", json!({})),
+        )
+        .await
+        .unwrap();
+    let uid = created.uid().unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(60), started)
+        .await
+        .expect("the launch reaches the fault point")
+        .unwrap();
+    env.replica.take().unwrap().kill();
+    let booted = launched_for(&env.compute, &uid).await;
+    assert_eq!(booted.len(), 1);
+    assert!(booted[0].state.is_alive(), "{booted:?}");
+    restart(&mut env, "replica-c");
+    common::phase_of(&pods, "later", "Running").await;
+    let instances = launched_for(&env.compute, &uid).await;
+    assert_eq!(instances.len(), 1, "launched exactly once: {instances:?}");
+    assert_eq!(instances[0].instance_id, booted[0].instance_id);
+    env.replica.take().unwrap().stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_agent_makes_its_pod_unready_then_lost_and_a_vanished_instance_fails_its_pod() {
     let mut env = start_with(
         |config| {

@@ -109,6 +109,38 @@ fn read_records<T: for<'de> Deserialize<'de>>(dir: &Path) -> Result<Vec<T>> {
     Ok(records)
 }
 
+/// Writes the calling process's pid to `path`, for use between fork and exec: only
+/// async-signal-safe calls, no allocation.
+fn write_own_pid(path: &std::ffi::CStr) -> std::io::Result<()> {
+    // SAFETY: getpid, open, write and close are async-signal-safe; `path` is a valid C string
+    // and `digits` outlives the write.
+    unsafe {
+        let mut pid = libc::getpid() as u32;
+        let mut digits = [0u8; 10];
+        let mut start = digits.len();
+        loop {
+            start -= 1;
+            digits[start] = b'0' + (pid % 10) as u8;
+            pid /= 10;
+            if pid == 0 {
+                break;
+            }
+        }
+        let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_CLOEXEC;
+        let fd = libc::open(path.as_ptr(), flags, 0o644 as libc::c_uint);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let length = digits.len() - start;
+        let written = libc::write(fd, digits[start..].as_ptr().cast(), length);
+        libc::close(fd);
+        if written != length as isize {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
 fn write_record(path: &Path, record: &impl Serialize) -> Result<()> {
     let text = serde_json::to_vec_pretty(record).map_err(|e| io_error("encode record", e))?;
     crate::agent::state::write_atomic(path, &text).map_err(|e| io_error("write record", e))
@@ -163,6 +195,10 @@ impl LocalCompute {
     fn instances(&self) -> Result<Vec<InstanceRecord>> {
         let mut records: Vec<InstanceRecord> = read_records(&self.options.dir.join("instances"))?;
         for record in &mut records {
+            // A launch cut short after the agent started has its pid only in the agent's file.
+            if record.agent_pid.is_none() {
+                record.agent_pid = self.started_agent(&record.instance.instance_id);
+            }
             let alive = record.agent_pid.is_some_and(process_alive);
             record.instance.state = match (record.instance.state, alive) {
                 (InstanceState::Pending | InstanceState::Running, true) => InstanceState::Running,
@@ -173,6 +209,13 @@ impl LocalCompute {
         }
         records.sort_by(|a, b| a.instance.instance_id.cmp(&b.instance.instance_id));
         Ok(records)
+    }
+
+    /// The pid an instance's agent process wrote before it ran (see `start_agent`), if it was
+    /// ever started.
+    fn started_agent(&self, instance_id: &str) -> Option<i32> {
+        let path = self.instance_dir(instance_id).join("agent.pid");
+        std::fs::read_to_string(path).ok()?.trim().parse().ok()
     }
 
     /// Starts the instance's agent as the bootstrap of the user data would: enrolling with
@@ -200,7 +243,17 @@ impl LocalCompute {
         };
         let log = std::fs::File::create(dir.join("agent.log")).map_err(|e| io_error("agent log", e))?;
         let log_err = log.try_clone().map_err(|e| io_error("agent log", e))?;
-        let mut child = std::process::Command::new(&self.options.agent_binary)
+        let pid_file = std::ffi::CString::new(dir.join("agent.pid").into_os_string().into_encoded_bytes())
+            .map_err(|e| io_error("agent pid file", e))?;
+        let mut command = std::process::Command::new(&self.options.agent_binary);
+        // The child records its own pid before it runs the agent, and `spawn` returns only
+        // after that: however the operator dies, a started agent is never unaccounted for.
+        // SAFETY: the closure makes only async-signal-safe calls (getpid, open, write, close)
+        // and allocates nothing.
+        unsafe {
+            command.pre_exec(move || write_own_pid(&pid_file));
+        }
+        let mut child = command
             .arg("--listen")
             .arg(format!("{address}:{port}"))
             .arg("--state-dir")
@@ -284,10 +337,44 @@ impl Compute for LocalCompute {
         }
         let _guard = self.lock.lock().await;
         let records = self.instances()?;
-        if let Some(existing) = records.iter().find(|r| {
-            r.instance.tag(tags::POD_UID) == Some(request.pod_uid.as_str()) && r.instance.state.is_alive()
-        }) {
+        let ours = |r: &&InstanceRecord| r.instance.tag(tags::POD_UID) == Some(request.pod_uid.as_str());
+        if let Some(existing) = records.iter().filter(ours).find(|r| r.instance.state.is_alive()) {
             return Ok(existing.instance.clone());
+        }
+        // A launch cut short before its agent started (the operator died in between): the
+        // retry completes it, as EC2 completes a launch its caller did not see through and
+        // answers the retry (same ClientToken) with the same instance.
+        if let Some(interrupted) = records
+            .iter()
+            .filter(ours)
+            .find(|r| r.agent_pid.is_none() && r.instance.state != InstanceState::Terminated)
+        {
+            let mut record = interrupted.clone();
+            let address = record.instance.private_ip.clone().unwrap_or_default();
+            let port = record
+                .instance
+                .tag(tags::AGENT_PORT)
+                .and_then(|p| p.parse().ok())
+                .unwrap_or(request.agent_port);
+            // The bootstrap token of the first try died with its caller: the instance boots
+            // with this request's, and its enrollment tag names that token's nonce.
+            if let Some(enrollment) = &request.enrollment {
+                record
+                    .instance
+                    .tags
+                    .insert(tags::ENROLLMENT.into(), enrollment.nonce.clone());
+            }
+            write_record(&self.instance_path(&record.instance.instance_id), &record)?;
+            let pid = self.start_agent(
+                &record.instance.instance_id,
+                &address,
+                port,
+                request.enrollment.as_ref(),
+            )?;
+            record.agent_pid = Some(pid);
+            record.instance.state = InstanceState::Pending;
+            write_record(&self.instance_path(&record.instance.instance_id), &record)?;
+            return Ok(record.instance);
         }
         let used: Vec<String> = records
             .iter()
@@ -307,14 +394,18 @@ impl Compute for LocalCompute {
             },
             agent_pid: None,
         };
-        // Recorded before the process starts: a crash in between leaves a record, not a stray process.
+        // Recorded before the process starts: a crash in between leaves a record, not a stray
+        // process, and the retry of the launch completes it.
         write_record(&self.instance_path(&instance_id), &record)?;
+        let subject = format!("{}/{}", request.namespace, request.name);
+        crate::faults::point(crate::faults::LOCAL_INSTANCE_RECORDED, &subject).await;
         let pid = self.start_agent(
             &instance_id,
             &address,
             request.agent_port,
             request.enrollment.as_ref(),
         )?;
+        crate::faults::point(crate::faults::LOCAL_AGENT_STARTED, &subject).await;
         record.agent_pid = Some(pid);
         write_record(&self.instance_path(&instance_id), &record)?;
         Ok(record.instance)
