@@ -200,10 +200,23 @@ pub const SPENT_TOKEN_LABEL: &str = "ec2-kubelet.io/spent-bootstrap-token";
 /// restarts: one Lease per spent token in the operator's namespace, named for the token's
 /// nonce, held by the instance that spent it until the token expires. Creating it is the
 /// compare-and-swap: of two replicas exchanging one token, the second gets a 409.
+///
+/// The record keeps a fingerprint of the public key the token was exchanged for, so the
+/// requester itself may ask again with the same key (its answer was lost: the replica that
+/// spent the token died before it replied) and gets a certificate for that key. Anyone else
+/// replaying the token has another key and is refused; replaying it with the agent's public
+/// key gets a certificate useless without the private half.
 struct SpentTokens {
     leases: Api<Lease>,
     /// When expired records were last deleted.
     swept: Mutex<Option<std::time::Instant>>,
+}
+
+/// The fingerprint (SHA-256, hex) of the public key a spent token was exchanged for.
+const PUBLIC_KEY_ANNOTATION: &str = "ec2-kubelet.io/public-key-sha256";
+
+fn key_fingerprint(public_key: &[u8]) -> String {
+    pki::hex(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, public_key).as_ref())
 }
 
 /// How often expired spent-token records are deleted.
@@ -217,14 +230,22 @@ fn spent_token_name(nonce: &str) -> String {
 impl SpentTokens {
     /// Marks the token of `nonce` (issued for `instance_id`, expiring at `expires_ms`) spent:
     /// true if this call spent it, false if it already was.
-    async fn spend(&self, nonce: &str, instance_id: &str, expires_ms: i64) -> Result<bool, kube::Error> {
+    async fn spend(
+        &self,
+        nonce: &str,
+        instance_id: &str,
+        public_key: &[u8],
+        expires_ms: i64,
+    ) -> Result<bool, kube::Error> {
         self.sweep().await;
+        let fingerprint = key_fingerprint(public_key);
         let now = jiff::Timestamp::now();
         let remaining = (expires_ms - now.as_millisecond()).max(0) / 1000 + 1;
         let record = Lease {
             metadata: kube::api::ObjectMeta {
                 name: Some(spent_token_name(nonce)),
                 labels: Some([(SPENT_TOKEN_LABEL.to_string(), "true".to_string())].into()),
+                annotations: Some([(PUBLIC_KEY_ANNOTATION.to_string(), fingerprint.clone())].into()),
                 ..Default::default()
             },
             spec: Some(LeaseSpec {
@@ -236,7 +257,15 @@ impl SpentTokens {
         };
         match self.leases.create(&PostParams::default(), &record).await {
             Ok(_) => Ok(true),
-            Err(kube::Error::Api(status)) if status.is_already_exists() => Ok(false),
+            Err(kube::Error::Api(status)) if status.is_already_exists() => {
+                let spent = self.leases.get_opt(&spent_token_name(nonce)).await?;
+                let same_requester = spent
+                    .as_ref()
+                    .and_then(|r| r.metadata.annotations.as_ref())
+                    .and_then(|a| a.get(PUBLIC_KEY_ANNOTATION))
+                    == Some(&fingerprint);
+                Ok(same_requester)
+            }
             Err(error) => Err(error),
         }
     }
@@ -335,7 +364,7 @@ impl EnrollmentService {
         let spent = self
             .tls
             .spent
-            .spend(&nonce, instance_id, expires)
+            .spend(&nonce, instance_id, &body.public_key, expires)
             .await
             .map_err(|e| Status::unavailable(format!("recording the bootstrap token as spent: {e}")))?;
         if !spent {

@@ -323,7 +323,7 @@ pub fn new_nonce() -> String {
     hex(&rand::random::<[u8; 16]>())
 }
 
-fn hex(bytes: &[u8]) -> String {
+pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 

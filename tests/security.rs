@@ -594,6 +594,24 @@ async fn a_bootstrap_token_works_once_across_replicas_and_restarts() {
         via_b2.enroll(enroll_request(&c.instance_id, &token)).await,
         "restarted replica B",
     );
+    // The requester itself may ask again with the same key (the replica that spent its token
+    // may have died before answering): it gets a certificate for that key, at any replica.
+    let (d, _) = env.launch_unenrolled("d").await;
+    let d_token = authority.mint_token(d.tag(tags::ENROLLMENT).unwrap(), Duration::from_secs(600));
+    let d_key = pki::new_key().unwrap().public_key_raw().to_vec();
+    let with_key = |key: &[u8]| EnrollRequest {
+        public_key: key.to_vec(),
+        ..enroll_request(&d.instance_id, &d_token)
+    };
+    via_a.enroll(with_key(&d_key)).await.expect("D's first try");
+    via_b2
+        .enroll(with_key(&d_key))
+        .await
+        .expect("D's retry with the same key, at another replica");
+    refused(
+        via_b2.enroll(enroll_request(&d.instance_id, &d_token)).await,
+        "D's token with another key",
+    );
     // The record names the instance that spent the token and lasts until the token expires.
     let records: kube::Api<k8s_openapi::api::coordination::v1::Lease> =
         kube::Api::namespaced(env.client.clone(), common::OPERATOR_NAMESPACE);

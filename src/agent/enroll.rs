@@ -72,9 +72,32 @@ enum EnrollError {
     Failed(String),
 }
 
-/// One enrollment: a new key, sent (public half only) with the token or, when `current` is
+/// The key of the first enrollment, kept (mode 0600) until it is certified: every retry, even
+/// after an agent restart, sends the same public key, and the operator answers a retry of a
+/// spent token only for the key it was spent for (the answer to the first try may have been
+/// lost with the replica that gave it).
+fn enrollment_key(config: &EnrollConfig) -> Result<rcgen::KeyPair, String> {
+    let path = config.dir.join("enroll-key.pem");
+    if let Some(key) = std::fs::read_to_string(&path)
+        .ok()
+        .and_then(|pem| rcgen::KeyPair::from_pem(&pem).ok())
+    {
+        return Ok(key);
+    }
+    let key = pki::new_key().map_err(|e| e.to_string())?;
+    std::fs::create_dir_all(&config.dir).map_err(|e| format!("{}: {e}", config.dir.display()))?;
+    super::state::write_private(&path, key.serialize_pem().as_bytes())
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(key)
+}
+
+/// One enrollment of `key` (its public half is sent): with the token or, when `current` is
 /// given, over a connection authenticated by it.
-async fn enroll(config: &EnrollConfig, current: Option<&Credentials>) -> Result<Credentials, EnrollError> {
+async fn enroll(
+    config: &EnrollConfig,
+    current: Option<&Credentials>,
+    key: &rcgen::KeyPair,
+) -> Result<Credentials, EnrollError> {
     use EnrollError::Failed;
     let mut tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(&config.ca_pem))
@@ -91,7 +114,6 @@ async fn enroll(config: &EnrollConfig, current: Option<&Credentials>) -> Result<
         .connect()
         .await
         .map_err(|e| Failed(format!("connecting to {}: {e:?}", config.url)))?;
-    let key = pki::new_key().map_err(|e| Failed(e.to_string()))?;
     let request = EnrollRequest {
         instance_id: config.instance_id.clone(),
         bootstrap_token: match current {
@@ -111,7 +133,7 @@ async fn enroll(config: &EnrollConfig, current: Option<&Credentials>) -> Result<
         })?
         .into_inner();
     let credentials = Credentials::new(
-        &key,
+        key,
         pki::Issued {
             cert_pem: response.certificate_pem,
             issued_unix_ms: response.issued_unix_ms,
@@ -138,11 +160,16 @@ pub async fn credentials(config: &EnrollConfig) -> Result<Credentials, String> {
     if config.token.is_none() {
         return Err("no valid stored certificate and no bootstrap token to enroll with".into());
     }
+    let key = enrollment_key(config)?;
     let mut delay = Duration::from_millis(200);
     for attempt in 1.. {
-        match enroll(config, None).await {
+        match enroll(config, None, &key).await {
             Ok(credentials) => {
                 tracing::info!(instance_id = %config.instance_id, "enrolled: certificate issued");
+                let pending = config.dir.join("enroll-key.pem");
+                if let Err(error) = std::fs::remove_file(&pending) {
+                    tracing::warn!(%error, path = %pending.display(), "removing the certified enrollment key");
+                }
                 return Ok(credentials);
             }
             // A refusal is final: the token will not get better.
@@ -164,7 +191,12 @@ pub async fn keep_renewed(config: EnrollConfig, mut current: Credentials, served
     loop {
         let wait = current.renewal_due_unix_ms() - super::state::now_ms();
         tokio::time::sleep(Duration::from_millis(wait.max(0) as u64)).await;
-        match enroll(&config, Some(&current)).await {
+        // A renewal is authenticated by the current certificate: a new key each time.
+        let renewed = match pki::new_key() {
+            Ok(key) => enroll(&config, Some(&current), &key).await,
+            Err(error) => Err(EnrollError::Failed(error.to_string())),
+        };
+        match renewed {
             Ok(renewed) => match served.replace(&renewed) {
                 Ok(()) => {
                     tracing::info!(
