@@ -68,16 +68,32 @@ pub fn is_transient(error: &kube::Error) -> bool {
 /// Runs `call` again while it fails with a transient error, backing off from 0.5 s (with
 /// jitter) for at most `patience`; other errors, and the last transient one, are returned. For
 /// steps a replica cannot start without: one flaky answer must not cost a start.
-pub async fn retry_transient<T, F, Fut>(what: &str, patience: Duration, mut call: F) -> Result<T, kube::Error>
+pub async fn retry_transient<T, F, Fut>(what: &str, patience: Duration, call: F) -> Result<T, kube::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, kube::Error>>,
+{
+    let backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(8));
+    retry_while(what, patience, backoff, is_transient, call).await
+}
+
+/// Runs `call` again while it fails with an error `retryable` accepts, waiting `backoff`'s
+/// delays, for at most `patience`; other errors, and the last retryable one, are returned.
+pub async fn retry_while<T, F, Fut>(
+    what: &str,
+    patience: Duration,
+    mut backoff: Backoff,
+    retryable: fn(&kube::Error) -> bool,
+    mut call: F,
+) -> Result<T, kube::Error>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, kube::Error>>,
 {
     let deadline = Instant::now() + patience;
-    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(8));
     loop {
         match call().await {
-            Err(error) if is_transient(&error) && Instant::now() < deadline => {
+            Err(error) if retryable(&error) && Instant::now() < deadline => {
                 let delay = backoff.next_delay();
                 tracing::warn!(%error, retry_in = ?delay, "{what}; retrying");
                 tokio::time::sleep(delay).await;

@@ -130,22 +130,12 @@ impl LeaseLock {
     /// `RELEASE_PATIENCE`: a release that fails leaves the successor waiting a whole lease
     /// duration. A release that still fails is logged at warn with its cause.
     pub async fn release_on_stop(&self) {
-        let deadline = tokio::time::Instant::now() + RELEASE_PATIENCE;
-        let mut backoff =
-            crate::controller::backoff::Backoff::new(Duration::from_millis(200), Duration::from_secs(2));
-        loop {
-            match self.release().await {
-                Ok(()) => return,
-                Err(error) if retryable(&error) && tokio::time::Instant::now() < deadline => {
-                    let delay = backoff.next_delay();
-                    tracing::warn!(lease = %self.name, %error, retry_in = ?delay, "releasing the lease; retrying");
-                    tokio::time::sleep(delay).await;
-                }
-                Err(error) => {
-                    tracing::warn!(lease = %self.name, %error, "releasing the lease failed: a successor waits for it to expire");
-                    return;
-                }
-            }
+        use crate::controller::backoff::{Backoff, retry_while};
+        let backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(2));
+        let what = format!("releasing lease {}", self.name);
+        if let Err(error) = retry_while(&what, RELEASE_PATIENCE, backoff, retryable, || self.release()).await
+        {
+            tracing::warn!(lease = %self.name, %error, "releasing the lease failed: a successor waits for it to expire");
         }
     }
 }
