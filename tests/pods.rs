@@ -435,6 +435,26 @@ fn restart(env: &mut Env, identity: &str) {
     ));
 }
 
+/// Creates a sleeper pod `name` with fault point `point` armed for it, waits until its launch
+/// stops there, and kills the replica: a crash at exactly that step. Returns the pod's UID.
+async fn crash_at(env: &mut Env, point: &str, name: &str) -> String {
+    let pods: Api<Pod> = Api::default_namespaced(env.client.clone());
+    let reached = ec2_kubelet::faults::arm(point, &format!("default/{name}"));
+    let created = pods
+        .create(
+            &PostParams::default(),
+            &pod(name, "sleep 3600", "Always", json!({})),
+        )
+        .await
+        .unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(60), reached)
+        .await
+        .expect("the launch reaches the fault point")
+        .unwrap();
+    env.replica.take().unwrap().kill();
+    created.uid().unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crashes_between_launch_and_record_and_between_terminate_and_release_leak_nothing() {
     let mut env = start().await;
@@ -442,20 +462,7 @@ async fn crashes_between_launch_and_record_and_between_terminate_and_release_lea
 
     // 1. The operator dies right after RunInstances returned, before the binding records the
     //    instance.
-    let launched = ec2_kubelet::faults::arm(ec2_kubelet::faults::POD_LAUNCHED, "default/crashy");
-    let created = pods
-        .create(
-            &PostParams::default(),
-            &pod("crashy", "sleep 3600", "Always", json!({})),
-        )
-        .await
-        .unwrap();
-    let uid = created.uid().unwrap();
-    tokio::time::timeout(std::time::Duration::from_secs(60), launched)
-        .await
-        .expect("the launch reaches the fault point")
-        .unwrap();
-    env.replica.take().unwrap().kill();
+    let uid = crash_at(&mut env, ec2_kubelet::faults::POD_LAUNCHED, "crashy").await;
     let binding = binding_of(&env.client, &uid)
         .await
         .expect("the binding was written first");
@@ -506,20 +513,7 @@ async fn a_launch_cut_short_before_the_instance_booted_is_completed_not_repeated
     let mut env = start().await;
     let pods: Api<Pod> = Api::default_namespaced(env.client.clone());
     // The operator dies inside the launch: the instance is recorded, its agent not started.
-    let recorded = ec2_kubelet::faults::arm(ec2_kubelet::faults::LOCAL_INSTANCE_RECORDED, "default/halfway");
-    let created = pods
-        .create(
-            &PostParams::default(),
-            &pod("halfway", "sleep 3600", "Always", json!({})),
-        )
-        .await
-        .unwrap();
-    let uid = created.uid().unwrap();
-    tokio::time::timeout(std::time::Duration::from_secs(60), recorded)
-        .await
-        .expect("the launch reaches the fault point")
-        .unwrap();
-    env.replica.take().unwrap().kill();
+    let uid = crash_at(&mut env, ec2_kubelet::faults::LOCAL_INSTANCE_RECORDED, "halfway").await;
     let interrupted = launched_for(&env.compute, &uid).await;
     assert_eq!(interrupted.len(), 1);
     assert!(!interrupted[0].state.is_alive(), "{interrupted:?}");
@@ -537,20 +531,7 @@ async fn a_launch_cut_short_before_the_instance_booted_is_completed_not_repeated
 
     // The operator dies a moment later in the launch: the agent runs, the record has no pid
     // yet. The agent wrote its own pid before it ran, so the instance is alive and adopted.
-    let started = ec2_kubelet::faults::arm(ec2_kubelet::faults::LOCAL_AGENT_STARTED, "default/later");
-    let created = pods
-        .create(
-            &PostParams::default(),
-            &pod("later", "sleep 3600", "Always", json!({})),
-        )
-        .await
-        .unwrap();
-    let uid = created.uid().unwrap();
-    tokio::time::timeout(std::time::Duration::from_secs(60), started)
-        .await
-        .expect("the launch reaches the fault point")
-        .unwrap();
-    env.replica.take().unwrap().kill();
+    let uid = crash_at(&mut env, ec2_kubelet::faults::LOCAL_AGENT_STARTED, "later").await;
     let booted = launched_for(&env.compute, &uid).await;
     assert_eq!(booted.len(), 1);
     assert!(booted[0].state.is_alive(), "{booted:?}");
