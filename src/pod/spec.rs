@@ -1,11 +1,14 @@
 //! The agent's `PodSpec` for a Kubernetes pod: containers with their environment resolved
-//! (values, `valueFrom` ConfigMap/Secret keys and pod fields, `envFrom`), ConfigMap, Secret and
-//! emptyDir volumes as files, restart policy, grace period and probes. The ConfigMaps and
-//! Secrets are fetched by the caller (see [`references`]), so this stays a pure function.
+//! (values, `valueFrom` ConfigMap/Secret keys and pod fields, `envFrom`), ConfigMap, Secret,
+//! downwardAPI and projected volumes as files (a projected `serviceAccountToken` is a token the
+//! API server issued for the pod, as the kubelet writes it: every pod of a real cluster has one,
+//! `kube-api-access-*`), emptyDir volumes, restart policy, grace period and probes. The
+//! ConfigMaps, Secrets and tokens are fetched by the caller (see [`references`] and
+//! [`token_requests`]), so this stays a pure function.
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use k8s_openapi::api::core::v1::{Container, Pod, Probe as KubeProbe};
+use k8s_openapi::api::core::v1::{Container, DownwardAPIVolumeFile, Pod, Probe as KubeProbe, Volume};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use crate::agent::proto;
@@ -15,6 +18,35 @@ use crate::agent::proto;
 pub struct Sources {
     pub config_maps: BTreeMap<String, BTreeMap<String, Vec<u8>>>,
     pub secrets: BTreeMap<String, BTreeMap<String, Vec<u8>>>,
+    /// Service-account tokens issued for the pod, by [`TokenRequest`].
+    pub tokens: BTreeMap<TokenRequest, String>,
+}
+
+/// A token a projected `serviceAccountToken` source asks for: its audience (empty: the API
+/// server's own) and lifetime.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct TokenRequest {
+    pub audience: String,
+    pub expiration_seconds: i64,
+}
+
+/// The lifetime of a projected token that names none (the API's default).
+const DEFAULT_TOKEN_SECONDS: i64 = 3600;
+
+/// The service-account tokens the pod's projected volumes need, to request before [`agent_spec`].
+pub fn token_requests(pod: &Pod) -> BTreeSet<TokenRequest> {
+    let spec = pod.spec.clone().unwrap_or_default();
+    spec.volumes
+        .iter()
+        .flatten()
+        .filter_map(|v| v.projected.as_ref())
+        .flat_map(|p| p.sources.iter().flatten())
+        .filter_map(|source| source.service_account_token.as_ref())
+        .map(|token| TokenRequest {
+            audience: token.audience.clone().unwrap_or_default(),
+            expiration_seconds: token.expiration_seconds.unwrap_or(DEFAULT_TOKEN_SECONDS),
+        })
+        .collect()
 }
 
 /// Where the pod runs, for `fieldRef`s to `status.podIP`, `status.hostIP` and `spec.nodeName`.
@@ -74,6 +106,14 @@ pub fn references(pod: &Pod) -> (BTreeSet<String>, BTreeSet<String>) {
         }
         if let Some(secret) = volume.secret.as_ref().and_then(|s| s.secret_name.clone()) {
             secrets.insert(secret);
+        }
+        for source in volume.projected.iter().flat_map(|p| p.sources.iter().flatten()) {
+            if let Some(cm) = &source.config_map {
+                config_maps.insert(cm.name.clone());
+            }
+            if let Some(secret) = &source.secret {
+                secrets.insert(secret.name.clone());
+            }
         }
     }
     (config_maps, secrets)
@@ -293,6 +333,164 @@ fn files(
     }
 }
 
+/// The files of a ConfigMap (`kind`) volume or projection: `None` when it is missing and optional.
+fn object_files(
+    kind: &str,
+    name: &str,
+    data: Option<&BTreeMap<String, Vec<u8>>>,
+    optional: Option<bool>,
+    items: Option<&Vec<k8s_openapi::api::core::v1::KeyToPath>>,
+    field: &str,
+) -> Result<Vec<proto::File>, SpecError> {
+    match data {
+        Some(data) => files(data, items, field),
+        None if optional == Some(true) => Ok(Vec::new()),
+        None => Err(error(field.to_string(), format!("{kind} {name:?} not found"))),
+    }
+}
+
+/// Files of a downwardAPI volume or projection: pod fields (`fieldRef`) by path.
+fn downward_files(
+    pod: &Pod,
+    placement: &Placement,
+    items: &[DownwardAPIVolumeFile],
+    field: &str,
+) -> Result<Vec<proto::File>, SpecError> {
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| {
+            let at = format!("{field}.items[{i}]");
+            let Some(r) = &item.field_ref else {
+                return Err(error(at, "only fieldRef is supported in downwardAPI items"));
+            };
+            let value = if r.field_path == "metadata.labels" || r.field_path == "metadata.annotations" {
+                let map = if r.field_path == "metadata.labels" {
+                    &pod.metadata.labels
+                } else {
+                    &pod.metadata.annotations
+                };
+                // The kubelet's format: one key="value" per line, sorted, values quoted.
+                map.iter()
+                    .flatten()
+                    .map(|(k, v)| format!("{k}={v:?}\n"))
+                    .collect::<String>()
+            } else {
+                field_ref(pod, placement, &r.field_path).ok_or_else(|| {
+                    error(
+                        format!("{at}.fieldRef"),
+                        format!("fieldRef {:?} is not supported", r.field_path),
+                    )
+                })?
+            };
+            Ok(proto::File {
+                path: item.path.clone(),
+                content: value.into_bytes(),
+                mode: item.mode.unwrap_or(0) as u32,
+            })
+        })
+        .collect()
+}
+
+/// One volume of the pod as the agent materializes it.
+fn volume_source(
+    pod: &Pod,
+    volume: &Volume,
+    field: &str,
+    sources: &Sources,
+    placement: &Placement,
+) -> Result<proto::volume::Source, SpecError> {
+    use proto::volume::Source;
+    let files_volume = |files, default_mode: Option<i32>| {
+        Source::Files(proto::FilesVolume {
+            files,
+            default_mode: default_mode.unwrap_or(0o644) as u32,
+        })
+    };
+    if volume.empty_dir.is_some() {
+        Ok(Source::EmptyDir(proto::EmptyDirVolume {}))
+    } else if let Some(cm) = &volume.config_map {
+        let files = object_files(
+            "ConfigMap",
+            &cm.name,
+            sources.config_maps.get(&cm.name),
+            cm.optional,
+            cm.items.as_ref(),
+            &format!("{field}.configMap"),
+        )?;
+        Ok(files_volume(files, cm.default_mode))
+    } else if let Some(secret) = &volume.secret {
+        let name = secret.secret_name.clone().unwrap_or_default();
+        let files = object_files(
+            "Secret",
+            &name,
+            sources.secrets.get(&name),
+            secret.optional,
+            secret.items.as_ref(),
+            &format!("{field}.secret"),
+        )?;
+        Ok(files_volume(files, secret.default_mode))
+    } else if let Some(downward) = &volume.downward_api {
+        let items = downward.items.as_deref().unwrap_or_default();
+        let files = downward_files(pod, placement, items, &format!("{field}.downwardAPI"))?;
+        Ok(files_volume(files, downward.default_mode))
+    } else if let Some(projected) = &volume.projected {
+        let mut all = Vec::new();
+        for (i, source) in projected.sources.iter().flatten().enumerate() {
+            let at = format!("{field}.projected.sources[{i}]");
+            if let Some(cm) = &source.config_map {
+                all.extend(object_files(
+                    "ConfigMap",
+                    &cm.name,
+                    sources.config_maps.get(&cm.name),
+                    cm.optional,
+                    cm.items.as_ref(),
+                    &format!("{at}.configMap"),
+                )?);
+            } else if let Some(secret) = &source.secret {
+                all.extend(object_files(
+                    "Secret",
+                    &secret.name,
+                    sources.secrets.get(&secret.name),
+                    secret.optional,
+                    secret.items.as_ref(),
+                    &format!("{at}.secret"),
+                )?);
+            } else if let Some(downward) = &source.downward_api {
+                let items = downward.items.as_deref().unwrap_or_default();
+                all.extend(downward_files(pod, placement, items, &format!("{at}.downwardAPI"))?);
+            } else if let Some(token) = &source.service_account_token {
+                let request = TokenRequest {
+                    audience: token.audience.clone().unwrap_or_default(),
+                    expiration_seconds: token.expiration_seconds.unwrap_or(DEFAULT_TOKEN_SECONDS),
+                };
+                let value = sources.tokens.get(&request).ok_or_else(|| {
+                    error(
+                        format!("{at}.serviceAccountToken"),
+                        "no token was issued for the pod's service account",
+                    )
+                })?;
+                all.push(proto::File {
+                    path: token.path.clone(),
+                    content: value.clone().into_bytes(),
+                    mode: 0,
+                });
+            } else {
+                return Err(error(
+                    at,
+                    "only configMap, secret, downwardAPI and serviceAccountToken projections are supported",
+                ));
+            }
+        }
+        Ok(files_volume(all, projected.default_mode))
+    } else {
+        Err(error(
+            field.to_string(),
+            "only configMap, secret, downwardAPI, projected and emptyDir volumes are supported",
+        ))
+    }
+}
+
 /// The agent's spec for `pod`.
 pub fn agent_spec(pod: &Pod, sources: &Sources, placement: &Placement) -> Result<proto::PodSpec, SpecError> {
     let spec = pod.spec.clone().unwrap_or_default();
@@ -342,42 +540,9 @@ pub fn agent_spec(pod: &Pod, sources: &Sources, placement: &Placement) -> Result
     }
     let mut volumes = Vec::new();
     for (i, volume) in spec.volumes.iter().flatten().enumerate() {
-        let field = format!("spec.volumes[{i}]");
-        use proto::volume::Source;
-        let source = if volume.empty_dir.is_some() {
-            Source::EmptyDir(proto::EmptyDirVolume {})
-        } else if let Some(cm) = &volume.config_map {
-            let empty = BTreeMap::new();
-            let data = match sources.config_maps.get(&cm.name) {
-                Some(data) => data,
-                None if cm.optional == Some(true) => &empty,
-                None => return Err(error(field, format!("ConfigMap {:?} not found", cm.name))),
-            };
-            Source::Files(proto::FilesVolume {
-                files: files(data, cm.items.as_ref(), &format!("{field}.configMap"))?,
-                default_mode: cm.default_mode.unwrap_or(0o644) as u32,
-            })
-        } else if let Some(secret) = &volume.secret {
-            let name = secret.secret_name.clone().unwrap_or_default();
-            let empty = BTreeMap::new();
-            let data = match sources.secrets.get(&name) {
-                Some(data) => data,
-                None if secret.optional == Some(true) => &empty,
-                None => return Err(error(field, format!("Secret {name:?} not found"))),
-            };
-            Source::Files(proto::FilesVolume {
-                files: files(data, secret.items.as_ref(), &format!("{field}.secret"))?,
-                default_mode: secret.default_mode.unwrap_or(0o644) as u32,
-            })
-        } else {
-            return Err(error(
-                field,
-                "only configMap, secret and emptyDir volumes are supported",
-            ));
-        };
         volumes.push(proto::Volume {
             name: volume.name.clone(),
-            source: Some(source),
+            source: Some(volume_source(pod, volume, &format!("spec.volumes[{i}]"), sources, placement)?),
         });
     }
     let restart_policy = match spec.restart_policy.as_deref() {
@@ -445,7 +610,75 @@ mod tests {
                 "creds".to_string(),
                 BTreeMap::from([("password".to_string(), b"s3cret".to_vec())]),
             )]),
+            tokens: BTreeMap::new(),
         }
+    }
+
+    /// The volume the ServiceAccount admission plugin adds to every pod of a real cluster.
+    #[test]
+    fn the_kube_api_access_projection_is_written_as_the_kubelet_writes_it() {
+        let mut pod = pod();
+        pod.spec.as_mut().unwrap().volumes = Some(vec![
+            serde_json::from_value(json!({"name": "kube-api-access-x7k2p", "projected": {
+                "defaultMode": 420,
+                "sources": [
+                    {"serviceAccountToken": {"expirationSeconds": 3607, "path": "token"}},
+                    {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+                    {"downwardAPI": {"items": [{"path": "namespace", "fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.namespace"}}]}},
+                ],
+            }}))
+            .unwrap(),
+        ]);
+        let wanted = TokenRequest {
+            audience: String::new(),
+            expiration_seconds: 3607,
+        };
+        assert_eq!(token_requests(&pod), BTreeSet::from([wanted.clone()]));
+        let (config_maps, _) = references(&pod);
+        assert!(config_maps.contains("kube-root-ca.crt"));
+
+        let mut sources = sources();
+        let missing = agent_spec(&pod, &sources, &Placement::default()).unwrap_err();
+        assert_eq!(missing.field, "spec.volumes[0].projected.sources[0].serviceAccountToken");
+        sources.tokens.insert(wanted, "header.payload.signature".into());
+        let ca = BTreeMap::from([("ca.crt".to_string(), b"-----BEGIN CERTIFICATE-----".to_vec())]);
+        sources.config_maps.insert("kube-root-ca.crt".into(), ca);
+        let spec = agent_spec(&pod, &sources, &Placement::default()).unwrap();
+        let Some(proto::volume::Source::Files(files)) = &spec.volumes[0].source else {
+            panic!("expected files, got {:?}", spec.volumes[0].source);
+        };
+        let by_path: BTreeMap<&str, &[u8]> = files
+            .files
+            .iter()
+            .map(|f| (f.path.as_str(), f.content.as_slice()))
+            .collect();
+        assert_eq!(by_path["token"], b"header.payload.signature");
+        assert_eq!(by_path["ca.crt"], b"-----BEGIN CERTIFICATE-----");
+        assert_eq!(by_path["namespace"], b"apps");
+        assert_eq!(files.default_mode, 0o644);
+    }
+
+    #[test]
+    fn downward_api_volumes_write_labels_as_the_kubelet_does() {
+        let mut pod = pod();
+        pod.spec.as_mut().unwrap().volumes = Some(vec![
+            serde_json::from_value(json!({"name": "info", "downwardAPI": {"items": [
+                {"path": "labels", "fieldRef": {"fieldPath": "metadata.labels"}},
+                {"path": "name", "fieldRef": {"fieldPath": "metadata.name"}},
+                {"path": "cpu", "resourceFieldRef": {"resource": "limits.cpu"}},
+            ]}}))
+            .unwrap(),
+        ]);
+        let error = agent_spec(&pod, &sources(), &Placement::default()).unwrap_err();
+        assert_eq!(error.field, "spec.volumes[0].downwardAPI.items[2]");
+        let volumes = pod.spec.as_mut().unwrap().volumes.as_mut().unwrap();
+        volumes[0].downward_api.as_mut().unwrap().items.as_mut().unwrap().pop();
+        let spec = agent_spec(&pod, &sources(), &Placement::default()).unwrap();
+        let Some(proto::volume::Source::Files(files)) = &spec.volumes[0].source else {
+            panic!("expected files");
+        };
+        assert_eq!(files.files[0].content, b"app=\"web\"\n");
+        assert_eq!(files.files[1].content, b"web");
     }
 
     #[test]
@@ -509,7 +742,7 @@ mod tests {
         assert!(
             error
                 .to_string()
-                .starts_with("spec.volumes[0]: only configMap, secret and emptyDir")
+                .starts_with("spec.volumes[0]: only configMap, secret, downwardAPI, projected and emptyDir")
         );
     }
 }
