@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The README's first command, end to end and non-interactive: `make demo` runs until its pods
-# are Running; the real kubectl then reads a pod's logs and runs commands in it (through the
-# dev cluster's kubelet proxy and the operator's kubelet API); Ctrl-C (SIGINT) stops the demo,
-# and no instance (agent process) may be left behind.
+# The README's first command, end to end and non-interactive: `make demo` runs on the real
+# control plane until its pods are Running; the real kubectl then talks to a real Kubernetes
+# v1.34 API server (version, explain), reads a pod's logs and runs commands in it (through the
+# API server's kubelet proxy and the operator's kubelet API), and creates a Deployment that the
+# real controllers and scheduler put on two instances; Ctrl-C (SIGINT) stops the demo, and no
+# instance (agent process) and no control-plane process may be left behind.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,13 +24,13 @@ setsid make demo >"$log" 2>&1 </dev/null &
 group=$!
 trap 'kill -INT -- "-$group" 2>/dev/null || true' EXIT
 
-# The first run builds the binaries: allow 15 minutes.
-for _ in $(seq 1 900); do
+# The first run builds the binaries and the control plane: allow 25 minutes.
+for _ in $(seq 1 1500); do
   grep -q "Explore with kubectl" "$log" && break
   kill -0 "$group" 2>/dev/null || fail "the demo exited before it was ready"
   sleep 1
 done
-grep -q "Explore with kubectl" "$log" || fail "the demo was not ready in 15 minutes"
+grep -q "Explore with kubectl" "$log" || fail "the demo was not ready in 25 minutes"
 grep -Eq "^hello +Running" "$log" || fail "hello is not Running"
 
 # kubectl logs: the pod's own output, from its instance.
@@ -48,6 +50,18 @@ set -e
 echoed=$(echo "piped" | "$kubectl" exec -i hello -- cat)
 [[ "$echoed" == "piped" ]] || fail "kubectl exec -i printed: $echoed"
 
+# The real API server: its version, the OpenAPI of built-in types.
+server=$("$kubectl" version -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)["serverVersion"]["gitVersion"])')
+[[ "$server" == v1.34.* ]] || fail "kubectl version reports the server as $server, not v1.34.x"
+"$kubectl" explain pod.spec.tolerations >/dev/null || fail "kubectl explain pod failed"
+
+# A Deployment as a user creates it, then allowed onto the virtual nodes: two pods, two instances.
+"$kubectl" create deployment web --image=local/shell --replicas=2 -- sh -c 'while true; do date; sleep 5; done'
+"$kubectl" patch deployment web -p '{"spec":{"template":{"spec":{"tolerations":[{"key":"virtual-kubelet.io/provider","operator":"Exists"}]}}}}'
+"$kubectl" rollout status deployment/web --timeout=120s || fail "the Deployment did not roll out"
+instances=$("$kubectl" get pods -l app=web -o jsonpath='{range .items[*]}{.metadata.annotations.ec2-kubelet\.io/instance-id}{"\n"}{end}' | sort -u | grep -c '^i-' || true)
+[ "$instances" -eq 2 ] || fail "the Deployment's 2 pods are on $instances instances"
+
 # The nodes and pods as a user lists them.
 "$kubectl" get ecnp,nodes,pods -o wide
 
@@ -64,6 +78,10 @@ for dir in $state_dirs; do
   if pgrep -f -- "--state-dir $dir" >/dev/null; then
     fail "agent processes of $dir outlived the demo"
   fi
+  if pgrep -f -- "--dir $dir/control-plane" >/dev/null; then
+    fail "the control plane of $dir outlived the demo"
+  fi
+  [ ! -e "$dir/control-plane" ] || fail "the control plane left $dir/control-plane behind"
 done
-echo "e2e/demo.sh: the demo ran, kubectl logs and exec worked, and Ctrl-C left nothing behind"
+echo "e2e/demo.sh: the demo ran on Kubernetes $server, kubectl logs, exec and a Deployment worked, and Ctrl-C left nothing behind"
 echo "e2e: 1 passed, 0 failed"

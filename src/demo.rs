@@ -1,13 +1,15 @@
 //! `ec2-kubelet demo`: the main job on the embedded default, with no AWS account and no
-//! cluster. A dev cluster, the operator on the `local` backend, and the sample templates and
-//! pool and pods from `config/samples/`; prints the virtual nodes once they are Ready and the
-//! pods once each runs on its own instance.
+//! cluster. A cluster on loopback (the real control plane of `e2e/control-plane` when its binary
+//! is given, else the dev cluster), the operator on the `local` backend, and the sample
+//! templates and pool and pods from `config/samples/`; prints the virtual nodes once they are
+//! Ready and the pods once each runs on its own instance.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, ListParams, PostParams};
 use kube::{Client, ResourceExt};
 use serde::Deserialize;
@@ -28,6 +30,143 @@ pub struct DemoOptions {
     pub state_dir: PathBuf,
     /// The kubelet API of the virtual nodes (`kubectl logs` and `exec` go there).
     pub kubelet: std::net::SocketAddr,
+    /// The real control plane's binary (`e2e/control-plane`, built into
+    /// `.tools/bin/control-plane`); `None`: the dev cluster.
+    pub control_plane: Option<PathBuf>,
+}
+
+/// The real control plane (`e2e/control-plane`): etcd, kube-apiserver,
+/// kube-controller-manager and kube-scheduler, as a child process on loopback.
+pub struct ControlPlane {
+    child: tokio::process::Child,
+    pub url: String,
+}
+
+impl ControlPlane {
+    /// Starts it on `listen`'s port with its state under `dir`, writes the admin kubeconfig to
+    /// `kubeconfig`, and waits until it says it is ready (printing its progress).
+    pub async fn start(
+        binary: &Path,
+        dir: &Path,
+        listen: std::net::SocketAddr,
+        kubeconfig: &Path,
+    ) -> Result<Self, String> {
+        use tokio::io::AsyncBufReadExt;
+        let mut command = tokio::process::Command::new(binary);
+        command
+            .arg("--dir")
+            .arg(dir)
+            .arg("--kubeconfig")
+            .arg(kubeconfig)
+            .arg(format!("--port={}", listen.port()))
+            .stdout(std::process::Stdio::piped())
+            // Ctrl-C reaches the demo only: it stops the operator first, the cluster last.
+            .process_group(0)
+            .kill_on_drop(true);
+        // SAFETY: prctl is async-signal-safe; it makes the control plane stop (and clean up)
+        // when the demo dies without stopping it.
+        unsafe {
+            command.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
+        let mut child = command.spawn().map_err(|e| {
+            format!(
+                "starting the control plane {}: {e} (make tools builds it)",
+                binary.display()
+            )
+        })?;
+        let stdout = child.stdout.take().ok_or("the control plane's output")?;
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        let ready = tokio::time::timeout(Duration::from_secs(180), async {
+            while let Ok(Some(line)) = lines.next_line().await {
+                println!("{line}");
+                if let Some(rest) = line.strip_prefix("control-plane: ready") {
+                    let url = rest
+                        .split_whitespace()
+                        .find(|w| w.starts_with("https://"))
+                        .unwrap_or_default();
+                    return Some(url.trim_end_matches(',').to_string());
+                }
+            }
+            None
+        })
+        .await;
+        match ready {
+            Ok(Some(url)) => {
+                // Its later output (it stops on SIGTERM) goes on being shown.
+                tokio::spawn(async move {
+                    while let Ok(Some(line)) = lines.next_line().await {
+                        println!("{line}");
+                    }
+                });
+                Ok(ControlPlane { child, url })
+            }
+            Ok(None) => {
+                Err("the control plane exited before it was ready (its logs are in its --dir)".into())
+            }
+            Err(_) => Err("the control plane was not ready in 180 s".into()),
+        }
+    }
+
+    /// SIGTERM, then waits for it to stop and remove its state.
+    pub async fn stop(mut self) {
+        if let Some(pid) = self.child.id() {
+            // SAFETY: signalling the child process this value owns.
+            unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await;
+    }
+}
+
+/// The cluster the demo runs on.
+pub enum Cluster {
+    Dev(DevCluster),
+    Real(ControlPlane),
+}
+
+impl Cluster {
+    pub fn url(&self) -> String {
+        match self {
+            Cluster::Dev(cluster) => cluster.url(),
+            Cluster::Real(control_plane) => control_plane.url.clone(),
+        }
+    }
+
+    async fn shutdown(self) {
+        match self {
+            Cluster::Dev(cluster) => cluster.shutdown(),
+            Cluster::Real(control_plane) => control_plane.stop().await,
+        }
+    }
+}
+
+/// Installs the project's CRDs on a real API server and waits until they are served.
+async fn install_crds(client: &Client) -> Result<(), String> {
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for definition in crate::crd::crds() {
+        let name = definition.name_any();
+        api.create(&PostParams::default(), &definition)
+            .await
+            .map_err(|e| format!("creating the CRD {name}: {e}"))?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let crd = api.get(&name).await.map_err(|e| e.to_string())?;
+            let established = crd
+                .status
+                .and_then(|s| s.conditions)
+                .is_some_and(|c| c.iter().any(|c| c.type_ == "Established" && c.status == "True"));
+            if established {
+                break;
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(format!("the CRD {name} was not Established in 30 s"));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    Ok(())
 }
 
 /// Creates every document of a YAML file (any kind the cluster serves), as `kubectl create -f`.
@@ -67,11 +206,14 @@ async fn create_all(client: &Client, path: &Path) -> Result<Vec<String>, String>
     Ok(created)
 }
 
-/// A running demo: the dev cluster, the operator and its compute backend.
+/// A running demo: the cluster, the operator and its compute backend.
 pub struct Demo {
-    pub cluster: DevCluster,
+    pub cluster: Cluster,
     stop: watch::Sender<bool>,
     operator: tokio::task::JoinHandle<()>,
+    /// Serves agent enrollment for as long as the demo runs: pods created after the demo
+    /// started (a Deployment, a scale-up) need their instances enrolled too.
+    enrollment: Option<crate::enrollment::EnrollmentServer>,
     kubelet: crate::kubelet::KubeletServer,
     compute: Arc<dyn crate::cloud::Compute>,
 }
@@ -81,6 +223,7 @@ impl Demo {
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
         let _ = self.operator.await;
+        drop(self.enrollment);
         self.kubelet.shutdown().await;
         if let Ok(instances) = self
             .compute
@@ -90,28 +233,49 @@ impl Demo {
             let ids: Vec<String> = instances.into_iter().map(|i| i.instance_id).collect();
             let _ = self.compute.terminate_instances(&ids).await;
         }
-        self.cluster.shutdown();
+        self.cluster.shutdown().await;
     }
 }
 
 /// Runs the demo until the sample pool is Ready and the sample pods run on their own
 /// instances, printing both; the caller decides how long it lives.
 pub async fn start(options: &DemoOptions) -> Result<Demo, String> {
-    let cluster_options = DevClusterOptions {
-        address: options.listen,
-        ..DevClusterOptions::default()
+    let (cluster, client) = match &options.control_plane {
+        Some(binary) => {
+            let dir = options.state_dir.join("control-plane");
+            let control_plane =
+                ControlPlane::start(binary, &dir, options.listen, &options.kubeconfig).await?;
+            let kubeconfig =
+                kube::config::Kubeconfig::read_from(&options.kubeconfig).map_err(|e| e.to_string())?;
+            let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+                .await
+                .map_err(|e| e.to_string())?;
+            let client = crate::operator::client(config).map_err(|e| e.to_string())?;
+            install_crds(&client).await?;
+            (Cluster::Real(control_plane), client)
+        }
+        None => {
+            let cluster_options = DevClusterOptions {
+                address: options.listen,
+                ..DevClusterOptions::default()
+            };
+            let cluster = DevCluster::start(cluster_options)
+                .await
+                .map_err(|e| format!("starting the dev cluster on {}: {e}", options.listen))?;
+            let store = cluster.store();
+            for definition in crate::crd::crds() {
+                let object = serde_json::to_value(&definition).map_err(|e| e.to_string())?;
+                store
+                    .create_builtin("apiextensions.k8s.io", "customresourcedefinitions", None, object)
+                    .map_err(|e| e.message)?;
+            }
+            cluster
+                .write_kubeconfig(&options.kubeconfig)
+                .map_err(|e| format!("writing {}: {e}", options.kubeconfig.display()))?;
+            let client = cluster.client();
+            (Cluster::Dev(cluster), client)
+        }
     };
-    let cluster = DevCluster::start(cluster_options)
-        .await
-        .map_err(|e| format!("starting the dev cluster on {}: {e}", options.listen))?;
-    let client = cluster.client();
-    let store = cluster.store();
-    for definition in crate::crd::crds() {
-        let object = serde_json::to_value(&definition).map_err(|e| e.to_string())?;
-        store
-            .create_builtin("apiextensions.k8s.io", "customresourcedefinitions", None, object)
-            .map_err(|e| e.message)?;
-    }
     let mut config = OperatorConfig {
         local: crate::config::LocalConfig {
             state_dir: Some(options.state_dir.clone()),
@@ -137,17 +301,18 @@ pub async fn start(options: &DemoOptions) -> Result<Demo, String> {
         .create(&PostParams::default(), &namespace)
         .await
         .map_err(|e| e.to_string())?;
-    cluster
-        .write_kubeconfig(&options.kubeconfig)
-        .map_err(|e| format!("writing {}: {e}", options.kubeconfig.display()))?;
+    let kind = match &cluster {
+        Cluster::Dev(_) => "dev cluster: ",
+        Cluster::Real(_) => "Kubernetes:  ",
+    };
     println!(
-        "dev cluster:  {} (kubeconfig {})",
+        "{kind} {} (kubeconfig {})",
         cluster.url(),
         options.kubeconfig.display()
     );
 
     let compute = crate::operator::compute(&config).await?;
-    let (ctx, _enrollment) = crate::operator::context(
+    let (ctx, enrollment) = crate::operator::context(
         client.clone(),
         compute.clone(),
         config,
@@ -292,6 +457,7 @@ pub async fn start(options: &DemoOptions) -> Result<Demo, String> {
         cluster,
         stop,
         operator,
+        enrollment,
         kubelet,
         compute,
     })

@@ -236,7 +236,7 @@ impl Recorder {
         };
         if let Err(error) = result {
             self.recent.lock().unwrap_or_else(|p| p.into_inner()).forget(&key);
-            tracing::warn!(%error, %reason, object = ?regarding.name, "recording an event");
+            log_failure(&error, reason, regarding);
         }
     }
 
@@ -261,7 +261,7 @@ impl Recorder {
         );
         let events: Api<Event> = Api::namespaced(self.client.clone(), &namespace);
         if let Err(error) = events.create(&PostParams::default(), &event).await {
-            tracing::warn!(%error, %reason, object = ?regarding.name, "recording an event");
+            log_failure(&error, reason, &regarding);
         }
     }
 }
@@ -271,8 +271,54 @@ fn namespace_of(regarding: &ObjectReference) -> String {
     regarding.namespace.clone().unwrap_or_else(|| "default".into())
 }
 
+/// The API server refuses new objects in a namespace being deleted (NamespaceLifecycle
+/// admission): the events of its pods' last moments are expected to be lost, as client-go's
+/// recorder drops them.
+fn namespace_terminating(error: &kube::Error) -> bool {
+    let kube::Error::Api(status) = error else {
+        return false;
+    };
+    status.code == 403
+        && status
+            .details
+            .iter()
+            .flat_map(|d| &d.causes)
+            .any(|c| c.reason == "NamespaceTerminating")
+}
+
+/// A failed event write: at warn with its cause, unless its namespace is being deleted.
+fn log_failure(error: &kube::Error, reason: &str, regarding: &ObjectReference) {
+    if namespace_terminating(error) {
+        tracing::debug!(%error, %reason, object = ?regarding.name, "event dropped: its namespace is being deleted");
+    } else {
+        tracing::warn!(%error, %reason, object = ?regarding.name, "recording an event");
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn events_refused_in_a_terminating_namespace_are_told_apart() {
+        // As kube-apiserver's NamespaceLifecycle admission answers (seen in make e2e).
+        let terminating: kube::core::Status = serde_json::from_value(serde_json::json!({
+            "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "code": 403,
+            "reason": "Forbidden",
+            "message": "events.events.k8s.io \"web.18ecdb\" is forbidden: unable to create new content in namespace e2e because it is being terminated",
+            "details": {"name": "web.18ecdb", "group": "events.k8s.io", "kind": "events",
+                "causes": [{"reason": "NamespaceTerminating", "message": "namespace e2e is being terminated", "field": "metadata.namespace"}]},
+        }))
+        .unwrap();
+        assert!(super::namespace_terminating(&kube::Error::Api(Box::new(
+            terminating.clone()
+        ))));
+        let mut rbac = terminating;
+        rbac.details = None;
+        rbac.message =
+            "events.events.k8s.io is forbidden: User \"system:serviceaccount:x:y\" cannot create resource"
+                .into();
+        assert!(!super::namespace_terminating(&kube::Error::Api(Box::new(rbac))));
+    }
+
     use super::*;
 
     fn key(note: &str) -> Key {

@@ -21,8 +21,13 @@ import (
 	"syscall"
 	"time"
 
+	"encoding/json"
+
 	"go.etcd.io/etcd/server/v3/embed"
+	coordinationv1 "k8s.io/api/coordination/v1"
+	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
@@ -45,6 +50,7 @@ type options struct {
 	controllerManagerArgs  stringList
 	schedulerArgs          stringList
 	readyTimeout           time.Duration
+	nodes                  stringList
 	componentLogsToStderr  bool
 }
 
@@ -64,6 +70,7 @@ func up(args []string) int {
 	fs.Var(&o.controllerManagerArgs, "controller-manager-arg", "an extra kube-controller-manager flag (repeatable)")
 	fs.Var(&o.schedulerArgs, "scheduler-arg", "an extra kube-scheduler flag (repeatable)")
 	fs.DurationVar(&o.readyTimeout, "ready-timeout", 2*time.Minute, "give up when not ready in this long")
+	fs.Var(&o.nodes, "node", "register an ordinary node of this name (zone e2e-a, tainted NoSchedule so nothing lands on it) and keep it Ready, as its kubelet would (repeatable): a cluster whose only nodes are virtual ones is, to the node lifecycle controller, a control plane cut off from every node, and it evicts nothing")
 	fs.BoolVar(&o.componentLogsToStderr, "v", false, "copy the components' logs to stderr (they are always in <dir>/logs)")
 	showVersion := fs.Bool("version", false, "print the Kubernetes version and exit")
 	if err := fs.Parse(args); err != nil {
@@ -99,6 +106,66 @@ func up(args []string) int {
 	cp.stop()
 	say("stopped, %s removed", cp.dir)
 	return code
+}
+
+// keepNodeReady registers an ordinary node and heartbeats it (its Lease and its Ready
+// condition) until the launcher stops.
+func (cp *controlPlane) keepNodeReady(p *pki, server, name string) error {
+	client, err := adminClient(p, server)
+	if err != nil {
+		return err
+	}
+	ctx := context.Background()
+	node := &corev1.Node{
+		ObjectMeta: metav1.ObjectMeta{Name: name, Labels: map[string]string{
+			"kubernetes.io/hostname":      name,
+			"topology.kubernetes.io/zone": "e2e-a",
+		}},
+		Spec: corev1.NodeSpec{Taints: []corev1.Taint{{Key: "e2e.ec2-kubelet.io/no-kubelet", Effect: corev1.TaintEffectNoSchedule}}},
+	}
+	if _, err := client.CoreV1().Nodes().Create(ctx, node, metav1.CreateOptions{}); err != nil {
+		return err
+	}
+	heartbeat := func() error {
+		now := metav1.Now()
+		status := corev1.NodeStatus{Conditions: []corev1.NodeCondition{{
+			Type: corev1.NodeReady, Status: corev1.ConditionTrue, Reason: "KubeletReady",
+			Message: "heartbeated by the e2e control plane", LastHeartbeatTime: now, LastTransitionTime: now,
+		}}}
+		patch, err := json.Marshal(map[string]any{"status": status})
+		if err != nil {
+			return err
+		}
+		if _, err := client.CoreV1().Nodes().Patch(ctx, name, types.StrategicMergePatchType, patch, metav1.PatchOptions{}, "status"); err != nil {
+			return err
+		}
+		leases := client.CoordinationV1().Leases("kube-node-lease")
+		micro := metav1.NewMicroTime(time.Now())
+		lease, err := leases.Get(ctx, name, metav1.GetOptions{})
+		if err != nil {
+			seconds := int32(40)
+			lease = &coordinationv1.Lease{
+				ObjectMeta: metav1.ObjectMeta{Name: name},
+				Spec:       coordinationv1.LeaseSpec{HolderIdentity: &name, LeaseDurationSeconds: &seconds, RenewTime: &micro},
+			}
+			_, err = leases.Create(ctx, lease, metav1.CreateOptions{})
+			return err
+		}
+		lease.Spec.RenewTime = &micro
+		_, err = leases.Update(ctx, lease, metav1.UpdateOptions{})
+		return err
+	}
+	if err := heartbeat(); err != nil {
+		return err
+	}
+	go func() {
+		for range time.Tick(5 * time.Second) {
+			if err := heartbeat(); err != nil {
+				fmt.Fprintf(os.Stderr, "control-plane: heartbeat of node %s: %v\n", name, err)
+			}
+		}
+	}()
+	return nil
 }
 
 type child struct {
@@ -191,6 +258,11 @@ func start(o options) (*controlPlane, error) {
 	if err := cp.waitControllers(p, server, o.readyTimeout); err != nil {
 		return cp, err
 	}
+	for _, name := range o.nodes {
+		if err := cp.keepNodeReady(p, server, name); err != nil {
+			return cp, fmt.Errorf("node %s: %w", name, err)
+		}
+	}
 	say("ready in %.1fs: Kubernetes %s at %s, kubeconfig %s", time.Since(begun).Seconds(), version.Get().GitVersion, server, cp.kubeconfig)
 	return cp, nil
 }
@@ -240,6 +312,9 @@ func apiserverArgs(o options, p *pki, etcdURL string, port int) []string {
 	args := []string{
 		"--bind-address=127.0.0.1",
 		"--advertise-address=127.0.0.1",
+		// Endpoints may not hold loopback addresses: the kubernetes Service gets none (nothing
+		// in the cluster dials it; clients use the kubeconfig's address).
+		"--endpoint-reconciler-type=none",
 		"--secure-port=" + strconv.Itoa(port),
 		"--cert-dir=" + filepath.Join(o.dir, "apiserver"),
 		"--etcd-servers=" + etcdURL,

@@ -69,9 +69,16 @@ struct DemoArgs {
     /// The sample manifests.
     #[arg(long, default_value = "config/samples")]
     samples: PathBuf,
-    /// Address of the virtual nodes' kubelet API (`kubectl logs` and `exec` go there).
-    #[arg(long, default_value = "127.0.0.1:10250")]
-    kubelet_listen: std::net::SocketAddr,
+    /// Address of the virtual nodes' kubelet API (`kubectl logs` and `exec` go there); default
+    /// 127.0.0.1:10250 with the dev cluster, 0.0.0.0:10250 with the real control plane (its API
+    /// server dials each node's own loopback address, 127.0.x.y).
+    #[arg(long)]
+    kubelet_listen: Option<std::net::SocketAddr>,
+    /// Run on the real control plane (etcd, kube-apiserver, kube-controller-manager,
+    /// kube-scheduler) of this binary, built from e2e/control-plane by `make tools`; without it
+    /// the demo runs on the dev cluster.
+    #[arg(long)]
+    control_plane: Option<PathBuf>,
     /// Stop once the nodes are shown instead of running until Ctrl-C.
     #[arg(long)]
     once: bool,
@@ -205,7 +212,11 @@ fn demo(args: DemoArgs) -> ExitCode {
             kubeconfig: args.kubeconfig.clone(),
             samples: args.samples.clone(),
             state_dir: state.clone(),
-            kubelet: args.kubelet_listen,
+            kubelet: args.kubelet_listen.unwrap_or_else(|| match args.control_plane {
+                Some(_) => "0.0.0.0:10250".parse().expect("an address"),
+                None => "127.0.0.1:10250".parse().expect("an address"),
+            }),
+            control_plane: args.control_plane.clone(),
         };
         let demo = match ec2_kubelet::demo::start(&options).await {
             Ok(running) => running,
@@ -219,6 +230,14 @@ fn demo(args: DemoArgs) -> ExitCode {
             println!("  kubectl logs -f worker-0");
             println!("  kubectl exec hello -- uname -a");
             println!("  kubectl patch ecnp default --type merge -p '{{\"spec\":{{\"nodes\":3}}}}'");
+            if args.control_plane.is_some() {
+                println!(
+                    "  kubectl create deployment web --image=local/shell --replicas=2 -- sh -c 'while true; do date; sleep 5; done'"
+                );
+                println!(
+                    "  kubectl patch deployment web -p '{{\"spec\":{{\"template\":{{\"spec\":{{\"tolerations\":[{{\"key\":\"virtual-kubelet.io/provider\",\"operator\":\"Exists\"}}]}}}}}}}}'"
+                );
+            }
             wait_for_termination().await;
         }
         demo.shutdown().await;

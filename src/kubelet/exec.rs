@@ -1,9 +1,18 @@
-//! `exec` and `attach` over WebSocket with the Kubernetes channel protocols
-//! (`v5.channel.k8s.io`, `v4.channel.k8s.io`): every binary message starts with a channel byte
-//! (0 stdin, 1 stdout, 2 stderr, 3 error/status, 4 resize; v5 adds 255 = "close channel N").
-//! The command's end is a `Status` object on channel 3, which kubectl turns into its exit code.
+//! `exec` and `attach`, over either transport a kubelet serves:
+//!
+//! * **WebSocket** with the Kubernetes channel protocols (`v5.channel.k8s.io`,
+//!   `v4.channel.k8s.io`): every binary message starts with a channel byte (0 stdin, 1 stdout,
+//!   2 stderr, 3 error/status, 4 resize; v5 adds 255 = "close channel N").
+//! * **SPDY/3.1** with `v4.channel.k8s.io` (see [`super::spdy`]): one stream per channel, opened
+//!   by the client with a `streamtype` header (`error`, `stdin`, `stdout`, `stderr`, `resize`).
+//!   A real API server dials kubelets this way when it translates kubectl's WebSocket session.
+//!
+//! The command's end is a `Status` object on the error channel, which kubectl turns into its
+//! exit code. Both transports feed one session (the agent call) through [`FromClient`] and
+//! [`ToClient`] channels.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
 use hyper::body::Incoming;
@@ -19,14 +28,18 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role};
 
+use super::spdy;
 use super::{Body, Query, Reply, full, pod_agent};
 use crate::agent::proto::exec_input::Input;
 use crate::agent::proto::exec_output::Output;
 use crate::agent::proto::{ExecInput, ExecStart, GetLogsRequest, TerminalSize};
 use crate::controller::Context;
 
-/// The sub-protocols served, in order of preference.
+/// The WebSocket sub-protocols served, in order of preference.
 const PROTOCOLS: [&str; 2] = ["v5.channel.k8s.io", "v4.channel.k8s.io"];
+/// The SPDY stream protocol served (the newest a kubelet serves over SPDY).
+const SPDY_PROTOCOL: &str = "v4.channel.k8s.io";
+const STREAM_PROTOCOL_HEADER: &str = "x-stream-protocol-version";
 
 const STDIN: u8 = 0;
 const STDOUT: u8 = 1;
@@ -34,6 +47,11 @@ const STDERR: u8 = 2;
 const ERROR: u8 = 3;
 const RESIZE: u8 = 4;
 const CLOSE: u8 = 255;
+
+/// How long a SPDY client has to open the streams it asked for (the kubelet's default).
+const STREAM_CREATION_TIMEOUT: Duration = Duration::from_secs(30);
+/// After the status is sent, how long the client has to close the connection.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub(crate) struct Target {
     node: String,
@@ -53,16 +71,40 @@ impl Target {
     }
 }
 
-/// Checks the WebSocket upgrade and picks the sub-protocol: (accept key, protocol).
-fn negotiate(headers: &HeaderMap) -> Result<(String, &'static str), Reply> {
+/// The upgrade the client asked for.
+#[derive(Debug, PartialEq, Eq)]
+enum Transport {
+    WebSocket { accept: String, protocol: &'static str },
+    Spdy,
+}
+
+/// Checks the upgrade and picks the transport and its protocol.
+fn negotiate(headers: &HeaderMap) -> Result<Transport, Reply> {
     let upgrade = headers
         .get(header::UPGRADE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default();
+    if upgrade.eq_ignore_ascii_case("SPDY/3.1") {
+        let offered: Vec<&str> = headers
+            .get_all(STREAM_PROTOCOL_HEADER)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(',').map(str::trim))
+            .collect();
+        if !offered.contains(&SPDY_PROTOCOL) {
+            return Err(Reply(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "no supported stream protocol among {offered:?}; this kubelet speaks {SPDY_PROTOCOL} over SPDY"
+                ),
+            ));
+        }
+        return Ok(Transport::Spdy);
+    }
     if !upgrade.eq_ignore_ascii_case("websocket") {
         return Err(Reply(
             StatusCode::BAD_REQUEST,
-            "exec and attach need a WebSocket upgrade (v5.channel.k8s.io or v4.channel.k8s.io); SPDY is not served".into(),
+            "exec and attach need an upgrade: WebSocket (v5.channel.k8s.io, v4.channel.k8s.io) or SPDY/3.1 (v4.channel.k8s.io)".into(),
         ));
     }
     let key = headers
@@ -83,20 +125,29 @@ fn negotiate(headers: &HeaderMap) -> Result<(String, &'static str), Reply> {
                 PROTOCOLS.join(", ")
             ))
         })?;
-    Ok((derive_accept_key(key.as_bytes()), protocol))
+    Ok(Transport::WebSocket {
+        accept: derive_accept_key(key.as_bytes()),
+        protocol,
+    })
 }
 
-fn switching_protocols(accept: &str, protocol: &str) -> Response<Body> {
+fn switching_protocols(transport: &Transport) -> Response<Body> {
     let mut response = Response::new(full(""));
     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let headers = response.headers_mut();
     headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    if let Ok(accept) = HeaderValue::from_str(accept) {
-        headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
-    }
-    if let Ok(protocol) = HeaderValue::from_str(protocol) {
-        headers.insert(header::SEC_WEBSOCKET_PROTOCOL, protocol);
+    match transport {
+        Transport::WebSocket { accept, protocol } => {
+            headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+            if let Ok(accept) = HeaderValue::from_str(accept) {
+                headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+            }
+            headers.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(protocol));
+        }
+        Transport::Spdy => {
+            headers.insert(header::UPGRADE, HeaderValue::from_static("SPDY/3.1"));
+            headers.insert(STREAM_PROTOCOL_HEADER, HeaderValue::from_static(SPDY_PROTOCOL));
+        }
     }
     response
 }
@@ -131,26 +182,274 @@ fn exit_status(command: &[String], exit_code: i32, error: &str) -> serde_json::V
     })
 }
 
-type Socket = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
+/// What the client sends, whatever the transport.
+#[derive(Debug, PartialEq)]
+enum FromClient {
+    Stdin(Vec<u8>),
+    CloseStdin,
+    Resize(TerminalSize),
+}
 
-/// Answers 101 and runs `session` on the upgraded connection.
-fn upgrade<F, Fut>(request: Request<Incoming>, accept: &str, protocol: &str, session: F) -> Response<Body>
+/// What the session sends before its final status.
+#[derive(Debug)]
+enum ToClient {
+    Stdout(Vec<u8>),
+    Stderr(Vec<u8>),
+}
+
+/// The streams a session uses: a SPDY client opens exactly these. The API server asks a kubelet
+/// with `input`, `output`, `error` and `tty` (`stdin`, `stdout`, `stderr` are the names of the
+/// API server's own query, and accepted too).
+#[derive(Clone, Copy, Debug)]
+struct Wanted {
+    stdin: bool,
+    stdout: bool,
+    stderr: bool,
+    tty: bool,
+}
+
+impl Wanted {
+    fn from(query: &Query) -> Wanted {
+        let tty = query.flag("tty");
+        Wanted {
+            stdin: query.flag("input") || query.flag("stdin"),
+            stdout: query.flag("output") || query.flag("stdout"),
+            // With a terminal, stderr is part of the terminal's output.
+            stderr: (query.flag("error") || query.flag("stderr")) && !tty,
+            tty,
+        }
+    }
+
+    fn stream_types(&self) -> Vec<&'static str> {
+        let mut types = vec!["error"];
+        for (on, name) in [
+            (self.stdin, "stdin"),
+            (self.stdout, "stdout"),
+            (self.stderr, "stderr"),
+            (self.tty, "resize"),
+        ] {
+            if on {
+                types.push(name);
+            }
+        }
+        types
+    }
+}
+
+/// A resize message: `{"Width": w, "Height": h}`.
+fn terminal_size(json: &serde_json::Value) -> TerminalSize {
+    TerminalSize {
+        width: json["Width"].as_u64().unwrap_or(0) as u32,
+        height: json["Height"].as_u64().unwrap_or(0) as u32,
+    }
+}
+
+/// A session: reads what the client sends until that channel closes (the client left), sends
+/// output, and returns the final status.
+type Session = std::pin::Pin<Box<dyn std::future::Future<Output = serde_json::Value> + Send>>;
+
+/// Answers 101 and runs the session on the upgraded connection.
+fn upgrade<F>(request: Request<Incoming>, transport: Transport, wanted: Wanted, session: F) -> Response<Body>
 where
-    F: FnOnce(Socket) -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = ()> + Send,
+    F: FnOnce(mpsc::Receiver<FromClient>, mpsc::Sender<ToClient>) -> Session + Send + 'static,
 {
+    let response = switching_protocols(&transport);
     let upgrading = hyper::upgrade::on(request);
     tokio::spawn(async move {
-        match upgrading.await {
-            Ok(upgraded) => {
-                let socket =
-                    WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
-                session(socket).await;
+        let upgraded = match upgrading.await {
+            Ok(upgraded) => TokioIo::new(upgraded),
+            Err(error) => return tracing::debug!(%error, "exec upgrade"),
+        };
+        match transport {
+            Transport::WebSocket { protocol, .. } => {
+                let socket = WebSocketStream::from_raw_socket(upgraded, Role::Server, None).await;
+                over_websocket(socket, protocol == PROTOCOLS[0], session).await;
             }
-            Err(error) => tracing::debug!(%error, "exec upgrade"),
+            Transport::Spdy => {
+                if let Err(error) = over_spdy(upgraded, wanted, session).await {
+                    tracing::debug!(%error, "exec over SPDY");
+                }
+            }
         }
     });
-    switching_protocols(accept, protocol)
+    response
+}
+
+async fn over_websocket<S, F>(socket: WebSocketStream<S>, v5: bool, session: F)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    F: FnOnce(mpsc::Receiver<FromClient>, mpsc::Sender<ToClient>) -> Session,
+{
+    let (mut sink, mut source) = socket.split();
+    let (inputs, from_client) = mpsc::channel(16);
+    let (to_client, mut outputs) = mpsc::channel(16);
+    let reader = tokio::spawn(async move {
+        while let Some(Ok(message)) = source.next().await {
+            let Message::Binary(data) = message else {
+                if matches!(message, Message::Close(_)) {
+                    break;
+                }
+                continue;
+            };
+            let input = match (data.first(), data.get(1)) {
+                (Some(&STDIN), _) => FromClient::Stdin(data[1..].to_vec()),
+                (Some(&RESIZE), _) => {
+                    let size: serde_json::Value = serde_json::from_slice(&data[1..]).unwrap_or_default();
+                    FromClient::Resize(terminal_size(&size))
+                }
+                (Some(&CLOSE), Some(&STDIN)) if v5 => FromClient::CloseStdin,
+                _ => continue,
+            };
+            if inputs.send(input).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut running = tokio::spawn(session(from_client, to_client));
+    while let Some(output) = outputs.recv().await {
+        let message = match output {
+            ToClient::Stdout(data) => framed(STDOUT, &data),
+            ToClient::Stderr(data) => framed(STDERR, &data),
+        };
+        if sink.send(message).await.is_err() {
+            running.abort();
+            reader.abort();
+            return;
+        }
+    }
+    let status = (&mut running)
+        .await
+        .unwrap_or_else(|e| exit_status(&[], 0, &e.to_string()));
+    let _ = sink.send(framed(ERROR, status.to_string().as_bytes())).await;
+    let _ = sink.send(normal_close()).await;
+    reader.abort();
+}
+
+async fn over_spdy<S, F>(io: S, wanted: Wanted, session: F) -> Result<(), spdy::Error>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    F: FnOnce(mpsc::Receiver<FromClient>, mpsc::Sender<ToClient>) -> Session,
+{
+    let (read, write) = tokio::io::split(io);
+    let mut reader = spdy::Reader::new(read);
+    let mut writer = spdy::Writer::new(write);
+    // 1. The client opens one stream per channel; each is accepted.
+    let types = wanted.stream_types();
+    let mut streams: std::collections::HashMap<&'static str, u32> = Default::default();
+    let mut last = 0;
+    let deadline = tokio::time::Instant::now() + STREAM_CREATION_TIMEOUT;
+    while streams.len() < types.len() {
+        let frame = match tokio::time::timeout_at(deadline, reader.next()).await {
+            Ok(frame) => frame?,
+            Err(_) => {
+                writer.go_away(last).await?;
+                return Err(spdy::Error::Protocol(format!(
+                    "the client opened {:?} of the streams {types:?} in {STREAM_CREATION_TIMEOUT:?}",
+                    streams.keys().collect::<Vec<_>>()
+                )));
+            }
+        };
+        match frame {
+            Some(spdy::Frame::Open { id, headers, .. }) => {
+                writer.reply(id).await?;
+                last = last.max(id);
+                let kind = headers
+                    .iter()
+                    .find(|(n, _)| n == "streamtype")
+                    .map(|(_, v)| v.as_str());
+                tracing::debug!(id, ?kind, ?types, "SPDY stream opened");
+                match types.iter().find(|t| Some(**t) == kind) {
+                    Some(kind) => {
+                        streams.insert(kind, id);
+                    }
+                    None => writer.reset(id).await?,
+                }
+            }
+            Some(spdy::Frame::Ping { id }) => writer.pong(id).await?,
+            Some(spdy::Frame::GoAway) | None => return Ok(()),
+            Some(_) => {}
+        }
+    }
+    // 2. The session, with the client's frames read on their own task.
+    let (frames_tx, mut frames) = mpsc::channel(16);
+    let read_frames = tokio::spawn(async move {
+        while let Ok(Some(frame)) = reader.next().await {
+            if frames_tx.send(frame).await.is_err() {
+                break;
+            }
+        }
+    });
+    let (inputs, from_client) = mpsc::channel(16);
+    let mut inputs = Some(inputs);
+    let (to_client, mut outputs) = mpsc::channel(16);
+    let mut running = tokio::spawn(session(from_client, to_client));
+    let stdout = streams.get("stdout").copied();
+    let stderr = streams.get("stderr").copied().or(stdout);
+    let mut resize_buffer: Vec<u8> = Vec::new();
+    let mut client_gone = false;
+    loop {
+        tokio::select! {
+            output = outputs.recv() => match output {
+                Some(ToClient::Stdout(data)) => if let Some(id) = stdout { writer.data(id, &data, false).await? },
+                Some(ToClient::Stderr(data)) => if let Some(id) = stderr { writer.data(id, &data, false).await? },
+                None => break,
+            },
+            frame = frames.recv(), if !client_gone => match frame {
+                Some(spdy::Frame::Data { id, data, fin }) => {
+                    let Some(sender) = inputs.as_ref() else { continue };
+                    if Some(id) == streams.get("stdin").copied() {
+                        if !data.is_empty() {
+                            let _ = sender.send(FromClient::Stdin(data)).await;
+                        }
+                        if fin {
+                            let _ = sender.send(FromClient::CloseStdin).await;
+                        }
+                    } else if Some(id) == streams.get("resize").copied() {
+                        resize_buffer.extend_from_slice(&data);
+                        let mut sizes = serde_json::Deserializer::from_slice(&resize_buffer).into_iter::<serde_json::Value>();
+                        let mut parsed = Vec::new();
+                        for size in sizes.by_ref() {
+                            match size {
+                                Ok(size) => parsed.push(terminal_size(&size)),
+                                Err(_) => break,
+                            }
+                        }
+                        let consumed = sizes.byte_offset();
+                        resize_buffer.drain(..consumed);
+                        for size in parsed {
+                            let _ = sender.send(FromClient::Resize(size)).await;
+                        }
+                    }
+                }
+                Some(spdy::Frame::Ping { id }) => writer.pong(id).await?,
+                Some(spdy::Frame::Open { id, .. }) => writer.reset(id).await?,
+                Some(spdy::Frame::Reset { .. }) => {}
+                // The client left: the session sees its input end.
+                Some(spdy::Frame::GoAway) | None => {
+                    client_gone = true;
+                    inputs = None;
+                }
+            },
+        }
+    }
+    // 3. The status on the error stream, every stream closed, then the connection.
+    let status = (&mut running)
+        .await
+        .unwrap_or_else(|e| exit_status(&[], 0, &e.to_string()));
+    if let Some(id) = streams.get("error").copied() {
+        writer.data(id, status.to_string().as_bytes(), true).await?;
+    }
+    for (kind, id) in &streams {
+        if *kind != "error" {
+            writer.data(*id, &[], true).await?;
+        }
+    }
+    writer.go_away(last).await?;
+    drop(inputs);
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, async { while frames.recv().await.is_some() {} }).await;
+    read_frames.abort();
+    writer.shutdown().await;
+    Ok(())
 }
 
 /// `exec`: runs a command in the container through the agent's `Exec` stream.
@@ -164,15 +463,16 @@ pub(crate) async fn exec(
     if command.is_empty() {
         return Err(Reply::bad_request("command is required"));
     }
-    let (accept, protocol) = negotiate(request.headers())?;
+    let transport = negotiate(request.headers())?;
+    let wanted = Wanted::from(&query);
     let (pod, mut agent) = pod_agent(&ctx, &target.node, &target.namespace, &target.name).await?;
     let (inputs, input_rx) = mpsc::channel::<ExecInput>(16);
     let start = ExecStart {
         pod_uid: pod.uid().unwrap_or_default(),
         container: target.container.clone(),
         command: command.clone(),
-        stdin: query.flag("stdin"),
-        tty: query.flag("tty"),
+        stdin: wanted.stdin,
+        tty: wanted.tty,
     };
     let _ = inputs
         .send(ExecInput {
@@ -190,74 +490,66 @@ pub(crate) async fn exec(
             _ => Reply::unavailable(status.message().to_string()),
         })?
         .into_inner();
-    let v5 = protocol == PROTOCOLS[0];
-    Ok(upgrade(request, &accept, protocol, move |socket| async move {
-        let (mut sink, mut source) = socket.split();
-        let forward = tokio::spawn(async move {
-            while let Some(Ok(message)) = source.next().await {
-                let Message::Binary(data) = message else {
-                    if matches!(message, Message::Close(_)) {
+    Ok(upgrade(
+        request,
+        transport,
+        wanted,
+        move |mut from_client, to_client| {
+            Box::pin(async move {
+                let forward = tokio::spawn(async move {
+                    while let Some(input) = from_client.recv().await {
+                        let input = match input {
+                            FromClient::Stdin(data) => Input::Stdin(data),
+                            FromClient::CloseStdin => Input::CloseStdin(true),
+                            FromClient::Resize(size) => Input::Resize(size),
+                        };
+                        if inputs.send(ExecInput { input: Some(input) }).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+                let mut status = exit_status(
+                    &command,
+                    0,
+                    "the agent ended the exec stream without an exit status",
+                );
+                while let Some(output) = outputs.next().await {
+                    let message = match output {
+                        Ok(output) => match output.output {
+                            Some(Output::Stdout(data)) => ToClient::Stdout(data),
+                            Some(Output::Stderr(data)) => ToClient::Stderr(data),
+                            Some(Output::Exit(exit)) => {
+                                status = exit_status(&command, exit.exit_code, &exit.error);
+                                break;
+                            }
+                            None => continue,
+                        },
+                        Err(error) => {
+                            status = exit_status(&command, 0, &format!("exec: {}", error.message()));
+                            break;
+                        }
+                    };
+                    if to_client.send(message).await.is_err() {
                         break;
                     }
-                    continue;
-                };
-                let input = match (data.first(), data.get(1)) {
-                    (Some(&STDIN), _) => Input::Stdin(data[1..].to_vec()),
-                    (Some(&RESIZE), _) => {
-                        let size: serde_json::Value = serde_json::from_slice(&data[1..]).unwrap_or_default();
-                        Input::Resize(TerminalSize {
-                            width: size["Width"].as_u64().unwrap_or(0) as u32,
-                            height: size["Height"].as_u64().unwrap_or(0) as u32,
-                        })
-                    }
-                    (Some(&CLOSE), Some(&STDIN)) if v5 => Input::CloseStdin(true),
-                    _ => continue,
-                };
-                if inputs.send(ExecInput { input: Some(input) }).await.is_err() {
-                    break;
                 }
-            }
-        });
-        let mut status = exit_status(
-            &command,
-            0,
-            "the agent ended the exec stream without an exit status",
-        );
-        while let Some(output) = outputs.next().await {
-            let message = match output {
-                Ok(output) => match output.output {
-                    Some(Output::Stdout(data)) => framed(STDOUT, &data),
-                    Some(Output::Stderr(data)) => framed(STDERR, &data),
-                    Some(Output::Exit(exit)) => {
-                        status = exit_status(&command, exit.exit_code, &exit.error);
-                        break;
-                    }
-                    None => continue,
-                },
-                Err(error) => {
-                    status = exit_status(&command, 0, &format!("exec: {}", error.message()));
-                    break;
-                }
-            };
-            if sink.send(message).await.is_err() {
-                break;
-            }
-        }
-        let _ = sink.send(framed(ERROR, status.to_string().as_bytes())).await;
-        let _ = sink.send(normal_close()).await;
-        forward.abort();
-    }))
+                forward.abort();
+                status
+            })
+        },
+    ))
 }
 
 /// `attach`: the container's output from now on (the agent runs containers without a terminal
-/// to attach stdin to), until the container's run ends.
+/// to attach stdin to), until the container's run ends or the client leaves.
 pub(crate) async fn attach(
     ctx: Arc<Context>,
     request: Request<Incoming>,
     target: Target,
-    _query: Query,
+    query: Query,
 ) -> Result<Response<Body>, Reply> {
-    let (accept, protocol) = negotiate(request.headers())?;
+    let transport = negotiate(request.headers())?;
+    let wanted = Wanted::from(&query);
     let (pod, mut agent) = pod_agent(&ctx, &target.node, &target.namespace, &target.name).await?;
     let logs = GetLogsRequest {
         pod_uid: pod.uid().unwrap_or_default(),
@@ -271,25 +563,27 @@ pub(crate) async fn attach(
         .await
         .map_err(|status| Reply::bad_request(status.message().to_string()))?
         .into_inner();
-    Ok(upgrade(request, &accept, protocol, move |socket| async move {
-        let (mut sink, mut source) = socket.split();
-        let mut status = exit_status(&[], 0, "");
-        loop {
-            tokio::select! {
-                chunk = stream.next() => match chunk {
-                    Some(Ok(chunk)) => if sink.send(framed(STDOUT, &chunk.data)).await.is_err() { return },
-                    Some(Err(error)) => { status = exit_status(&[], 0, error.message()); break }
-                    None => break,
-                },
-                message = source.next() => match message {
-                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
-                    Some(Ok(_)) => {}
-                },
-            }
-        }
-        let _ = sink.send(framed(ERROR, status.to_string().as_bytes())).await;
-        let _ = sink.send(normal_close()).await;
-    }))
+    Ok(upgrade(
+        request,
+        transport,
+        wanted,
+        move |mut from_client, to_client| {
+            Box::pin(async move {
+                loop {
+                    tokio::select! {
+                        chunk = stream.next() => match chunk {
+                            Some(Ok(chunk)) => if to_client.send(ToClient::Stdout(chunk.data)).await.is_err() { break },
+                            Some(Err(error)) => return exit_status(&[], 0, error.message()),
+                            None => break,
+                        },
+                        // Input is not attached to anything; its end is the client's departure.
+                        input = from_client.recv() => if input.is_none() { break },
+                    }
+                }
+                exit_status(&[], 0, "")
+            })
+        },
+    ))
 }
 
 #[cfg(test)]
@@ -297,7 +591,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_newest_offered_protocol_wins_and_spdy_is_refused() {
+    fn websocket_prefers_v5_and_spdy_speaks_v4() {
         let mut headers = HeaderMap::new();
         headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         headers.insert(
@@ -308,12 +602,33 @@ mod tests {
             header::SEC_WEBSOCKET_PROTOCOL,
             HeaderValue::from_static("v4.channel.k8s.io, v5.channel.k8s.io, channel.k8s.io"),
         );
-        let (accept, protocol) = negotiate(&headers).unwrap_or_else(|r| panic!("{}", r.1));
-        assert_eq!(protocol, "v5.channel.k8s.io");
-        // RFC 6455's example key and answer.
-        assert_eq!(accept, "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+        let transport = negotiate(&headers).unwrap_or_else(|r| panic!("{}", r.1));
+        assert_eq!(
+            transport,
+            Transport::WebSocket {
+                // RFC 6455's example key and answer.
+                accept: "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=".into(),
+                protocol: "v5.channel.k8s.io",
+            }
+        );
+        // SPDY (a real API server's translation of kubectl's session): v4 only.
         headers.insert(header::UPGRADE, HeaderValue::from_static("SPDY/3.1"));
-        assert!(negotiate(&headers).unwrap_err().1.contains("SPDY is not served"));
+        headers.insert(
+            STREAM_PROTOCOL_HEADER,
+            HeaderValue::from_static("v5.channel.k8s.io"),
+        );
+        let refused = negotiate(&headers).unwrap_err();
+        assert_eq!(refused.0, StatusCode::FORBIDDEN);
+        headers.append(
+            STREAM_PROTOCOL_HEADER,
+            HeaderValue::from_static("v4.channel.k8s.io"),
+        );
+        assert_eq!(
+            negotiate(&headers).unwrap_or_else(|r| panic!("{}", r.1)),
+            Transport::Spdy
+        );
+        headers.insert(header::UPGRADE, HeaderValue::from_static("h2c"));
+        assert_eq!(negotiate(&headers).unwrap_err().0, StatusCode::BAD_REQUEST);
     }
 
     #[test]

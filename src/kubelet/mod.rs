@@ -17,6 +17,7 @@
 
 pub mod auth;
 mod exec;
+mod spdy;
 mod stats;
 pub mod tls;
 

@@ -311,9 +311,12 @@ async fn sources(ctx: &Context, pod: &Pod) -> Result<spec::Sources> {
         let request = TokenRequest {
             metadata: Default::default(),
             spec: TokenRequestSpec {
-                audiences: (!wanted.audience.is_empty())
-                    .then(|| vec![wanted.audience.clone()])
-                    .unwrap_or_default(),
+                // None: the API server's own audiences.
+                audiences: if wanted.audience.is_empty() {
+                    Vec::new()
+                } else {
+                    vec![wanted.audience.clone()]
+                },
                 expiration_seconds: Some(wanted.expiration_seconds),
                 bound_object_ref: Some(BoundObjectReference {
                     api_version: Some("v1".into()),

@@ -458,7 +458,12 @@ fn volume_source(
                 )?);
             } else if let Some(downward) = &source.downward_api {
                 let items = downward.items.as_deref().unwrap_or_default();
-                all.extend(downward_files(pod, placement, items, &format!("{at}.downwardAPI"))?);
+                all.extend(downward_files(
+                    pod,
+                    placement,
+                    items,
+                    &format!("{at}.downwardAPI"),
+                )?);
             } else if let Some(token) = &source.service_account_token {
                 let request = TokenRequest {
                     audience: token.audience.clone().unwrap_or_default(),
@@ -542,7 +547,13 @@ pub fn agent_spec(pod: &Pod, sources: &Sources, placement: &Placement) -> Result
     for (i, volume) in spec.volumes.iter().flatten().enumerate() {
         volumes.push(proto::Volume {
             name: volume.name.clone(),
-            source: Some(volume_source(pod, volume, &format!("spec.volumes[{i}]"), sources, placement)?),
+            source: Some(volume_source(
+                pod,
+                volume,
+                &format!("spec.volumes[{i}]"),
+                sources,
+                placement,
+            )?),
         });
     }
     let restart_policy = match spec.restart_policy.as_deref() {
@@ -639,7 +650,10 @@ mod tests {
 
         let mut sources = sources();
         let missing = agent_spec(&pod, &sources, &Placement::default()).unwrap_err();
-        assert_eq!(missing.field, "spec.volumes[0].projected.sources[0].serviceAccountToken");
+        assert_eq!(
+            missing.field,
+            "spec.volumes[0].projected.sources[0].serviceAccountToken"
+        );
         sources.tokens.insert(wanted, "header.payload.signature".into());
         let ca = BTreeMap::from([("ca.crt".to_string(), b"-----BEGIN CERTIFICATE-----".to_vec())]);
         sources.config_maps.insert("kube-root-ca.crt".into(), ca);
@@ -672,7 +686,14 @@ mod tests {
         let error = agent_spec(&pod, &sources(), &Placement::default()).unwrap_err();
         assert_eq!(error.field, "spec.volumes[0].downwardAPI.items[2]");
         let volumes = pod.spec.as_mut().unwrap().volumes.as_mut().unwrap();
-        volumes[0].downward_api.as_mut().unwrap().items.as_mut().unwrap().pop();
+        volumes[0]
+            .downward_api
+            .as_mut()
+            .unwrap()
+            .items
+            .as_mut()
+            .unwrap()
+            .pop();
         let spec = agent_spec(&pod, &sources(), &Placement::default()).unwrap();
         let Some(proto::volume::Source::Files(files)) = &spec.volumes[0].source else {
             panic!("expected files");
