@@ -59,7 +59,7 @@ install_control_plane() {
     exit 1
   fi
   local started=$SECONDS
-  [ -x "$tools/bin/control-plane" ] || log "building the real control plane (e2e/control-plane; about 10 minutes the first time on 2 cores)"
+  [ -x "$tools/bin/control-plane" ] || log "building the real control plane (e2e/control-plane; about 4 minutes the first time on 2 cores)"
   bash "$root/e2e/control-plane/build.sh"
   log "control plane built in $((SECONDS - started)) s ($("$tools/bin/control-plane" --version 2>/dev/null || true))"
 }
