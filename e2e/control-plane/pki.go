@@ -34,26 +34,21 @@ func serial() (*big.Int, error) {
 	return rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 120))
 }
 
-func newCA(name string) (*keyPair, error) {
+// sign makes a certificate from template for a new key, signed by parent (itself when nil).
+func sign(template *x509.Certificate, parent *keyPair) (*keyPair, error) {
 	key, err := newKey()
 	if err != nil {
 		return nil, err
 	}
-	sn, err := serial()
-	if err != nil {
+	if template.SerialNumber, err = serial(); err != nil {
 		return nil, err
 	}
-	now := time.Now()
-	template := &x509.Certificate{
-		SerialNumber:          sn,
-		Subject:               pkix.Name{CommonName: name},
-		NotBefore:             now.Add(-time.Hour),
-		NotAfter:              now.Add(10 * 365 * 24 * time.Hour),
-		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageDigitalSignature | x509.KeyUsageKeyEncipherment,
-		BasicConstraintsValid: true,
-		IsCA:                  true,
+	template.NotBefore = time.Now().Add(-time.Hour)
+	issuer, signer := template, key
+	if parent != nil {
+		issuer, signer = parent.cert, parent.key
 	}
-	der, err := x509.CreateCertificate(rand.Reader, template, template, key.Public(), key)
+	der, err := x509.CreateCertificate(rand.Reader, template, issuer, key.Public(), signer)
 	if err != nil {
 		return nil, err
 	}
@@ -64,25 +59,24 @@ func newCA(name string) (*keyPair, error) {
 	return &keyPair{cert: cert, key: key}, nil
 }
 
+func newCA(name string) (*keyPair, error) {
+	return sign(&x509.Certificate{
+		Subject:               pkix.Name{CommonName: name},
+		NotAfter:              time.Now().Add(10 * 365 * 24 * time.Hour),
+		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageDigitalSignature | x509.KeyUsageKeyEncipherment,
+		BasicConstraintsValid: true,
+		IsCA:                  true,
+	}, nil)
+}
+
 // issue signs a leaf certificate: a client certificate when hosts is empty, else a serving one
 // for those DNS names and IPs.
 func (ca *keyPair) issue(commonName string, organizations []string, hosts []string) (*keyPair, error) {
-	key, err := newKey()
-	if err != nil {
-		return nil, err
-	}
-	sn, err := serial()
-	if err != nil {
-		return nil, err
-	}
-	now := time.Now()
 	template := &x509.Certificate{
-		SerialNumber: sn,
-		Subject:      pkix.Name{CommonName: commonName, Organization: organizations},
-		NotBefore:    now.Add(-time.Hour),
-		NotAfter:     now.Add(365 * 24 * time.Hour),
-		KeyUsage:     x509.KeyUsageDigitalSignature | x509.KeyUsageKeyEncipherment,
-		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
+		Subject:     pkix.Name{CommonName: commonName, Organization: organizations},
+		NotAfter:    time.Now().Add(365 * 24 * time.Hour),
+		KeyUsage:    x509.KeyUsageDigitalSignature | x509.KeyUsageKeyEncipherment,
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
 	}
 	if len(hosts) > 0 {
 		template.ExtKeyUsage = []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}
@@ -94,15 +88,7 @@ func (ca *keyPair) issue(commonName string, organizations []string, hosts []stri
 			}
 		}
 	}
-	der, err := x509.CreateCertificate(rand.Reader, template, ca.cert, key.Public(), ca.key)
-	if err != nil {
-		return nil, err
-	}
-	cert, err := x509.ParseCertificate(der)
-	if err != nil {
-		return nil, err
-	}
-	return &keyPair{cert: cert, key: key}, nil
+	return sign(template, ca)
 }
 
 func (kp *keyPair) certPEM() []byte {

@@ -346,37 +346,36 @@ func apiserverArgs(o options, p *pki, etcdURL string, port int) []string {
 	return append(args, o.apiserverArgs...)
 }
 
-func controllerManagerArgs(o options, p *pki) []string {
-	kubeconfig := filepath.Join(o.dir, "controller-manager.kubeconfig")
-	args := []string{
+// clientComponentArgs are the flags the controller manager and the scheduler share: their
+// kubeconfig for everything, and no port of their own.
+func clientComponentArgs(o options, name string) []string {
+	kubeconfig := filepath.Join(o.dir, name+".kubeconfig")
+	return []string{
 		"--kubeconfig=" + kubeconfig,
 		"--authentication-kubeconfig=" + kubeconfig,
 		"--authorization-kubeconfig=" + kubeconfig,
 		"--bind-address=127.0.0.1",
 		"--secure-port=0",
-		"--root-ca-file=" + p.path("ca.crt"),
-		"--service-account-private-key-file=" + p.path("sa.key"),
+	}
+}
+
+func controllerManagerArgs(o options, p *pki) []string {
+	args := append(clientComponentArgs(o, "controller-manager"),
+		"--root-ca-file="+p.path("ca.crt"),
+		"--service-account-private-key-file="+p.path("sa.key"),
 		"--use-service-account-credentials=true",
-		"--cluster-signing-cert-file=" + p.path("ca.crt"),
-		"--cluster-signing-key-file=" + p.path("ca.key"),
+		"--cluster-signing-cert-file="+p.path("ca.crt"),
+		"--cluster-signing-key-file="+p.path("ca.key"),
 		"--service-cluster-ip-range=10.0.0.0/24",
 		"--controllers=*,bootstrapsigner,tokencleaner",
-		"--node-monitor-period=" + o.nodeMonitorPeriod.String(),
-		"--node-monitor-grace-period=" + o.nodeMonitorGracePeriod.String(),
-	}
+		"--node-monitor-period="+o.nodeMonitorPeriod.String(),
+		"--node-monitor-grace-period="+o.nodeMonitorGracePeriod.String(),
+	)
 	return append(args, o.controllerManagerArgs...)
 }
 
 func schedulerArgs(o options) []string {
-	kubeconfig := filepath.Join(o.dir, "scheduler.kubeconfig")
-	args := []string{
-		"--kubeconfig=" + kubeconfig,
-		"--authentication-kubeconfig=" + kubeconfig,
-		"--authorization-kubeconfig=" + kubeconfig,
-		"--bind-address=127.0.0.1",
-		"--secure-port=0",
-	}
-	return append(args, o.schedulerArgs...)
+	return append(clientComponentArgs(o, "scheduler"), o.schedulerArgs...)
 }
 
 func writeKubeconfig(p *pki, server, id, path string) error {
