@@ -8,7 +8,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use k8s_openapi::api::core::v1::{Container, DownwardAPIVolumeFile, Pod, Probe as KubeProbe, Volume};
+use k8s_openapi::api::core::v1::{
+    Container, DownwardAPIVolumeFile, Pod, Probe as KubeProbe, ServiceAccountTokenProjection, Volume,
+};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use crate::agent::proto;
@@ -33,6 +35,16 @@ pub struct TokenRequest {
 /// The lifetime of a projected token that names none (the API's default).
 const DEFAULT_TOKEN_SECONDS: i64 = 3600;
 
+impl TokenRequest {
+    /// The token a projected `serviceAccountToken` source asks for.
+    fn of(projection: &ServiceAccountTokenProjection) -> TokenRequest {
+        TokenRequest {
+            audience: projection.audience.clone().unwrap_or_default(),
+            expiration_seconds: projection.expiration_seconds.unwrap_or(DEFAULT_TOKEN_SECONDS),
+        }
+    }
+}
+
 /// The service-account tokens the pod's projected volumes need, to request before [`agent_spec`].
 pub fn token_requests(pod: &Pod) -> BTreeSet<TokenRequest> {
     let spec = pod.spec.clone().unwrap_or_default();
@@ -42,10 +54,7 @@ pub fn token_requests(pod: &Pod) -> BTreeSet<TokenRequest> {
         .filter_map(|v| v.projected.as_ref())
         .flat_map(|p| p.sources.iter().flatten())
         .filter_map(|source| source.service_account_token.as_ref())
-        .map(|token| TokenRequest {
-            audience: token.audience.clone().unwrap_or_default(),
-            expiration_seconds: token.expiration_seconds.unwrap_or(DEFAULT_TOKEN_SECONDS),
-        })
+        .map(TokenRequest::of)
         .collect()
 }
 
@@ -465,11 +474,7 @@ fn volume_source(
                     &format!("{at}.downwardAPI"),
                 )?);
             } else if let Some(token) = &source.service_account_token {
-                let request = TokenRequest {
-                    audience: token.audience.clone().unwrap_or_default(),
-                    expiration_seconds: token.expiration_seconds.unwrap_or(DEFAULT_TOKEN_SECONDS),
-                };
-                let value = sources.tokens.get(&request).ok_or_else(|| {
+                let value = sources.tokens.get(&TokenRequest::of(token)).ok_or_else(|| {
                     error(
                         format!("{at}.serviceAccountToken"),
                         "no token was issued for the pod's service account",
