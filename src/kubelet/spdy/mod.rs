@@ -190,6 +190,23 @@ fn parse_headers(block: &[u8]) -> Result<Vec<(String, String)>, Error> {
     Ok(headers)
 }
 
+/// A frame on the wire: its first word (a control frame's version and type, or a data frame's
+/// stream id), flags, the 24-bit length, the payload.
+fn frame(first: [u8; 4], flags: u8, payload: &[u8]) -> Vec<u8> {
+    let mut frame = Vec::with_capacity(8 + payload.len());
+    frame.extend_from_slice(&first);
+    frame.push(flags);
+    frame.extend_from_slice(&(payload.len() as u32).to_be_bytes()[1..]);
+    frame.extend_from_slice(payload);
+    frame
+}
+
+fn control_word(kind: u16) -> [u8; 4] {
+    let [a, b] = (0x8000 | VERSION).to_be_bytes();
+    let [c, d] = kind.to_be_bytes();
+    [a, b, c, d]
+}
+
 /// Writes the server's frames.
 pub struct Writer<W> {
     io: W,
@@ -207,13 +224,9 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
     }
 
     async fn control(&mut self, kind: u16, flags: u8, payload: &[u8]) -> Result<(), Error> {
-        let mut frame = Vec::with_capacity(8 + payload.len());
-        frame.extend_from_slice(&(0x8000 | VERSION).to_be_bytes());
-        frame.extend_from_slice(&kind.to_be_bytes());
-        frame.push(flags);
-        frame.extend_from_slice(&(payload.len() as u32).to_be_bytes()[1..]);
-        frame.extend_from_slice(payload);
-        self.io.write_all(&frame).await?;
+        self.io
+            .write_all(&frame(control_word(kind), flags, payload))
+            .await?;
         self.io.flush().await?;
         Ok(())
     }
@@ -243,12 +256,8 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
         }
         let last = chunks.len() - 1;
         for (i, chunk) in chunks.into_iter().enumerate() {
-            let mut frame = Vec::with_capacity(8 + chunk.len());
-            frame.extend_from_slice(&id.to_be_bytes());
-            frame.push(if fin && i == last { FLAG_FIN } else { 0 });
-            frame.extend_from_slice(&(chunk.len() as u32).to_be_bytes()[1..]);
-            frame.extend_from_slice(chunk);
-            self.io.write_all(&frame).await?;
+            let flags = if fin && i == last { FLAG_FIN } else { 0 };
+            self.io.write_all(&frame(id.to_be_bytes(), flags, chunk)).await?;
         }
         self.io.flush().await?;
         Ok(())
@@ -313,19 +322,12 @@ mod tests {
             let mut payload = id.to_be_bytes().to_vec();
             payload.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
             payload.extend_from_slice(&compressed);
-            let mut frame = vec![0x80, 3, 0, 1, u8::from(fin)];
-            frame.extend_from_slice(&(payload.len() as u32).to_be_bytes()[1..]);
-            frame.extend_from_slice(&payload);
-            frame
+            frame([0x80, 3, 0, 1], u8::from(fin), &payload)
         }
     }
 
     fn data(id: u32, bytes: &[u8], fin: bool) -> Vec<u8> {
-        let mut frame = id.to_be_bytes().to_vec();
-        frame.push(u8::from(fin));
-        frame.extend_from_slice(&(bytes.len() as u32).to_be_bytes()[1..]);
-        frame.extend_from_slice(bytes);
-        frame
+        frame(id.to_be_bytes(), u8::from(fin), bytes)
     }
 
     #[tokio::test]
