@@ -305,7 +305,7 @@ where
             }
         }
     });
-    let mut running = tokio::spawn(session(from_client, to_client));
+    let running = tokio::spawn(session(from_client, to_client));
     while let Some(output) = outputs.recv().await {
         let message = match output {
             ToClient::Stdout(data) => framed(STDOUT, &data),
@@ -317,7 +317,7 @@ where
             return;
         }
     }
-    let status = (&mut running)
+    let status = running
         .await
         .unwrap_or_else(|e| exit_status(&[], 0, &e.to_string()));
     let _ = sink.send(framed(ERROR, status.to_string().as_bytes())).await;
@@ -382,9 +382,11 @@ where
     let (inputs, from_client) = mpsc::channel(16);
     let mut inputs = Some(inputs);
     let (to_client, mut outputs) = mpsc::channel(16);
-    let mut running = tokio::spawn(session(from_client, to_client));
+    let running = tokio::spawn(session(from_client, to_client));
     let stdout = streams.get("stdout").copied();
     let stderr = streams.get("stderr").copied().or(stdout);
+    let stdin = streams.get("stdin").copied();
+    let resize = streams.get("resize").copied();
     let mut resize_buffer: Vec<u8> = Vec::new();
     let mut client_gone = false;
     loop {
@@ -397,14 +399,14 @@ where
             frame = frames.recv(), if !client_gone => match frame {
                 Some(spdy::Frame::Data { id, data, fin }) => {
                     let Some(sender) = inputs.as_ref() else { continue };
-                    if Some(id) == streams.get("stdin").copied() {
+                    if Some(id) == stdin {
                         if !data.is_empty() {
                             let _ = sender.send(FromClient::Stdin(data)).await;
                         }
                         if fin {
                             let _ = sender.send(FromClient::CloseStdin).await;
                         }
-                    } else if Some(id) == streams.get("resize").copied() {
+                    } else if Some(id) == resize {
                         resize_buffer.extend_from_slice(&data);
                         let mut sizes = serde_json::Deserializer::from_slice(&resize_buffer).into_iter::<serde_json::Value>();
                         let mut parsed = Vec::new();
@@ -433,7 +435,7 @@ where
         }
     }
     // 3. The status on the error stream, every stream closed, then the connection.
-    let status = (&mut running)
+    let status = running
         .await
         .unwrap_or_else(|e| exit_status(&[], 0, &e.to_string()));
     if let Some(id) = streams.get("error").copied() {
