@@ -18,6 +18,12 @@ phase() {
 phase "tools (kubectl, helm, moto, control plane)" bash e2e/tools.sh
 phase "cargo fmt --check" cargo fmt --all -- --check
 phase "cargo test (build and suites)" cargo test --locked
+# The operator suites again, on the real control plane (tests/common/cluster.rs); the others
+# reach inside the dev cluster (its audit, token issuer, kubelet-caller identities).
+phase "cargo test, operator suites on the real control plane" \
+  env EC2_KUBELET_TEST_CLUSTER=real cargo test --locked \
+  --test pools --test pods --test warm --test templates --test security --test crashloop --test faults \
+  --test badinput --test ec2faults
 phase "make demo, end to end (e2e/demo.sh)" bash e2e/demo.sh
 phase "make e2e, real control plane (e2e/real.sh)" bash e2e/real.sh
 

@@ -182,7 +182,7 @@ async fn the_chart_grants_exactly_what_the_operator_uses() {
     let mut config = common::fast_config();
     config.server.kubelet_address = format!("127.0.0.1:{}", common::free_port());
     let replica = common::Replica::start(&cluster, config.clone(), compute.clone(), "replica-a");
-    let operator_client = ec2_kubelet::operator::client(cluster.client_config()).unwrap();
+    let operator_client = ec2_kubelet::operator::client(cluster.operator_config()).unwrap();
     let (ctx, _enrollment) = ec2_kubelet::operator::context(operator_client, compute, config, "kubelet")
         .await
         .unwrap();
@@ -225,7 +225,10 @@ async fn the_chart_grants_exactly_what_the_operator_uses() {
     })
     .await;
     // metrics-server's scrape: a bearer token, checked with a TokenReview.
-    let token = cluster.auth().issue_token("scraper", &["system:masters"]);
+    let token = cluster
+        .dev("its token issuer")
+        .auth()
+        .issue_token("scraper", &["system:masters"]);
     let running = pods.get("rbac").await.unwrap();
     let host_ip = running.status.unwrap().host_ip.unwrap();
     let host = format!("{host_ip}:{}", kubelet.address.port());
@@ -265,6 +268,7 @@ async fn the_chart_grants_exactly_what_the_operator_uses() {
 
     // 3. Every request the operator made is granted, and every grant was used.
     let used: BTreeSet<_> = cluster
+        .dev("its request audit")
         .audit()
         .into_iter()
         .filter(|r| r.user_agent == ec2_kubelet::operator::USER_AGENT)

@@ -235,7 +235,7 @@ async fn run_serves_health_readiness_metrics_and_the_kubelet_api() {
     assert!(connector.connect(name, tcp).await.is_ok(), "a TLS handshake");
 
     // Readiness follows the API server.
-    cluster.shutdown();
+    cluster.dev("shuts its API server down").shutdown();
     common::eventually(30, "/readyz to fail without the API server", || async move {
         (common::http_get(health, "/readyz").await.0 == 503).then_some(())
     })

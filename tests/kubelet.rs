@@ -132,7 +132,7 @@ async fn kubectl_logs_exec_and_stats_reach_the_pods_agent_through_the_kubelet_ap
 
     // /stats/summary for the node the request is addressed to, by a caller RBAC lets read
     // nodes/stats (a bearer token, checked with a TokenReview), as metrics-server scrapes it.
-    let auth = cluster.auth();
+    let auth = cluster.dev("its kubelet-caller identities").auth();
     grant_node_subresource(&client, "metrics-server", "stats").await;
     let metrics_token = auth.issue_token("metrics-server", &[]);
     let node = running.spec.as_ref().unwrap().node_name.clone().unwrap();

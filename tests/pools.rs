@@ -9,12 +9,12 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::TestCluster;
 use ec2_kubelet::cloud::Compute;
 use ec2_kubelet::cloud::aws::AwsCompute;
 use ec2_kubelet::cloud::local::{LocalCompute, LocalOptions};
 use ec2_kubelet::config::OperatorConfig;
 use ec2_kubelet::crd::Ec2NodePool;
-use ec2_kubelet::devcluster::DevCluster;
 use ec2_kubelet::node::node_name;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Event, Node, Pod};
@@ -25,7 +25,7 @@ use serde_json::{Value, json};
 const NAMESPACE: &str = common::OPERATOR_NAMESPACE;
 
 struct Env {
-    cluster: DevCluster,
+    cluster: TestCluster,
     client: Client,
     dir: tempfile::TempDir,
 }

@@ -18,7 +18,7 @@ use ec2_kubelet::pki::{self, Authority, Credentials};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 struct Env {
-    _cluster: ec2_kubelet::devcluster::DevCluster,
+    _cluster: common::TestCluster,
     client: kube::Client,
     ctx: Arc<Context>,
     compute: Arc<LocalCompute>,

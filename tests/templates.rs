@@ -403,11 +403,14 @@ async fn a_spot_interruption_fails_its_pod_and_a_darwin_pool_has_darwin_nodes() 
                 .list(&ListParams::default().labels("ec2-kubelet.io/pool=macs"))
                 .await
                 .ok()?;
-            // Registration comes first, the status (nodeInfo) with the next write.
-            listed
-                .items
-                .into_iter()
-                .find(|n| n.status.as_ref().is_some_and(|s| s.node_info.is_some()))
+            // Registration comes first, the status (nodeInfo) with the next write. A real API
+            // server defaults an empty nodeInfo at registration: wait for the operator's.
+            listed.items.into_iter().find(|n| {
+                n.status
+                    .as_ref()
+                    .and_then(|s| s.node_info.as_ref())
+                    .is_some_and(|info| !info.kubelet_version.is_empty())
+            })
         }
     })
     .await;

@@ -319,17 +319,38 @@ fn dev(args: DevArgs) -> ExitCode {
         if !args.faults.is_empty() {
             faults.kinds = args.faults.clone();
         }
+        // With faults, clients reach the dev cluster through the fault proxy on the address
+        // asked for, and the cluster itself listens on a free loopback port behind it.
+        let proxied = faults.rate > 0.0;
         let options = DevClusterOptions {
-            address: args.listen,
+            address: if proxied {
+                std::net::SocketAddr::from(([127, 0, 0, 1], 0))
+            } else {
+                args.listen
+            },
             scheduler: !args.no_scheduler,
             history: args.history,
-            faults,
             ..DevClusterOptions::default()
         };
         let cluster = match DevCluster::start(options).await {
             Ok(cluster) => cluster,
             Err(e) => return fail(&format!("listening on {}: {e}", args.listen)),
         };
+        let proxy = if proxied {
+            match ec2_kubelet::devcluster::proxy::FaultProxy::start(
+                args.listen,
+                cluster.client_config(),
+                faults,
+            )
+            .await
+            {
+                Ok(proxy) => Some(proxy),
+                Err(e) => return fail(&format!("listening on {}: {e}", args.listen)),
+            }
+        } else {
+            None
+        };
+        let url = proxy.as_ref().map_or_else(|| cluster.url(), |p| p.url());
         if !args.no_crds {
             for definition in crd::crds() {
                 let object = serde_json::to_value(&definition).unwrap_or_default();
@@ -343,11 +364,18 @@ fn dev(args: DevArgs) -> ExitCode {
                 }
             }
         }
-        if let Err(e) = cluster.write_kubeconfig(&args.kubeconfig) {
+        if let Err(e) = ec2_kubelet::devcluster::write_plain_kubeconfig(&url, &args.kubeconfig) {
             return fail(&format!("writing {}: {e}", args.kubeconfig.display()));
         }
         let kubeconfig = std::fs::canonicalize(&args.kubeconfig).unwrap_or(args.kubeconfig.clone());
-        println!("ec2-kubelet dev cluster listening on {}", cluster.url());
+        match &proxy {
+            Some(_) => println!(
+                "ec2-kubelet dev cluster listening on {url}, through the fault proxy (rate {}; exec, attach and port-forward need the cluster itself: {})",
+                args.fault_rate,
+                cluster.url()
+            ),
+            None => println!("ec2-kubelet dev cluster listening on {url}"),
+        }
         println!(
             "kubeconfig written to {}; point kubectl and helm at it with:",
             kubeconfig.display()

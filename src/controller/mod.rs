@@ -147,7 +147,12 @@ impl Error {
             backoff::is_transient(error) || matches!(error, kube::Error::Api(status) if status.code == 409)
         };
         match self {
-            Error::Kube(error) | Error::Finalizer { source: error, .. } => kube_retryable(error),
+            Error::Kube(error) => kube_retryable(error),
+            // The finalizer helper's JSON patch tests the finalizers it read: a 422 means they
+            // changed meanwhile (it worked from a stale cached object), a conflict like a 409.
+            Error::Finalizer { source: error, .. } => {
+                kube_retryable(error) || matches!(error, kube::Error::Api(status) if status.code == 422)
+            }
             Error::Cloud(error) => error.is_retryable(),
             Error::InvalidSpec { .. } => false,
             Error::Binding(error) => error.is_retryable(),
@@ -223,6 +228,13 @@ mod tests {
                     source: api_error(403),
                 },
                 false,
+            ),
+            (
+                Error::Finalizer {
+                    action: "add",
+                    source: api_error(422),
+                },
+                true,
             ),
             (
                 Error::InvalidSpec {

@@ -14,15 +14,53 @@ fn default_tolerations() -> Vec<Value> {
         .collect()
 }
 
-/// Adds the default not-ready/unreachable tolerations a pod does not already have.
+/// Adds the default not-ready/unreachable tolerations unless the pod already tolerates that
+/// `NoExecute` taint (a toleration for its key, or for every key, with that effect or any).
 fn add_default_tolerations(spec: &mut Value) {
     let mut tolerations = spec["tolerations"].as_array().cloned().unwrap_or_default();
     for toleration in default_tolerations() {
-        if !tolerations.iter().any(|t| t["key"] == toleration["key"]) {
+        let tolerated = tolerations.iter().any(|t| {
+            let key = t["key"].as_str().unwrap_or_default();
+            let effect = t["effect"].as_str().unwrap_or_default();
+            (key.is_empty() || t["key"] == toleration["key"]) && (effect.is_empty() || effect == "NoExecute")
+        });
+        if !tolerated {
             tolerations.push(toleration);
         }
     }
     spec["tolerations"] = json!(tolerations);
+}
+
+/// Defaults each container's unset requests to its limits, as the API server does, and returns
+/// the pod's QoS class: `Guaranteed` when every container's CPU and memory requests equal their
+/// limits, `BestEffort` when no container requests or limits either, `Burstable` otherwise.
+fn default_requests_and_qos(spec: &mut Value) -> &'static str {
+    let (mut any, mut guaranteed) = (false, true);
+    for list in ["initContainers", "containers"] {
+        let Some(containers) = spec[list].as_array_mut() else {
+            continue;
+        };
+        for container in containers {
+            let resources = &mut container["resources"];
+            if let Some(limits) = resources["limits"].as_object().cloned() {
+                for (name, quantity) in limits {
+                    if resources["requests"][&name].is_null() {
+                        resources["requests"][&name] = quantity;
+                    }
+                }
+            }
+            for name in ["cpu", "memory"] {
+                let (request, limit) = (&resources["requests"][name], &resources["limits"][name]);
+                any |= !request.is_null() || !limit.is_null();
+                guaranteed &= !limit.is_null() && request == limit;
+            }
+        }
+    }
+    match (any, guaranteed) {
+        (false, _) => "BestEffort",
+        (true, true) => "Guaranteed",
+        (true, false) => "Burstable",
+    }
 }
 
 /// Admission on update: DefaultTolerationSeconds runs on updates too, so re-applying a pod
@@ -97,7 +135,8 @@ pub fn prepare_create(rt: &ResourceType, object: &mut Value) {
                     }
                 }
             }
-            object["status"] = json!({"phase": "Pending", "qosClass": "BestEffort"});
+            let qos = default_requests_and_qos(&mut object["spec"]);
+            object["status"] = json!({"phase": "Pending", "qosClass": qos});
         }
         ("", "namespaces") => {
             let name = object["metadata"]["name"].clone();

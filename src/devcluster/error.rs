@@ -162,6 +162,12 @@ impl ApiError {
         ApiError::new(500, "InternalError", message)
     }
 
+    /// A plain error from the storage layer (etcd's), which kube-apiserver answers as a 500
+    /// without a reason.
+    pub fn storage(message: impl Into<String>) -> ApiError {
+        ApiError::new(500, "", message)
+    }
+
     /// API priority and fairness turning a request away (sent with `Retry-After`).
     pub fn too_many_requests(message: impl Into<String>) -> ApiError {
         ApiError::new(429, "TooManyRequests", message)
@@ -179,9 +185,11 @@ impl ApiError {
             "metadata": {},
             "status": "Failure",
             "message": self.message,
-            "reason": self.reason,
             "code": self.code,
         });
+        if !self.reason.is_empty() {
+            status["reason"] = json!(self.reason);
+        }
         if let Some(details) = &self.details {
             status["details"] = details.clone();
         }

@@ -1,5 +1,6 @@
-//! The dev cluster: a Kubernetes API server stand-in on loopback, for the integration tests,
-//! the e2e scenarios and the demo (no real kube-apiserver can run on our machines). It keeps
+//! The dev cluster: a Kubernetes API server stand-in on loopback, for the fast integration
+//! tests and `make demo-dev` on machines without Go (the real control plane in
+//! `e2e/control-plane` serves everything else). It keeps
 //! the semantics the operator, kubectl and helm rely on: discovery, generic storage of the
 //! built-in kinds, CRDs that become servable and validate against their schema, selectors,
 //! paging, watches with resume/bookmarks/410, the four patch types, status subresources,
@@ -16,6 +17,7 @@ mod logs;
 mod openapi;
 pub mod patch;
 mod protobuf;
+pub mod proxy;
 pub mod registry;
 mod scheduler;
 pub mod selector;
@@ -50,8 +52,6 @@ pub struct DevClusterOptions {
     pub kubelet_host: Option<String>,
     /// Record every resource request (`DevCluster::audit`): tests check RBAC rules with it.
     pub audit: bool,
-    /// Faults injected into resource requests (off by default; see [`DevCluster::set_faults`]).
-    pub faults: faults::FaultOptions,
 }
 
 impl Default for DevClusterOptions {
@@ -63,7 +63,6 @@ impl Default for DevClusterOptions {
             bookmark_interval: Duration::from_secs(5),
             kubelet_host: Some("127.0.0.1".into()),
             audit: false,
-            faults: faults::FaultOptions::default(),
         }
     }
 }
@@ -101,7 +100,6 @@ impl DevCluster {
             watch_gate: Arc::new(RwLock::new(())),
             audit: std::sync::Mutex::new(Vec::new()),
             auth,
-            faults: faults::Injector::new(options.faults.clone()),
         });
         let accept_state = state.clone();
         let mut accept_stop = stop_rx.clone();
@@ -151,27 +149,13 @@ impl DevCluster {
         &self.state.auth
     }
 
-    /// Changes the faults injected from now on.
-    pub fn set_faults(&self, options: faults::FaultOptions) {
-        self.state.faults.set(options);
-    }
-
-    /// How many of each fault were injected so far.
-    pub fn injected_faults(&self) -> std::collections::BTreeMap<&'static str, u64> {
-        self.state.faults.counts()
-    }
-
     pub fn store(&self) -> &Arc<Store> {
         &self.state.store
     }
 
     /// A kube client configuration for this cluster (no credentials: the stand-in has no auth).
     pub fn client_config(&self) -> kube::Config {
-        let uri = self.url().parse().expect("a loopback URL is a valid URI");
-        let mut config = kube::Config::new(uri);
-        config.default_namespace = "default".into();
-        config.read_timeout = None;
-        config
+        plain_client_config(&self.url())
     }
 
     /// A kube client for this cluster.
@@ -181,26 +165,12 @@ impl DevCluster {
 
     /// A kubeconfig for kubectl, helm and kube clients.
     pub fn kubeconfig(&self) -> String {
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: ec2-kubelet-dev\n  cluster:\n    server: {url}\n\
-             contexts:\n- name: ec2-kubelet-dev\n  context:\n    cluster: ec2-kubelet-dev\n    user: developer\n    namespace: default\n\
-             current-context: ec2-kubelet-dev\nusers:\n- name: developer\n  user: {{}}\npreferences: {{}}\n",
-            url = self.url()
-        )
+        plain_kubeconfig(&self.url())
     }
 
     /// Writes [`DevCluster::kubeconfig`] to `path` (owner-only permissions).
     pub fn write_kubeconfig(&self, path: &Path) -> std::io::Result<()> {
-        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent)?;
-        }
-        std::fs::write(path, self.kubeconfig())?;
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-        }
-        Ok(())
+        write_plain_kubeconfig(&self.url(), path)
     }
 
     /// Ends every open watch and makes new watches wait until the returned guard is dropped:
@@ -215,6 +185,40 @@ impl DevCluster {
     pub fn shutdown(&self) {
         let _ = self.stop.send(true);
     }
+}
+
+/// A kube client configuration for a plain-HTTP endpoint on loopback without credentials (the
+/// dev cluster, or a fault proxy that forwards with its own), namespace `default`, no read
+/// timeout (watches stay open).
+pub fn plain_client_config(url: &str) -> kube::Config {
+    let uri = url.parse().expect("a loopback URL is a valid URI");
+    let mut config = kube::Config::new(uri);
+    config.default_namespace = "default".into();
+    config.read_timeout = None;
+    config
+}
+
+/// A kubeconfig for kubectl, helm and kube clients of such an endpoint.
+pub fn plain_kubeconfig(url: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: ec2-kubelet-dev\n  cluster:\n    server: {url}\n\
+         contexts:\n- name: ec2-kubelet-dev\n  context:\n    cluster: ec2-kubelet-dev\n    user: developer\n    namespace: default\n\
+         current-context: ec2-kubelet-dev\nusers:\n- name: developer\n  user: {{}}\npreferences: {{}}\n"
+    )
+}
+
+/// Writes [`plain_kubeconfig`] to `path` (owner-only permissions), creating its directory.
+pub fn write_plain_kubeconfig(url: &str, path: &Path) -> std::io::Result<()> {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(path, plain_kubeconfig(url))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    }
+    Ok(())
 }
 
 /// Resolves once `stop` turns true (or its sender is gone).

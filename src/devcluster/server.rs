@@ -19,7 +19,6 @@ use tokio_stream::wrappers::ReceiverStream;
 use super::DevClusterOptions;
 use super::convert::to_api;
 use super::error::ApiError;
-use super::faults::{Fault, RequestShape};
 use super::openapi;
 use super::registry::ResourceType;
 use super::selector::{FieldSelector, LabelSelector};
@@ -44,8 +43,6 @@ pub struct State {
     pub audit: std::sync::Mutex<Vec<AuditRecord>>,
     /// Cluster CA, kubelet-client identity, tokens.
     pub auth: super::auth::ClusterAuth,
-    /// Faults injected into resource requests.
-    pub faults: super::faults::Injector,
 }
 
 /// One resource request as an authorizer sees it: who (User-Agent), the verb, and what.
@@ -375,40 +372,6 @@ async fn resource(
         Some(sub) => format!("{}/{sub}", rt.resource),
         None => rt.resource.clone(),
     };
-    let shape = RequestShape {
-        user_agent: &user_agent,
-        resource: &audited_resource,
-        watch,
-        update: matches!(method, Method::PUT | Method::PATCH) && name.is_some(),
-    };
-    let mut cut_watch_after = None;
-    if let Some((fault, delay)) = state.faults.draw(&shape) {
-        tracing::debug!(fault = fault.name(), path = %request.uri().path(), "injecting a fault");
-        match fault {
-            Fault::ServerError => return Err(ApiError::internal("injected fault: internal error")),
-            Fault::TooManyRequests => {
-                return Err(ApiError::too_many_requests(
-                    "injected fault: too many requests, please try again later",
-                ));
-            }
-            Fault::Conflict => {
-                return Err(ApiError::conflict(
-                    &rt.group,
-                    &rt.resource,
-                    name.as_deref().unwrap_or_default(),
-                    "the object has been modified; please apply your changes to the latest version and try again",
-                ));
-            }
-            Fault::Gone => {
-                let (tx, rx) = mpsc::channel(1);
-                let expired = ApiError::gone("injected fault: too old resource version");
-                let _ = tx.try_send(watch_line("ERROR", &expired.status()));
-                return Ok(stream_response(rx, None));
-            }
-            Fault::DropWatch => cut_watch_after = Some(delay),
-            Fault::Slow => tokio::time::sleep(delay).await,
-        }
-    }
     if state.options.audit {
         let verb = match (&method, &name) {
             (&Method::GET, None) if query.flag("watch") => "watch",
@@ -433,7 +396,7 @@ async fn resource(
     match (method, name, subresource.as_deref()) {
         (Method::GET, None, None) if watch => {
             let format = table_wanted.then_some(include);
-            watch_response(state, rt, version, namespace, query, format, cut_watch_after).await
+            watch_response(state, rt, version, namespace, query, format).await
         }
         (Method::GET, None, None) => {
             let mut options = query.list_options(&rt)?;
@@ -614,7 +577,6 @@ async fn watch_response(
     namespace: Option<String>,
     query: Query,
     table_format: Option<IncludeObject>,
-    cut_after: Option<Duration>,
 ) -> Result<Response<Body>, ApiError> {
     let list = query.list_options(&rt)?;
     let bookmarks = query.flag("allowWatchBookmarks");
@@ -654,13 +616,9 @@ async fn watch_response(
             // The real server answers an expired resourceVersion with an ERROR event.
             let _ = tx.try_send(watch_line("ERROR", &error.status()));
             drop(tx);
-            return Ok(stream_response(rx, None));
+            return Ok(stream_response(rx));
         }
     };
-    // A dropped watch: the stream ends at `cut_after`, and the body breaks off with an error
-    // instead of ending cleanly (what a reset connection looks like to the client).
-    let cut = cut_after.map(|_| Arc::new(std::sync::atomic::AtomicBool::new(false)));
-    let cut_flag = cut.clone();
     let matches = {
         let namespace = namespace.clone().filter(|_| rt.namespaced);
         move |object: &Value| {
@@ -724,19 +682,11 @@ async fn watch_response(
         }
         let deadline = tokio::time::sleep(timeout);
         tokio::pin!(deadline);
-        let cut_at = tokio::time::sleep(cut_after.unwrap_or(timeout));
-        tokio::pin!(cut_at);
         let mut ticker = tokio::time::interval(bookmark_every);
         ticker.tick().await;
         loop {
             tokio::select! {
                 _ = &mut deadline => return,
-                _ = &mut cut_at, if cut_flag.is_some() => {
-                    if let Some(flag) = &cut_flag {
-                        flag.store(true, std::sync::atomic::Ordering::SeqCst);
-                    }
-                    return;
-                }
                 _ = epoch.changed() => return,
                 _ = tx.closed() => return,
                 _ = ticker.tick(), if bookmarks => {
@@ -763,24 +713,12 @@ async fn watch_response(
             }
         }
     });
-    Ok(stream_response(rx, cut))
+    Ok(stream_response(rx))
 }
 
-/// A chunked JSON stream of what `rx` carries; if `broken` is set when `rx` ends, the body
-/// ends with an error (the connection is reset rather than the response finished).
-fn stream_response(
-    rx: mpsc::Receiver<Bytes>,
-    broken: Option<Arc<std::sync::atomic::AtomicBool>>,
-) -> Response<Body> {
-    let tail = futures::stream::once(async move {
-        broken
-            .filter(|b| b.load(std::sync::atomic::Ordering::SeqCst))
-            .map(|_| Err(std::io::Error::other("watch dropped (injected fault)")))
-    })
-    .filter_map(|item| item);
-    let stream = ReceiverStream::new(rx)
-        .map(|bytes| Ok::<_, std::io::Error>(Frame::data(bytes)))
-        .chain(tail);
+/// A chunked JSON stream of what `rx` carries.
+fn stream_response(rx: mpsc::Receiver<Bytes>) -> Response<Body> {
+    let stream = ReceiverStream::new(rx).map(|bytes| Ok::<_, std::io::Error>(Frame::data(bytes)));
     Response::builder()
         .status(StatusCode::OK)
         .header(header::CONTENT_TYPE, "application/json")

@@ -218,6 +218,21 @@ fn spec_part(object: &Value) -> Value {
     copy
 }
 
+/// The namespaces the NamespaceLifecycle admission plugin never lets go.
+const IMMORTAL_NAMESPACES: [&str; 3] = ["default", "kube-system", "kube-public"];
+
+/// etcd's largest request (`--max-request-bytes`, 1.5 MiB by default and on managed clusters).
+pub const ETCD_MAX_REQUEST_BYTES: usize = 1536 * 1024;
+
+/// Refuses an object too large for etcd, in the words kube-apiserver passes on (a 500).
+fn check_size(object: &Value) -> Result<(), ApiError> {
+    let size = serde_json::to_vec(object).map(|bytes| bytes.len()).unwrap_or(0);
+    if size > ETCD_MAX_REQUEST_BYTES {
+        return Err(ApiError::storage("etcdserver: request is too large"));
+    }
+    Ok(())
+}
+
 fn has_finalizers(object: &Value) -> bool {
     object["metadata"]["finalizers"]
         .as_array()
@@ -782,6 +797,14 @@ impl Inner {
                 created: true,
             });
         }
+        // The storage layer's checks, as kube-apiserver passes them on: plain errors, so 500s.
+        let given_version = meta_str(&object, "resourceVersion");
+        if !given_version.is_empty() && given_version != "0" {
+            return Err(ApiError::storage(
+                "resourceVersion should not be set on objects to be created",
+            ));
+        }
+        check_size(&object)?;
         let stored = self.put(&rt.storage, key, object, None);
         if crd && let Ok(custom) = from_crd(&stored) {
             self.registry.upsert(custom);
@@ -897,6 +920,7 @@ impl Inner {
                 created: false,
             });
         }
+        check_size(&new)?;
         let stored = self.put(&rt.storage, key, new, Some(current));
         if rt.is("apiextensions.k8s.io", "customresourcedefinitions")
             && let Ok(custom) = from_crd(&stored)
@@ -985,6 +1009,11 @@ impl Inner {
     ) -> Result<Deleted, ApiError> {
         let current = self.get_stored(rt, Some(&key.0), &key.1)?;
         let name = key.1.clone();
+        if rt.is("", "namespaces") && IMMORTAL_NAMESPACES.contains(&name.as_str()) {
+            return Err(ApiError::forbidden(format!(
+                "namespaces \"{name}\" is forbidden: this namespace may not be deleted"
+            )));
+        }
         let uid = meta_str(&current, "uid").to_string();
         if let Some(expected) = options.uid.as_deref().filter(|u| !u.is_empty())
             && expected != uid

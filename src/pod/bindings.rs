@@ -51,9 +51,30 @@ impl BindingError {
         }
     }
 
-    /// Worth another try soon: a conflict, throttling, a 5xx or no answer. A 413 (the pool's
-    /// status is too large) or a 422 will not pass by retrying the same write.
+    /// The pool's status would be too large to store: a 413, or the 500 a real API server
+    /// answers with etcd's own refusal ("etcdserver: request is too large", over 1.5 MiB) or
+    /// its gRPC client's ("trying to send message larger than max", over 2 MiB).
+    fn too_large(&self) -> bool {
+        let BindingError::Write { source, .. } = self else {
+            return false;
+        };
+        match source.as_ref() {
+            kube::Error::Api(status) => {
+                status.code == 413
+                    || (status.code == 500
+                        && (status.message.contains("request is too large")
+                            || status.message.contains("message larger than max")))
+            }
+            _ => false,
+        }
+    }
+
+    /// Worth another try soon: a conflict, throttling, a 5xx or no answer. A too large status
+    /// or a 422 will not pass by retrying the same write.
     pub fn is_retryable(&self) -> bool {
+        if self.too_large() {
+            return false;
+        }
         match self.code() {
             Some(code) => code == 409 || code == 429 || code >= 500,
             None => true,
@@ -62,9 +83,11 @@ impl BindingError {
 
     /// A short name for events and metrics labels.
     pub fn reason(&self) -> &'static str {
+        if self.too_large() {
+            return "BindingTooLarge";
+        }
         match self.code() {
             Some(409) => "BindingConflict",
-            Some(413) => "BindingTooLarge",
             Some(429) => "BindingThrottled",
             Some(code) if code < 500 => "BindingRefused",
             _ => "BindingWriteFailed",
@@ -201,13 +224,39 @@ mod tests {
     }
 
     fn refused(code: u16) -> BindingError {
+        refused_with(code, "refused")
+    }
+
+    fn refused_with(code: u16, message: &str) -> BindingError {
         BindingError::Write {
             pool: "p".into(),
             count: 2,
             source: Arc::new(kube::Error::Api(
-                kube::core::Status::failure("refused", "").with_code(code).boxed(),
+                kube::core::Status::failure(message, "").with_code(code).boxed(),
             )),
         }
+    }
+
+    #[test]
+    fn etcds_size_refusals_through_a_real_api_server_are_too_large_not_retried() {
+        // What kube-apiserver v1.34 answered to a merge patch of a 1.8 MB and a 2.4 MB status
+        // (tests/fidelity.rs measures the first against the real control plane).
+        for message in [
+            "etcdserver: request is too large",
+            "rpc error: code = ResourceExhausted desc = trying to send message larger than max (2210008 vs. 2097152)",
+        ] {
+            let error = refused_with(500, message);
+            assert_eq!(
+                (error.is_retryable(), error.reason()),
+                (false, "BindingTooLarge"),
+                "{message}"
+            );
+        }
+        let other = refused_with(500, "etcdserver: leader changed");
+        assert_eq!(
+            (other.is_retryable(), other.reason()),
+            (true, "BindingWriteFailed")
+        );
     }
 
     #[test]

@@ -2,8 +2,11 @@
 //! emulator (moto's server) on a free loopback port.
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod ec2_faults;
 pub mod relay;
+
+pub use cluster::TestCluster;
 
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -313,13 +316,14 @@ pub struct Replica {
 }
 
 impl Replica {
+    /// Starts a replica that reaches `cluster` through its fault proxy.
     pub fn start(
-        cluster: &ec2_kubelet::devcluster::DevCluster,
+        cluster: &TestCluster,
         config: ec2_kubelet::config::OperatorConfig,
         compute: std::sync::Arc<dyn ec2_kubelet::cloud::Compute>,
         identity: &str,
     ) -> Replica {
-        Replica::start_with(cluster.client_config(), config, compute, identity)
+        Replica::start_with(cluster.operator_config(), config, compute, identity)
     }
 
     /// `start`, with the replica's own client configuration (e.g. through a relay).
@@ -373,9 +377,11 @@ impl Replica {
 /// The operator's namespace in tests (node-ownership and controller leases live there).
 pub const OPERATOR_NAMESPACE: &str = "ec2-kubelet-system";
 
-/// A dev cluster ready for the operator: our CRDs installed and the operator namespace created.
-/// Also routes the operator's logs to the test output (`RUST_LOG=ec2_kubelet=debug`).
-pub async fn operator_cluster(scheduler: bool) -> ec2_kubelet::devcluster::DevCluster {
+/// A test cluster (see [`cluster`]) ready for the operator: our CRDs installed and established,
+/// and the operator namespace created. Also routes the operator's logs to the test output
+/// (`RUST_LOG=ec2_kubelet=debug`). `scheduler` turns the dev cluster's scheduler on or off
+/// (the real control plane's always runs).
+pub async fn operator_cluster(scheduler: bool) -> TestCluster {
     operator_cluster_with(ec2_kubelet::devcluster::DevClusterOptions {
         scheduler,
         ..Default::default()
@@ -384,21 +390,46 @@ pub async fn operator_cluster(scheduler: bool) -> ec2_kubelet::devcluster::DevCl
 }
 
 /// `operator_cluster` with the dev cluster's options (e.g. its request audit).
-pub async fn operator_cluster_with(
+pub async fn operator_cluster_with(options: ec2_kubelet::devcluster::DevClusterOptions) -> TestCluster {
+    operator_cluster_on(cluster::Flavour::from_env(), options, &[]).await
+}
+
+/// `operator_cluster_with` on the given server, whatever the switch says, with extra flags for
+/// the control plane's launcher.
+pub async fn operator_cluster_on(
+    flavour: cluster::Flavour,
     options: ec2_kubelet::devcluster::DevClusterOptions,
-) -> ec2_kubelet::devcluster::DevCluster {
+    control_plane_args: &[&str],
+) -> TestCluster {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
     use kube::api::{Api, PostParams};
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()
         .try_init();
-    let cluster = ec2_kubelet::devcluster::DevCluster::start(options).await.unwrap();
+    let cluster = TestCluster::start_on(flavour, options, control_plane_args).await;
     let client = cluster.client();
-    let crds: Api<
-        k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
-    > = Api::all(client.clone());
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let mut names = Vec::new();
     for crd in ec2_kubelet::crd::crds() {
+        names.push(crd.metadata.name.clone().unwrap_or_default());
         crds.create(&PostParams::default(), &crd).await.unwrap();
+    }
+    // A real API server serves a new resource once it has established its CRD.
+    for name in names {
+        eventually(60, &format!("CRD {name} established"), || {
+            let crds = crds.clone();
+            let name = name.clone();
+            async move {
+                let crd = crds.get(&name).await.ok()?;
+                crd.status?
+                    .conditions?
+                    .iter()
+                    .any(|c| c.type_ == "Established" && c.status == "True")
+                    .then_some(())
+            }
+        })
+        .await;
     }
     let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client);
     let namespace =
@@ -410,17 +441,15 @@ pub async fn operator_cluster_with(
     cluster
 }
 
-/// Runs the project's kubectl against a dev cluster (its own kubeconfig and cache in a temp
+/// Runs the project's kubectl against a test cluster (its own kubeconfig and cache in a temp
 /// dir) off the async runtime, with `stdin` if given; returns what it printed and its status.
 pub async fn kubectl_output(
-    cluster: &ec2_kubelet::devcluster::DevCluster,
+    cluster: &TestCluster,
     args: &[&str],
     stdin: Option<&str>,
 ) -> std::process::Output {
     let home = tempfile::tempdir().expect("kubectl home");
-    cluster
-        .write_kubeconfig(&home.path().join("kubeconfig"))
-        .expect("write kubeconfig");
+    cluster.write_kubeconfig(&home.path().join("kubeconfig"));
     let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
     let stdin = stdin.map(String::from);
     tokio::task::spawn_blocking(move || {
@@ -450,7 +479,7 @@ pub async fn kubectl_output(
 }
 
 /// `kubectl_output` for a command that must succeed: its stdout.
-pub async fn kubectl(cluster: &ec2_kubelet::devcluster::DevCluster, args: &[&str]) -> String {
+pub async fn kubectl(cluster: &TestCluster, args: &[&str]) -> String {
     let output = kubectl_output(cluster, args, None).await;
     assert!(
         output.status.success(),
@@ -759,8 +788,8 @@ pub async fn create_pool(client: &kube::Client, name: &str, spec: serde_json::Va
         .unwrap();
 }
 
-/// What a test needs to run the real `ec2-kubelet run` binary against a dev cluster: a
-/// kubeconfig, a config file (the `local` backend under `<dir>/local`, every server on a
+/// What a test needs to run the real `ec2-kubelet run` binary against a test cluster: a
+/// kubeconfig (its fault proxy), a config file (the `local` backend under `<dir>/local`, every server on a
 /// loopback port of its own, then `extra` top-level YAML), and the servers' addresses.
 pub struct RunFiles {
     pub config: PathBuf,
@@ -772,14 +801,9 @@ pub struct RunFiles {
 }
 
 impl RunFiles {
-    pub fn new(
-        cluster: &ec2_kubelet::devcluster::DevCluster,
-        dir: &Path,
-        cluster_name: &str,
-        extra: &str,
-    ) -> RunFiles {
+    pub fn new(cluster: &TestCluster, dir: &Path, cluster_name: &str, extra: &str) -> RunFiles {
         let kubeconfig = dir.join("kubeconfig");
-        cluster.write_kubeconfig(&kubeconfig).unwrap();
+        cluster.write_operator_kubeconfig(&kubeconfig);
         let loopback = || SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
         let (metrics, health, kubelet, enroll) = (loopback(), loopback(), loopback(), loopback());
         let local = dir.join("local");
@@ -954,7 +978,7 @@ pub struct MotoCloud {
     pub network: Network,
     /// An image the emulator offers.
     pub image_id: String,
-    pub cluster: ec2_kubelet::devcluster::DevCluster,
+    pub cluster: TestCluster,
     pub client: kube::Client,
     pub aws: std::sync::Arc<ec2_kubelet::cloud::aws::AwsCompute>,
     pub agents: AgentFarm,
@@ -1192,7 +1216,7 @@ pub async fn check_invariants(
 pub const FAST_TAKEOVER: &str = "lease: {durationSeconds: 3, renewIntervalSeconds: 1}\n\
                     sync: {nodeStatusSeconds: 2, poolResyncSeconds: 2, orphanGraceSeconds: 1, agentLostSeconds: 60}\n";
 
-/// The real operator binary on a dev cluster with a `local` pool: its files, log, and the
+/// The real operator binary on a test cluster with a `local` pool: its files, log, and the
 /// test's own view of the local cloud (which terminates whatever is left when dropped).
 pub struct BinaryRun {
     pub files: RunFiles,
@@ -1204,7 +1228,7 @@ pub struct BinaryRun {
 
 impl BinaryRun {
     /// Writes the files (fast takeover) and creates a local template and `pool` of two nodes.
-    pub async fn prepare(cluster: &ec2_kubelet::devcluster::DevCluster, pool: &str) -> BinaryRun {
+    pub async fn prepare(cluster: &TestCluster, pool: &str) -> BinaryRun {
         let dir = tempfile::tempdir().unwrap();
         let files = RunFiles::new(cluster, dir.path(), "test", FAST_TAKEOVER);
         let log = dir.path().join("operator.log");
