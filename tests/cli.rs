@@ -244,21 +244,21 @@ async fn run_serves_health_readiness_metrics_and_the_kubelet_api() {
 }
 
 #[test]
-fn the_readme_carries_the_generated_crd_reference() {
+fn the_crd_docs_carry_the_generated_reference() {
     let output = ec2_kubelet(&["crdgen", "--reference"]);
     assert!(output.status.success(), "{}", stderr(&output));
     let generated = String::from_utf8_lossy(&output.stdout);
-    let readme = std::fs::read_to_string(common::repo_root().join("README.md")).unwrap();
-    let start = readme
+    let docs = std::fs::read_to_string(common::repo_root().join("docs/crds.md")).unwrap();
+    let start = docs
         .find(ec2_kubelet::crd::reference::START)
-        .expect("the README has the reference's start marker");
-    let end = readme
+        .expect("docs/crds.md has the reference's start marker");
+    let end = docs
         .find(ec2_kubelet::crd::reference::END)
         .expect("and its end marker")
         + ec2_kubelet::crd::reference::END.len()
         + 1;
     assert!(
-        readme[start..end] == *generated,
-        "README.md's CRD reference is stale: run `cargo run -- crdgen --reference` and paste it between the markers"
+        docs[start..end] == *generated,
+        "docs/crds.md's CRD reference is stale: run `cargo run -- crdgen --reference` and paste it between the markers"
     );
 }

@@ -34,7 +34,7 @@ enum Command {
         /// Print the CRDs as one YAML stream instead of writing files.
         #[arg(long)]
         stdout: bool,
-        /// Print the CRD reference (Markdown, as in the README) instead of writing files.
+        /// Print the CRD reference (Markdown, as in docs/crds.md) instead of writing files.
         #[arg(long)]
         reference: bool,
     },
