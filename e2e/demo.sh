@@ -50,6 +50,19 @@ set -e
 echoed=$(echo "piped" | "$kubectl" exec -i hello -- cat)
 [[ "$echoed" == "piped" ]] || fail "kubectl exec -i printed: $echoed"
 
+# A pod that failed before it had an instance: kubectl logs names why.
+"$kubectl" run bad --image=local/shell --restart=Never \
+  --annotations=ec2-kubelet.io/instance-type=m5.24xlarge \
+  --overrides='{"spec":{"nodeSelector":{"type":"virtual-kubelet"},"tolerations":[{"key":"virtual-kubelet.io/provider","operator":"Exists"}]}}' \
+  -- sleep 3600
+for _ in $(seq 1 60); do
+  [ "$("$kubectl" get pod bad -o jsonpath='{.status.phase}')" = Failed ] && break
+  sleep 1
+done
+out=$("$kubectl" logs bad 2>&1) && fail "kubectl logs bad succeeded: $out"
+[[ "$out" == "Error from server (BadRequest): pod default/bad has no instance: InvalidLaunchSettings: "* ]] \
+  || fail "kubectl logs bad printed: $out"
+
 # The real API server: its version, the OpenAPI of built-in types.
 server=$("$kubectl" version -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)["serverVersion"]["gitVersion"])')
 [[ "$server" == v1.34.* ]] || fail "kubectl version reports the server as $server, not v1.34.x"

@@ -220,6 +220,26 @@ code=0; "$kubectl" -n "$app_ns" exec "$pod" -- sh -c 'exit 3' || code=$?
 [ "$(echo piped | "$kubectl" -n "$app_ns" exec -i "$pod" -- cat)" = piped ] || fail "kubectl exec -i"
 attached=$(timeout 4 "$kubectl" -n "$app_ns" attach "$pod" 2>/dev/null || true)
 grep -q '^tick ' <<<"$attached" || fail "kubectl attach printed: $attached"
+# A pod that fails before it has an instance: kubectl logs names why (a 400 from the kubelet
+# API, which the API server turns into a BadRequest with its text), not a NotFound.
+"$kubectl" -n "$app_ns" apply -f - <<'EOF'
+apiVersion: v1
+kind: Pod
+metadata:
+  name: bad
+  annotations: {ec2-kubelet.io/instance-type: m5.24xlarge}
+spec:
+  nodeSelector: {type: virtual-kubelet}
+  tolerations: [{key: virtual-kubelet.io/provider, operator: Exists}]
+  containers: [{name: main, image: local/shell, command: [sleep, "3600"]}]
+EOF
+bad_failed() { [ "$("$kubectl" -n "$app_ns" get pod bad -o jsonpath='{.status.phase}')" = Failed ]; }
+wait_for 60 "pod bad Failed before it had an instance" bad_failed
+out=$("$kubectl" -n "$app_ns" logs bad 2>&1) && fail "kubectl logs succeeded for a pod without an instance: $out"
+grep -q "Error from server (BadRequest): pod $app_ns/bad has no instance: InvalidLaunchSettings: " <<<"$out" \
+  || fail "kubectl logs bad printed: $out"
+say "kubectl logs bad: $out"
+"$kubectl" -n "$app_ns" delete pod bad --wait=false
 
 phase "scale to 1 and back to 3"
 "$kubectl" -n "$app_ns" scale deploy/web --replicas=1

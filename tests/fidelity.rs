@@ -106,6 +106,23 @@ async fn call(ctx: &Ctx, method: &str, path: &str, content_type: &str, body: Opt
     (status, value)
 }
 
+/// `call` for a GET, a DELETE without options, a JSON POST.
+async fn get(ctx: &Ctx, path: &str) -> (u16, Value) {
+    call(ctx, "GET", path, JSON, None).await
+}
+
+async fn delete(ctx: &Ctx, path: &str) -> (u16, Value) {
+    call(ctx, "DELETE", path, JSON, None).await
+}
+
+async fn post(ctx: &Ctx, path: &str, body: Option<Value>) -> (u16, Value) {
+    call(ctx, "POST", path, JSON, body).await
+}
+
+async fn patch(ctx: &Ctx, path: &str, content_type: &str, body: Value) -> (u16, Value) {
+    call(ctx, "PATCH", path, content_type, Some(body)).await
+}
+
 const JSON: &str = "application/json";
 const MERGE: &str = "application/merge-patch+json";
 const STRATEGIC: &str = "application/strategic-merge-patch+json";
@@ -158,40 +175,19 @@ fn pod(name: &str, node: Option<&str>) -> Value {
 }
 
 async fn create_and_duplicate(ctx: &Ctx) -> Value {
-    let first = call(
-        ctx,
-        "POST",
-        &configmaps(""),
-        JSON,
-        Some(configmap("dup", json!({"k": "v"}))),
-    )
-    .await;
-    let second = call(
-        ctx,
-        "POST",
-        &configmaps(""),
-        JSON,
-        Some(configmap("dup", json!({"k": "v"}))),
-    )
-    .await;
+    let first = post(ctx, &configmaps(""), Some(configmap("dup", json!({"k": "v"})))).await;
+    let second = post(ctx, &configmaps(""), Some(configmap("dup", json!({"k": "v"})))).await;
     json!([outcome(&first), first.1["data"], outcome(&second)])
 }
 
 async fn create_with_resource_version(ctx: &Ctx) -> Value {
     let mut object = configmap("with-rv", json!({}));
     object["metadata"]["resourceVersion"] = json!("12345");
-    outcome(&call(ctx, "POST", &configmaps(""), JSON, Some(object)).await)
+    outcome(&post(ctx, &configmaps(""), Some(object)).await)
 }
 
 async fn update_stale_and_unconditional(ctx: &Ctx) -> Value {
-    let (_, created) = call(
-        ctx,
-        "POST",
-        &configmaps(""),
-        JSON,
-        Some(configmap("stale", json!({"k": "1"}))),
-    )
-    .await;
+    let (_, created) = post(ctx, &configmaps(""), Some(configmap("stale", json!({"k": "1"})))).await;
     let mut fresh = created.clone();
     fresh["data"]["k"] = json!("2");
     let first = call(ctx, "PUT", &configmaps("stale"), JSON, Some(fresh)).await;
@@ -216,20 +212,11 @@ async fn update_stale_and_unconditional(ctx: &Ctx) -> Value {
 async fn invalid_pod(ctx: &Ctx) -> Value {
     let object =
         json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "empty"}, "spec": {"containers": []}});
-    outcome(&call(ctx, "POST", &pods(""), JSON, Some(object)).await)
+    outcome(&post(ctx, &pods(""), Some(object)).await)
 }
 
 async fn invalid_name(ctx: &Ctx) -> Value {
-    outcome(
-        &call(
-            ctx,
-            "POST",
-            &configmaps(""),
-            JSON,
-            Some(configmap("Bad_Name", json!({}))),
-        )
-        .await,
-    )
+    outcome(&post(ctx, &configmaps(""), Some(configmap("Bad_Name", json!({})))).await)
 }
 
 async fn custom_resource_schema(ctx: &Ctx) -> Value {
@@ -270,54 +257,35 @@ async fn strict_field_validation(ctx: &Ctx) -> Value {
 }
 
 async fn patches(ctx: &Ctx) -> Value {
-    call(
+    post(
         ctx,
-        "POST",
         &configmaps(""),
-        JSON,
         Some(configmap("patched", json!({"a": "1"}))),
     )
     .await;
-    let merge = call(
-        ctx,
-        "PATCH",
-        &configmaps("patched"),
-        MERGE,
-        Some(json!({"metadata": {"labels": {"m": "x"}}, "data": {"a": null, "b": "2"}})),
-    )
-    .await;
-    let json_patch = call(
-        ctx,
-        "PATCH",
-        &configmaps("patched"),
-        JSON_PATCH,
-        Some(json!([{"op": "add", "path": "/data/c", "value": "3"}])),
-    )
-    .await;
-    let failed_test = call(
-        ctx,
-        "PATCH",
-        &configmaps("patched"),
-        JSON_PATCH,
-        Some(json!([{"op": "test", "path": "/data/b", "value": "nope"}])),
-    )
-    .await;
-    let strategic = call(
-        ctx,
-        "PATCH",
-        &configmaps("patched"),
-        STRATEGIC,
-        Some(json!({"data": {"d": "4"}})),
-    )
-    .await;
-    json!([
-        outcome(&merge),
-        outcome(&json_patch),
-        outcome(&failed_test),
-        outcome(&strategic),
-        strategic.1["data"],
-        strategic.1["metadata"]["labels"]
-    ])
+    // Merge, JSON (an add, then a failing test), strategic: each answer, then the result.
+    let mut answers = Vec::new();
+    for (content_type, body) in [
+        (
+            MERGE,
+            json!({"metadata": {"labels": {"m": "x"}}, "data": {"a": null, "b": "2"}}),
+        ),
+        (
+            JSON_PATCH,
+            json!([{"op": "add", "path": "/data/c", "value": "3"}]),
+        ),
+        (
+            JSON_PATCH,
+            json!([{"op": "test", "path": "/data/b", "value": "nope"}]),
+        ),
+        (STRATEGIC, json!({"data": {"d": "4"}})),
+    ] {
+        answers.push(patch(ctx, &configmaps("patched"), content_type, body).await);
+    }
+    let last = &answers[answers.len() - 1].1;
+    let mut seen: Vec<Value> = answers.iter().map(outcome).collect();
+    seen.extend([last["data"].clone(), last["metadata"]["labels"].clone()]);
+    json!(seen)
 }
 
 async fn strategic_merge_of_node_conditions(ctx: &Ctx) -> Value {
@@ -328,22 +296,20 @@ async fn strategic_merge_of_node_conditions(ctx: &Ctx) -> Value {
             "lastHeartbeatTime": "2026-01-01T00:00:00Z", "lastTransitionTime": "2026-01-01T00:00:00Z"})
     };
     let status = "/api/v1/nodes/fidelity-node/status";
-    let first = call(
+    let first = patch(
         ctx,
-        "PATCH",
         status,
         STRATEGIC,
-        Some(json!({"status": {"conditions": [condition("Ready", "True"), condition("MemoryPressure", "False")],
-            "addresses": [{"type": "InternalIP", "address": "127.0.0.1"}]}})),
+        json!({"status": {"conditions": [condition("Ready", "True"), condition("MemoryPressure", "False")],
+            "addresses": [{"type": "InternalIP", "address": "127.0.0.1"}]}}),
     )
     .await;
-    let second = call(
+    let second = patch(
         ctx,
-        "PATCH",
         status,
         STRATEGIC,
-        Some(json!({"status": {"conditions": [condition("Ready", "False")],
-            "addresses": [{"type": "Hostname", "address": "fidelity-node"}]}})),
+        json!({"status": {"conditions": [condition("Ready", "False")],
+            "addresses": [{"type": "Hostname", "address": "fidelity-node"}]}}),
     )
     .await;
     let conditions: BTreeMap<String, String> = second.1["status"]["conditions"]
@@ -363,7 +329,7 @@ async fn strategic_merge_of_node_conditions(ctx: &Ctx) -> Value {
         .flatten()
         .map(|a| a["type"].as_str().unwrap_or("").to_string())
         .collect();
-    call(ctx, "DELETE", "/api/v1/nodes/fidelity-node", JSON, None).await;
+    delete(ctx, "/api/v1/nodes/fidelity-node").await;
     json!([outcome(&first), outcome(&second), conditions, addresses])
 }
 
@@ -372,9 +338,9 @@ async fn server_side_apply(ctx: &Ctx) -> Value {
     let path = |manager: &str, force: bool| {
         format!("{}?fieldManager={manager}&force={force}", configmaps("applied"))
     };
-    let first = call(ctx, "PATCH", &path("alice", false), APPLY, Some(applied("a"))).await;
-    let conflict = call(ctx, "PATCH", &path("bob", false), APPLY, Some(applied("b"))).await;
-    let forced = call(ctx, "PATCH", &path("bob", true), APPLY, Some(applied("b"))).await;
+    let first = patch(ctx, &path("alice", false), APPLY, applied("a")).await;
+    let conflict = patch(ctx, &path("bob", false), APPLY, applied("b")).await;
+    let forced = patch(ctx, &path("bob", true), APPLY, applied("b")).await;
     let managers: BTreeSet<String> = forced.1["metadata"]["managedFields"]
         .as_array()
         .into_iter()
@@ -424,14 +390,14 @@ async fn list_paging(ctx: &Ctx) -> Value {
     for i in 0..5 {
         let mut object = configmap(&format!("page-{i}"), json!({}));
         object["metadata"]["labels"] = json!({"paging": "yes"});
-        call(ctx, "POST", &configmaps(""), JSON, Some(object)).await;
+        post(ctx, &configmaps(""), Some(object)).await;
     }
     let mut pages = Vec::new();
     let mut names = Vec::new();
     let mut next = String::new();
     loop {
         let path = format!("{}?labelSelector=paging%3Dyes&limit=2{next}", configmaps(""));
-        let (code, page) = call(ctx, "GET", &path, JSON, None).await;
+        let (code, page) = get(ctx, &path).await;
         let items = page["items"].as_array().cloned().unwrap_or_default();
         pages.push(
             json!({"code": code, "items": items.len(), "remaining": page["metadata"]["remainingItemCount"]}),
@@ -449,21 +415,14 @@ async fn list_paging(ctx: &Ctx) -> Value {
             break;
         }
     }
-    let bad = call(
-        ctx,
-        "GET",
-        &format!("{}?limit=2&continue=garbage", configmaps("")),
-        JSON,
-        None,
-    )
-    .await;
+    let bad = get(ctx, &format!("{}?limit=2&continue=garbage", configmaps(""))).await;
     json!([pages, names, outcome(&bad)])
 }
 
 /// The events of a watch that ends after `timeoutSeconds=2`: type and name (or code).
 async fn watch_events(ctx: &Ctx, query: &str) -> Vec<String> {
     let path = format!("{}?watch=true&timeoutSeconds=2&{query}", configmaps(""));
-    let (_, body) = call(ctx, "GET", &path, JSON, None).await;
+    let (_, body) = get(ctx, &path).await;
     let text = match body {
         Value::String(text) => text,
         other => other.to_string(),
@@ -482,14 +441,7 @@ async fn watch_events(ctx: &Ctx, query: &str) -> Vec<String> {
 }
 
 async fn watch_resume(ctx: &Ctx) -> Value {
-    let (_, list) = call(
-        ctx,
-        "GET",
-        &format!("{}?labelSelector=watch%3Dyes", configmaps("")),
-        JSON,
-        None,
-    )
-    .await;
+    let (_, list) = get(ctx, &format!("{}?labelSelector=watch%3Dyes", configmaps(""))).await;
     let rv = list["metadata"]["resourceVersion"]
         .as_str()
         .unwrap_or("")
@@ -497,9 +449,9 @@ async fn watch_resume(ctx: &Ctx) -> Value {
     for name in ["watched-1", "watched-2"] {
         let mut object = configmap(name, json!({}));
         object["metadata"]["labels"] = json!({"watch": "yes"});
-        call(ctx, "POST", &configmaps(""), JSON, Some(object)).await;
+        post(ctx, &configmaps(""), Some(object)).await;
     }
-    call(ctx, "DELETE", &configmaps("watched-1"), JSON, None).await;
+    delete(ctx, &configmaps("watched-1")).await;
     let resumed = watch_events(ctx, &format!("labelSelector=watch%3Dyes&resourceVersion={rv}")).await;
     json!(resumed)
 }
@@ -511,35 +463,27 @@ async fn watch_expired(ctx: &Ctx) -> Value {
 }
 
 async fn delete_preconditions(ctx: &Ctx) -> Value {
-    call(
-        ctx,
-        "POST",
-        &configmaps(""),
-        JSON,
-        Some(configmap("precondition", json!({}))),
-    )
-    .await;
+    post(ctx, &configmaps(""), Some(configmap("precondition", json!({})))).await;
     let options = json!({"apiVersion": "v1", "kind": "DeleteOptions", "preconditions": {"uid": "00000000-0000-0000-0000-000000000000"}});
     let refused = call(ctx, "DELETE", &configmaps("precondition"), JSON, Some(options)).await;
-    let missing = call(ctx, "DELETE", &configmaps("never-was"), JSON, None).await;
+    let missing = delete(ctx, &configmaps("never-was")).await;
     json!([outcome(&refused), outcome(&missing)])
 }
 
 async fn finalizers(ctx: &Ctx) -> Value {
     let mut object = configmap("finalized", json!({}));
     object["metadata"]["finalizers"] = json!(["fidelity/hold"]);
-    call(ctx, "POST", &configmaps(""), JSON, Some(object)).await;
-    let deleted = call(ctx, "DELETE", &configmaps("finalized"), JSON, None).await;
-    let (held_code, held) = call(ctx, "GET", &configmaps("finalized"), JSON, None).await;
-    let released = call(
+    post(ctx, &configmaps(""), Some(object)).await;
+    let deleted = delete(ctx, &configmaps("finalized")).await;
+    let (held_code, held) = get(ctx, &configmaps("finalized")).await;
+    let released = patch(
         ctx,
-        "PATCH",
         &configmaps("finalized"),
         MERGE,
-        Some(json!({"metadata": {"finalizers": null}})),
+        json!({"metadata": {"finalizers": null}}),
     )
     .await;
-    let gone = call(ctx, "GET", &configmaps("finalized"), JSON, None).await;
+    let gone = get(ctx, &configmaps("finalized")).await;
     json!([
         outcome(&deleted),
         held_code,
@@ -550,19 +494,12 @@ async fn finalizers(ctx: &Ctx) -> Value {
 }
 
 async fn graceful_pod_deletion(ctx: &Ctx) -> Value {
-    call(
-        ctx,
-        "POST",
-        &pods(""),
-        JSON,
-        Some(pod("bound", Some("fidelity-absent"))),
-    )
-    .await;
-    call(ctx, "POST", &pods(""), JSON, Some(pod("unbound", None))).await;
-    let bound = call(ctx, "DELETE", &pods("bound"), JSON, None).await;
-    let (still_code, still) = call(ctx, "GET", &pods("bound"), JSON, None).await;
-    let unbound = call(ctx, "DELETE", &pods("unbound"), JSON, None).await;
-    let unbound_after = call(ctx, "GET", &pods("unbound"), JSON, None).await;
+    post(ctx, &pods(""), Some(pod("bound", Some("fidelity-absent")))).await;
+    post(ctx, &pods(""), Some(pod("unbound", None))).await;
+    let bound = delete(ctx, &pods("bound")).await;
+    let (still_code, still) = get(ctx, &pods("bound")).await;
+    let unbound = delete(ctx, &pods("unbound")).await;
+    let unbound_after = get(ctx, &pods("unbound")).await;
     let grace0 = call(
         ctx,
         "DELETE",
@@ -571,7 +508,7 @@ async fn graceful_pod_deletion(ctx: &Ctx) -> Value {
         Some(json!({"apiVersion": "v1", "kind": "DeleteOptions", "gracePeriodSeconds": 0})),
     )
     .await;
-    let bound_after = call(ctx, "GET", &pods("bound"), JSON, None).await;
+    let bound_after = get(ctx, &pods("bound")).await;
     json!([
         outcome(&bound),
         still_code,
@@ -587,7 +524,7 @@ async fn pod_defaults(ctx: &Ctx) -> Value {
     let mut object = pod("defaults", None);
     object["spec"]["containers"][0]["resources"] =
         json!({"requests": {"cpu": "100m"}, "limits": {"cpu": "100m", "memory": "64Mi"}});
-    let (code, created) = call(ctx, "POST", &pods(""), JSON, Some(object)).await;
+    let (code, created) = post(ctx, &pods(""), Some(object)).await;
     let spec = &created["spec"];
     let tolerations = spec["tolerations"].as_array().map(|t| t.len());
     json!({"code": code, "qosClass": created["status"]["qosClass"], "restartPolicy": spec["restartPolicy"],
@@ -601,14 +538,7 @@ async fn pod_defaults(ctx: &Ctx) -> Value {
 }
 
 async fn status_subresource(ctx: &Ctx) -> Value {
-    let (_, created) = call(
-        ctx,
-        "POST",
-        &pods(""),
-        JSON,
-        Some(pod("status", Some("fidelity-absent"))),
-    )
-    .await;
+    let (_, created) = post(ctx, &pods(""), Some(pod("status", Some("fidelity-absent")))).await;
     let mut update = created.clone();
     update["metadata"]["labels"] = json!({"from": "status"});
     update["spec"]["activeDeadlineSeconds"] = json!(30);
@@ -635,46 +565,19 @@ async fn status_subresource(ctx: &Ctx) -> Value {
 }
 
 async fn selectors(ctx: &Ctx) -> Value {
-    call(
+    post(ctx, &pods(""), Some(pod("selected", Some("fidelity-node-a")))).await;
+    let by_node = get(
         ctx,
-        "POST",
-        &pods(""),
-        JSON,
-        Some(pod("selected", Some("fidelity-node-a"))),
-    )
-    .await;
-    let by_node = call(
-        ctx,
-        "GET",
         &format!("{}?fieldSelector=spec.nodeName%3Dfidelity-node-a", pods("")),
-        JSON,
-        None,
     )
     .await;
-    let unsupported = call(
+    let unsupported = get(ctx, &format!("{}?fieldSelector=spec.hostname%3Dx", pods(""))).await;
+    let set_based = get(
         ctx,
-        "GET",
-        &format!("{}?fieldSelector=spec.hostname%3Dx", pods("")),
-        JSON,
-        None,
-    )
-    .await;
-    let set_based = call(
-        ctx,
-        "GET",
         &format!("{}?labelSelector=case+in+(dup,stale)", configmaps("")),
-        JSON,
-        None,
     )
     .await;
-    let bad_label = call(
-        ctx,
-        "GET",
-        &format!("{}?labelSelector=a%3D%3D%3Db", configmaps("")),
-        JSON,
-        None,
-    )
-    .await;
+    let bad_label = get(ctx, &format!("{}?labelSelector=a%3D%3D%3Db", configmaps(""))).await;
     let names = |list: &Value| -> Vec<String> {
         let mut names: Vec<String> = list["items"]
             .as_array()
@@ -697,7 +600,7 @@ async fn selectors(ctx: &Ctx) -> Value {
 
 async fn generate_name_and_dry_run(ctx: &Ctx) -> Value {
     let object = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"generateName": "gen-"}});
-    let (code, created) = call(ctx, "POST", &configmaps(""), JSON, Some(object)).await;
+    let (code, created) = post(ctx, &configmaps(""), Some(object)).await;
     let name = created["metadata"]["name"].as_str().unwrap_or("");
     let dry = call(
         ctx,
@@ -707,7 +610,7 @@ async fn generate_name_and_dry_run(ctx: &Ctx) -> Value {
         Some(configmap("dry", json!({}))),
     )
     .await;
-    let after = call(ctx, "GET", &configmaps("dry"), JSON, None).await;
+    let after = get(ctx, &configmaps("dry")).await;
     json!([
         code,
         name.starts_with("gen-") && name.len() == 9,
@@ -745,22 +648,12 @@ async fn events(ctx: &Ctx) -> Value {
         Some(core),
     )
     .await;
-    let listed = call(
+    let listed = get(
         ctx,
-        "GET",
         &format!("/api/v1/namespaces/{NS}/events?fieldSelector=involvedObject.name%3Ddup"),
-        JSON,
-        None,
     )
     .await;
-    let through_events_api = call(
-        ctx,
-        "GET",
-        &format!("/apis/events.k8s.io/v1/namespaces/{NS}/events"),
-        JSON,
-        None,
-    )
-    .await;
+    let through_events_api = get(ctx, &format!("/apis/events.k8s.io/v1/namespaces/{NS}/events")).await;
     // Only this case's event: the real scheduler records its own about the cases' pods.
     let reasons: Vec<Value> = through_events_api.1["items"]
         .as_array()
@@ -779,14 +672,7 @@ async fn events(ctx: &Ctx) -> Value {
 
 async fn large_objects(ctx: &Ctx) -> Value {
     let big = "x".repeat(1024 * 1024 + 1);
-    let too_big_configmap = call(
-        ctx,
-        "POST",
-        &configmaps(""),
-        JSON,
-        Some(configmap("big", json!({"k": big}))),
-    )
-    .await;
+    let too_big_configmap = post(ctx, &configmaps(""), Some(configmap("big", json!({"k": big})))).await;
     // A pool's status with 18,000 bindings (about 1.8 MB): past etcd's 1.5 MiB, within the
     // API server's 3 MiB request limit. What a pool's binding write meets at that size.
     let pools = "/apis/ec2-kubelet.io/v1alpha1/ec2nodepools";
@@ -806,23 +692,23 @@ async fn large_objects(ctx: &Ctx) -> Value {
             .collect();
         bindings.insert(format!("big-{node}"), Value::Object(pods));
     }
-    let patch = json!({"status": {"bindings": bindings}});
-    let too_big_status = call(ctx, "PATCH", &format!("{pools}/big/status"), MERGE, Some(patch)).await;
+    let bindings = json!({"status": {"bindings": bindings}});
+    let too_big_status = patch(ctx, &format!("{pools}/big/status"), MERGE, bindings).await;
     let message = too_big_status.1["message"].as_str().unwrap_or("").to_string();
-    call(ctx, "DELETE", &format!("{pools}/big"), JSON, None).await;
+    delete(ctx, &format!("{pools}/big")).await;
     json!([outcome(&too_big_configmap), too_big_status.0, message])
 }
 
 async fn protected_namespaces(ctx: &Ctx) -> Value {
-    let default = call(ctx, "DELETE", "/api/v1/namespaces/default", JSON, None).await;
-    let system = call(ctx, "DELETE", "/api/v1/namespaces/kube-system", JSON, None).await;
+    let default = delete(ctx, "/api/v1/namespaces/default").await;
+    let system = delete(ctx, "/api/v1/namespaces/kube-system").await;
     json!([outcome(&default), outcome(&system)])
 }
 
 async fn namespace_deletion(ctx: &Ctx) -> Value {
     let namespace = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "doomed"}});
-    call(ctx, "POST", "/api/v1/namespaces", JSON, Some(namespace)).await;
-    let deleted = call(ctx, "DELETE", "/api/v1/namespaces/doomed", JSON, None).await;
+    post(ctx, "/api/v1/namespaces", Some(namespace)).await;
+    let deleted = delete(ctx, "/api/v1/namespaces/doomed").await;
     let create_inside = call(
         ctx,
         "POST",

@@ -75,6 +75,24 @@ async fn kubectl_logs_exec_and_stats_reach_the_pods_agent_through_the_kubelet_ap
         "line-3\n"
     );
 
+    // A pod that failed before it had an instance: kubectl logs says why, not NotFound.
+    let bad = common::virtual_pod(
+        "bad",
+        None,
+        &["true"],
+        json!({"metadata": {"annotations": {"ec2-kubelet.io/instance-type": "m5.24xlarge"}}}),
+    );
+    pods.create(&PostParams::default(), &bad).await.unwrap();
+    common::phase_of(&pods, "bad", "Failed").await;
+    let output = common::kubectl_output(&cluster, &["logs", "bad"], None).await;
+    let said = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        said.starts_with(
+            "Error from server (BadRequest): pod default/bad has no instance: InvalidLaunchSettings: "
+        ),
+        "{said}"
+    );
+
     // kubectl exec: stdout and stderr apart, and the exit code.
     let output = common::kubectl_output(
         &cluster,

@@ -131,7 +131,35 @@ pub async fn proxy(
         .body(http_body_util::Empty::<hyper::body::Bytes>::new())
         .map_err(|e| failed(&e))?;
     let response = sender.send_request(request).await.map_err(|e| failed(&e))?;
-    Ok(proxied(response))
+    check_kubelet_answer(response, pod).await
+}
+
+/// What the API server makes of a kubelet's failed log answer (its `ResponseChecker`): a 400's
+/// text becomes a `BadRequest` with that message, a 500's an `InternalError`; any other failure
+/// a generic answer for `pods/log`.
+async fn check_kubelet_answer(
+    response: hyper::Response<hyper::body::Incoming>,
+    pod: &Value,
+) -> Result<hyper::Response<Body>, ApiError> {
+    let status = response.status();
+    if status.is_success() {
+        return Ok(proxied(response));
+    }
+    let body = http_body_util::BodyExt::collect(response.into_body())
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let text = String::from_utf8_lossy(&body).into_owned();
+    Err(match status.as_u16() {
+        400 => ApiError::bad_request(text),
+        500 => ApiError::internal(text),
+        404 => ApiError::not_found(
+            "",
+            "pods/log",
+            pod["metadata"]["name"].as_str().unwrap_or_default(),
+        ),
+        code => ApiError::internal(format!("the kubelet answered {code}: {text}")),
+    })
 }
 
 /// `pods/<name>/exec` and `attach`: the client's WebSocket upgrade is sent on to the kubelet;

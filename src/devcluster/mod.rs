@@ -221,6 +221,15 @@ pub fn write_plain_kubeconfig(url: &str, path: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// A request header's value as text (empty when absent or not text).
+fn header_text(headers: &hyper::HeaderMap, name: hyper::header::HeaderName) -> String {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string()
+}
+
 /// Resolves once `stop` turns true (or its sender is gone).
 async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;

@@ -244,18 +244,8 @@ async fn handle(shared: &Shared, request: Request<Incoming>) -> Response<Body> {
         return forward_or_502(shared, request).await;
     };
     let method = request.method().clone();
-    let user_agent = request
-        .headers()
-        .get(header::USER_AGENT)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_string();
-    let content_type = request
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_string();
+    let user_agent = super::header_text(request.headers(), header::USER_AGENT);
+    let content_type = super::header_text(request.headers(), header::CONTENT_TYPE);
     let watch = method == Method::GET && !named && watch_flag(request.uri().query().unwrap_or_default());
     let shape = RequestShape {
         user_agent: &user_agent,

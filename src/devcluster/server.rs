@@ -361,12 +361,7 @@ async fn resource(
         _ => Subresource::Main,
     };
     let method = request.method().clone();
-    let user_agent = request
-        .headers()
-        .get(header::USER_AGENT)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_string();
+    let user_agent = super::header_text(request.headers(), header::USER_AGENT);
     let watch = method == Method::GET && name.is_none() && query.flag("watch");
     let audited_resource = match &subresource {
         Some(sub) => format!("{}/{sub}", rt.resource),

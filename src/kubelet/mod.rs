@@ -75,6 +75,32 @@ impl Reply {
     fn unavailable(message: impl Into<String>) -> Reply {
         Reply(StatusCode::BAD_GATEWAY, message.into())
     }
+    /// A pod with no instance to serve it: a 400 naming why, as the kubelet's "container is
+    /// waiting to start" (with the pod's reason and message once it failed before launching).
+    fn no_instance(pod: &Pod, namespace: &str, name: &str, instance: Option<&str>) -> Reply {
+        let status = pod.status.as_ref();
+        let phase = status.and_then(|s| s.phase.as_deref()).unwrap_or("Pending");
+        let reason = status.and_then(|s| s.reason.as_deref()).filter(|r| !r.is_empty());
+        let message = status
+            .and_then(|s| s.message.as_deref())
+            .filter(|m| !m.is_empty());
+        let why = match (reason, message) {
+            (Some(reason), Some(message)) => format!("{reason}: {message}"),
+            (Some(reason), None) => reason.to_string(),
+            (None, Some(message)) => message.to_string(),
+            (None, None) => format!("the pod is {phase}"),
+        };
+        let what = match instance {
+            Some(id) => format!("pod {namespace}/{name} has no running instance (instance {id} is gone)"),
+            None if phase == "Pending" => format!("pod {namespace}/{name} has no instance yet"),
+            None => format!("pod {namespace}/{name} has no instance"),
+        };
+        Reply::bad_request(format!("{what}: {why}"))
+    }
+
+    /// Plain text, as the kubelet answers: the API server turns a 400's text into the
+    /// `BadRequest` kubectl prints ("Error from server (BadRequest): <text>"); a 404's text it
+    /// drops ("the server could not find the requested resource").
     fn into_response(self) -> Response<Body> {
         text(self.0, self.1)
     }
@@ -167,7 +193,7 @@ pub(crate) async fn pod_agent(
         .annotations()
         .get(annotations::INSTANCE_ID)
         .cloned()
-        .ok_or_else(|| Reply::not_found(format!("pod {namespace}/{name} has no instance yet")))?;
+        .ok_or_else(|| Reply::no_instance(&pod, namespace, name, None))?;
     let instance = ctx
         .compute
         .describe_instances(&InstanceFilter::Ids(vec![instance_id.clone()]))
@@ -175,11 +201,7 @@ pub(crate) async fn pod_agent(
         .map_err(|e| Reply::unavailable(format!("describing {instance_id}: {e}")))?
         .into_iter()
         .find(|i| i.state.is_alive())
-        .ok_or_else(|| {
-            Reply::not_found(format!(
-                "instance {instance_id} of pod {namespace}/{name} is not running"
-            ))
-        })?;
+        .ok_or_else(|| Reply::no_instance(&pod, namespace, name, Some(&instance_id)))?;
     let port = instance
         .tag(tags::AGENT_PORT)
         .and_then(|p| p.parse().ok())
@@ -371,5 +393,42 @@ impl KubeletServer {
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
         let _ = self.task.await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(status: serde_json::Value) -> Pod {
+        serde_json::from_value(serde_json::json!({"metadata": {"name": "bad"}, "status": status})).unwrap()
+    }
+
+    #[test]
+    fn a_pod_without_an_instance_is_a_bad_request_naming_why() {
+        let failed = pod(
+            serde_json::json!({"phase": "Failed", "reason": "InvalidLaunchSettings",
+            "message": "annotation ec2-kubelet.io/instance-type: m5.24xlarge is not allowed"}),
+        );
+        let Reply(code, text) = Reply::no_instance(&failed, "default", "bad", None);
+        assert_eq!(code, StatusCode::BAD_REQUEST);
+        assert_eq!(
+            text,
+            "pod default/bad has no instance: InvalidLaunchSettings: annotation ec2-kubelet.io/instance-type: m5.24xlarge is not allowed"
+        );
+        let Reply(_, text) = Reply::no_instance(
+            &pod(serde_json::json!({"phase": "Pending"})),
+            "default",
+            "bad",
+            None,
+        );
+        assert_eq!(text, "pod default/bad has no instance yet: the pod is Pending");
+        let lost = pod(serde_json::json!({"phase": "Failed", "reason": "InstanceLost"}));
+        let Reply(code, text) = Reply::no_instance(&lost, "default", "bad", Some("i-0abc"));
+        assert_eq!(code, StatusCode::BAD_REQUEST);
+        assert_eq!(
+            text,
+            "pod default/bad has no running instance (instance i-0abc is gone): InstanceLost"
+        );
     }
 }
