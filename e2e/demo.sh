@@ -49,6 +49,8 @@ set -e
 [[ $code -eq 7 ]] || fail "kubectl exec exit code $code, expected 7"
 echoed=$(echo "piped" | "$kubectl" exec -i hello -- cat)
 [[ "$echoed" == "piped" ]] || fail "kubectl exec -i printed: $echoed"
+# kubectl exec -it on a terminal (e2e/terminal.py): prompt, tty, size and resize, Ctrl-D.
+term_out=$(python3 e2e/terminal.py "$kubectl" exec -it hello -- sh -i 2>&1) || fail "kubectl exec -it: $term_out"
 
 # A pod that failed before it had an instance: kubectl logs names why.
 "$kubectl" run bad --image=local/shell --restart=Never \

@@ -220,6 +220,11 @@ code=0; "$kubectl" -n "$app_ns" exec "$pod" -- sh -c 'exit 3' || code=$?
 [ "$(echo piped | "$kubectl" -n "$app_ns" exec -i "$pod" -- cat)" = piped ] || fail "kubectl exec -i"
 attached=$(timeout 4 "$kubectl" -n "$app_ns" attach "$pod" 2>/dev/null || true)
 grep -q '^tick ' <<<"$attached" || fail "kubectl attach printed: $attached"
+# kubectl exec -it on a terminal of the test's own: a prompt, a tty, its size and a resize,
+# Ctrl-D ending it with the shell's exit code.
+python3 e2e/terminal.py "$kubectl" -n "$app_ns" exec -it "$pod" -- sh -i >"$work/terminal.out" 2>&1 \
+  || { cat "$work/terminal.out" >&2; fail "kubectl exec -it"; }
+say "$(tail -n 1 "$work/terminal.out")"
 # A pod that fails before it has an instance: kubectl logs names why (a 400 from the kubelet
 # API, which the API server turns into a BadRequest with its text), not a NotFound.
 "$kubectl" -n "$app_ns" apply -f - <<'EOF'

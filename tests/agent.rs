@@ -9,8 +9,8 @@ use ec2_kubelet::agent::proto::agent_client::AgentClient;
 use ec2_kubelet::agent::proto::{
     ContainerSpec, ContainerStatus, EnvVar, ExecAction, ExecInput, ExecStart, File, FilesVolume,
     GetLogsRequest, GetStatsRequest, HttpGetAction, LaunchPodRequest, PingRequest, PodPhase, PodSpec,
-    PodStatus, Probe, RestartPolicy, TerminatePodRequest, Volume, VolumeMount, WatchPodStatusRequest,
-    container_state, exec_input, exec_output, probe, volume,
+    PodStatus, Probe, RestartPolicy, TerminalSize, TerminatePodRequest, Volume, VolumeMount,
+    WatchPodStatusRequest, container_state, exec_input, exec_output, probe, volume,
 };
 use tonic::transport::Channel;
 
@@ -246,9 +246,7 @@ async fn exec_streams_stdin_stdout_stderr_and_the_exit_code() {
     launch(&mut f.client, pod("exec", RestartPolicy::Always, vec![main])).await;
     watch_until(&mut f.client, "exec", |s| is_running(container(s, "main"))).await;
 
-    let (tx, rx) = tokio::sync::mpsc::channel(8);
-    let input = |i| ExecInput { input: Some(i) };
-    tx.send(input(exec_input::Input::Start(ExecStart {
+    let start = ExecStart {
         pod_uid: "exec".into(),
         container: "main".into(),
         command: vec![
@@ -258,15 +256,30 @@ async fn exec_streams_stdin_stdout_stderr_and_the_exit_code() {
         ],
         stdin: true,
         tty: false,
-    })))
-    .await
-    .unwrap();
-    tx.send(input(exec_input::Input::Stdin(b"hello stdin\n".to_vec())))
-        .await
-        .unwrap();
-    tx.send(input(exec_input::Input::CloseStdin(true))).await.unwrap();
-    let mut outputs = f
-        .client
+    };
+    let inputs = vec![
+        exec_input::Input::Stdin(b"hello stdin\n".to_vec()),
+        exec_input::Input::CloseStdin(true),
+    ];
+    let (stdout, stderr, code) = exec_session(&mut f.client, start, inputs).await;
+    assert_eq!(stdout, "hello stdin\nfrom-env\n");
+    assert_eq!(stderr, "bad\n");
+    assert_eq!(code, 7);
+}
+
+/// Runs one exec session of `inputs` (after its start) and returns stdout, stderr and the exit.
+async fn exec_session(
+    client: &mut AgentClient<Channel>,
+    start: ExecStart,
+    inputs: Vec<exec_input::Input>,
+) -> (String, String, i32) {
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let input = |i| ExecInput { input: Some(i) };
+    tx.send(input(exec_input::Input::Start(start))).await.unwrap();
+    for i in inputs {
+        tx.send(input(i)).await.unwrap();
+    }
+    let mut outputs = client
         .exec(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await
         .expect("Exec")
@@ -285,9 +298,64 @@ async fn exec_streams_stdin_stdout_stderr_and_the_exit_code() {
     .await
     .expect("exec finishes");
     drop(tx);
-    assert_eq!(String::from_utf8_lossy(&stdout), "hello stdin\nfrom-env\n");
-    assert_eq!(String::from_utf8_lossy(&stderr), "bad\n");
-    assert_eq!(exit.expect("exit message").exit_code, 7);
+    (
+        String::from_utf8_lossy(&stdout).into_owned(),
+        String::from_utf8_lossy(&stderr).into_owned(),
+        exit.expect("exit message").exit_code,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_with_a_terminal_gets_a_tty_its_size_and_eof_from_ctrl_d() {
+    let mut f = start_agent().await;
+    launch(
+        &mut f.client,
+        pod("tty", RestartPolicy::Always, vec![shell("main", "sleep 60")]),
+    )
+    .await;
+    watch_until(&mut f.client, "tty", |s| is_running(container(s, "main"))).await;
+    let start = |script: &str| ExecStart {
+        pod_uid: "tty".into(),
+        container: "main".into(),
+        command: vec!["/bin/sh".into(), "-c".into(), script.into()],
+        stdin: true,
+        tty: true,
+    };
+    // The terminal names a device, takes the size of a resize sent before the line that
+    // lets the script go on, and echoes what is typed; stderr goes to the terminal too.
+    let (out, err, code) = exec_session(
+        &mut f.client,
+        start("tty; read x; stty size; echo got-$x; echo to-stderr >&2; exit 5"),
+        vec![
+            exec_input::Input::Resize(TerminalSize {
+                width: 100,
+                height: 30,
+            }),
+            exec_input::Input::Stdin(b"go\n".to_vec()),
+        ],
+    )
+    .await;
+    // The echo of the line typed ahead and the `tty` line come in either order.
+    let lines: Vec<&str> = out.split("\r\n").collect();
+    assert!(lines.iter().any(|l| l.starts_with("/dev/pts/")), "{out:?}");
+    assert!(lines.contains(&"go"), "the terminal echoes input: {out:?}");
+    assert!(out.ends_with("30 100\r\ngot-go\r\nto-stderr\r\n"), "{out:?}");
+    assert_eq!(err, "", "a terminal has one output");
+    assert_eq!(code, 5);
+    // Ctrl-D on an empty line is the end of input: cat ends, and the session with its code.
+    let (out, _, code) = exec_session(
+        &mut f.client,
+        start("cat; echo cat-done; exit 4"),
+        vec![exec_input::Input::Stdin(b"abc\n\x04".to_vec())],
+    )
+    .await;
+    assert!(out.ends_with("cat-done\r\n"), "{out:?}");
+    assert_eq!(code, 4);
+    // Without a terminal, stdin is not one.
+    let mut plain = start("tty");
+    plain.tty = false;
+    let (out, _, code) = exec_session(&mut f.client, plain, vec![]).await;
+    assert_eq!((out.as_str(), code), ("not a tty\n", 1));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
