@@ -83,11 +83,13 @@ pub async fn run(
             .await;
         return;
     };
+    let environment = pod.environment(&container);
+    let term_set = environment.iter().any(|(k, _)| k == "TERM");
     let mut command = tokio::process::Command::new(program);
     command
         .args(args)
         .env_clear()
-        .envs(pod.environment(&container))
+        .envs(environment)
         .current_dir(pod.working_dir(&container))
         .kill_on_drop(true);
     // With a terminal: its master side for us, the slave as the command's stdio.
@@ -106,7 +108,7 @@ pub async fn run(
     };
     match &terminal {
         Some(terminal) => {
-            if !pod.environment(&container).iter().any(|(k, _)| k == "TERM") {
+            if !term_set {
                 command.env("TERM", "xterm");
             }
             let stdio = || terminal.slave.try_clone().map(Stdio::from);

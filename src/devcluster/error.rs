@@ -173,6 +173,15 @@ impl ApiError {
         ApiError::new(429, "TooManyRequests", message)
     }
 
+    /// A proxy that could not reach the server behind it.
+    pub fn bad_gateway(message: impl Into<String>) -> ApiError {
+        ApiError::new(502, "InternalError", message)
+    }
+
+    pub fn not_implemented(message: impl Into<String>) -> ApiError {
+        ApiError::new(501, "NotImplemented", message)
+    }
+
     pub fn service_unavailable(message: impl Into<String>) -> ApiError {
         ApiError::new(503, "ServiceUnavailable", message)
     }

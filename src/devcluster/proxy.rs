@@ -18,9 +18,10 @@ use http_body_util::{BodyExt, BodyStream, Full, StreamBody, combinators::UnsyncB
 use hyper::body::{Bytes, Frame, Incoming};
 use hyper::{Method, Request, Response, StatusCode, header};
 use hyper_util::rt::TokioIo;
-use serde_json::{Value, json};
+use serde_json::json;
 use tokio::sync::watch;
 
+use super::error::ApiError;
 use super::faults::{Fault, FaultOptions, Injector, RequestShape};
 
 type Body = UnsyncBoxBody<Bytes, std::io::Error>;
@@ -198,21 +199,9 @@ fn full(bytes: impl Into<Bytes>) -> Body {
         .boxed_unsync()
 }
 
-/// A `Status` answer, as the API server writes one.
-fn status(code: StatusCode, reason: &str, message: &str, details: Value) -> Response<Body> {
-    let body = json!({
-        "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-        "message": message, "reason": reason, "details": details, "code": code.as_u16(),
-    });
-    let mut response = Response::builder()
-        .status(code)
-        .header(header::CONTENT_TYPE, "application/json");
-    if code == StatusCode::TOO_MANY_REQUESTS {
-        response = response.header(header::RETRY_AFTER, "1");
-    }
-    response
-        .body(full(serde_json::to_vec(&body).unwrap_or_default()))
-        .expect("a valid response")
+/// An error answer, in the dev cluster's words (a `Status`; `Retry-After` on a 429).
+fn answer(error: &ApiError) -> Response<Body> {
+    super::server::error_response(error).map(BodyExt::boxed_unsync)
 }
 
 /// The verb an authorizer would see for a request of this method and shape.
@@ -232,12 +221,9 @@ fn verb_of(method: &Method, named: bool, watch: bool) -> &'static str {
 
 async fn handle(shared: &Shared, request: Request<Incoming>) -> Response<Body> {
     if request.headers().contains_key(header::UPGRADE) {
-        return status(
-            StatusCode::NOT_IMPLEMENTED,
-            "NotImplemented",
+        return answer(&ApiError::not_implemented(
             "the fault proxy does not carry protocol upgrades (exec, attach, port-forward): connect to the API server directly",
-            json!({}),
-        );
+        ));
     }
     let path = request.uri().path().to_string();
     let Some((resource, named)) = resource_of(&path) else {
@@ -284,26 +270,21 @@ async fn inject(
     resource: &str,
 ) -> Response<Body> {
     match fault {
-        Fault::ServerError => status(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "InternalError",
-            "injected fault: internal error",
-            json!({}),
-        ),
-        Fault::TooManyRequests => status(
-            StatusCode::TOO_MANY_REQUESTS,
-            "TooManyRequests",
-            "injected fault: too many requests, please try again later",
-            json!({"retryAfterSeconds": 1}),
-        ),
+        Fault::ServerError => answer(&ApiError::internal("injected fault: internal error")),
+        Fault::TooManyRequests => {
+            let mut error =
+                ApiError::too_many_requests("injected fault: too many requests, please try again later");
+            error.details = Some(json!({"retryAfterSeconds": 1}));
+            answer(&error)
+        }
         Fault::Conflict => {
             let name = request.uri().path().rsplit('/').next().unwrap_or_default();
-            status(
-                StatusCode::CONFLICT,
-                "Conflict",
+            answer(&ApiError::conflict(
+                "",
+                resource,
+                name,
                 "injected fault: the object has been modified; please apply your changes to the latest version and try again",
-                json!({"name": name, "kind": resource}),
-            )
+            ))
         }
         Fault::Gone => gone(),
         Fault::DropWatch => cut_after(forward_or_502(shared, request).await, delay),
@@ -317,28 +298,20 @@ async fn inject(
 async fn forward_or_502(shared: &Shared, request: Request<Incoming>) -> Response<Body> {
     match forward(shared, request).await {
         Ok(response) => response,
-        Err(error) => status(
-            StatusCode::BAD_GATEWAY,
-            "InternalError",
-            &format!("the fault proxy could not reach the API server: {error}"),
-            json!({}),
-        ),
+        Err(error) => answer(&ApiError::bad_gateway(format!(
+            "the fault proxy could not reach the API server: {error}"
+        ))),
     }
 }
 
 /// A watch answered with one `410 Gone` ERROR event, as an API server whose history no longer
 /// reaches the asked resourceVersion does.
 fn gone() -> Response<Body> {
-    let event = json!({"type": "ERROR", "object": {
-        "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-        "message": "injected fault: too old resource version", "reason": "Expired", "code": 410,
-    }});
-    let mut line = serde_json::to_vec(&event).unwrap_or_default();
-    line.push(b'\n');
+    let expired = ApiError::gone("injected fault: too old resource version");
     Response::builder()
         .status(StatusCode::OK)
         .header(header::CONTENT_TYPE, "application/json")
-        .body(full(line))
+        .body(full(super::server::watch_line("ERROR", &expired.status())))
         .expect("a valid response")
 }
 

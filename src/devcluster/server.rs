@@ -80,7 +80,8 @@ fn json_response(status: StatusCode, value: &Value, warnings: &[String]) -> Resp
         .unwrap_or_else(|_| Response::new(full("")))
 }
 
-fn error_response(error: &ApiError) -> Response<Body> {
+/// A `Status` answer for `error` (with `Retry-After` on a 429).
+pub(super) fn error_response(error: &ApiError) -> Response<Body> {
     let status = StatusCode::from_u16(error.code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut response = json_response(status, &error.status(), &[]);
     if status == StatusCode::TOO_MANY_REQUESTS {
@@ -557,7 +558,7 @@ fn bind(
     Ok(json_response(StatusCode::CREATED, &status, &[]))
 }
 
-fn watch_line(kind: &str, object: &Value) -> Bytes {
+pub(super) fn watch_line(kind: &str, object: &Value) -> Bytes {
     let mut line = serde_json::to_vec(&json!({"type": kind, "object": object})).unwrap_or_default();
     line.push(b'\n');
     Bytes::from(line)
