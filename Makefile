@@ -6,12 +6,12 @@
 # the operator on the local backend, and the samples.
 demo: tools
 	cargo build --quiet --bins
-	cargo run --quiet -- demo --control-plane .tools/bin/control-plane
+	cargo run --quiet --bin ec2-kubelet-dev -- demo --control-plane .tools/bin/control-plane
 
 # The same on the dev cluster (an in-process API server stand-in), for machines without Go.
 demo-dev:
 	cargo build --quiet --bins
-	cargo run --quiet -- demo
+	cargo run --quiet --bin ec2-kubelet-dev -- demo
 
 # Every test, each phase timed (e2e/test.sh): the tools the tests need into .tools/, formatting,
 # the suites, the demo end to end as a user runs it (e2e/demo.sh), and the operator end to end on
@@ -31,8 +31,8 @@ tools:
 
 # Regenerates crds/ and the chart's CRDs from src/crd/.
 crds:
-	cargo run --quiet -- crdgen
+	cargo run --quiet --bin ec2-kubelet -- crdgen
 
 lint:
 	cargo fmt --all -- --check
-	cargo clippy --all-targets --locked -- -D warnings
+	cargo clippy --workspace --all-targets --locked -- -D warnings

@@ -17,6 +17,7 @@ phase() {
 
 phase "tools (kubectl, helm, moto, control plane)" bash e2e/tools.sh
 phase "cargo fmt --check" cargo fmt --all -- --check
+phase "cargo build (every binary of the workspace)" cargo build --locked --bins
 phase "cargo test (build and suites)" cargo test --locked
 # The operator suites again, on the real control plane (tests/common/cluster.rs); the others
 # reach inside the dev cluster (its audit, token issuer, kubelet-caller identities).

@@ -18,14 +18,7 @@ pub enum ComputeBackend {
     Local,
 }
 
-/// Log output format.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    #[default]
-    Text,
-    Json,
-}
+pub use ec2_kubelet_protocol::telemetry::LogFormat;
 
 /// Everything the operator needs to know before it starts.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]

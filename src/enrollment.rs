@@ -1,4 +1,4 @@
-//! The operator's side of the agent PKI (`crate::pki`): the CA Secret, the enrollment service
+//! The operator's side of the agent PKI (`ec2_kubelet_protocol::pki`): the CA Secret, the enrollment service
 //! agents call for their certificates, and how the operator dials agents (its client
 //! certificate, and the instance name it requires of the agent's).
 
@@ -14,16 +14,16 @@ use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 use tonic::{Request, Response, Status};
 
-use crate::agent::proto::enrollment_server::{
-    Enrollment as EnrollmentApi, EnrollmentServer as EnrollmentGrpc,
-};
-use crate::agent::proto::{EnrollRequest, EnrollResponse};
-use crate::agent::state::now_ms;
 use crate::cloud::{Compute, Enrollment, InstanceFilter};
 use crate::config::AgentTlsConfig;
 use crate::controller::backoff::retry_transient;
 use crate::crd::tags;
-use crate::pki::{self, Authority, Credentials, SwappableCert};
+use ec2_kubelet_protocol::pki::{self, Authority, Credentials, SwappableCert};
+use ec2_kubelet_protocol::util::now_ms;
+use ec2_kubelet_protocol::v1::enrollment_server::{
+    Enrollment as EnrollmentApi, EnrollmentServer as EnrollmentGrpc,
+};
+use ec2_kubelet_protocol::v1::{EnrollRequest, EnrollResponse};
 
 /// Lifetime of the operator's own certificate (client to agents, server to enrolling agents);
 /// renewed at two thirds.

@@ -1,27 +1,23 @@
 //! ec2-kubelet: a Kubernetes operator that makes EC2 instances look like pods.
 //!
-//! Layout follows responsibilities: `crd` (custom resource types), `config` (operator
-//! configuration), `schema` (validation of objects against CRD schemas, as the API server does),
-//! `telemetry` (logs).
+//! This crate is the operator. The agent that runs on every instance is its own crate
+//! (`src/agent`), and what both speak is a third (`proto`: the gRPC protocol, its PKI and the
+//! utilities they share). The test bed (dev cluster, EC2 simulator, demo, benchmark) lives in
+//! `e2e/testbed`. docs/architecture.md has the picture.
 
-pub mod agent;
+pub mod agent_client;
 pub mod cloud;
 pub mod config;
 pub mod controller;
 pub mod crd;
-pub mod demo;
-pub mod devcluster;
 pub mod enrollment;
 pub mod events;
 pub mod faults;
 pub mod kubelet;
 pub mod metrics;
-pub mod net;
 pub mod node;
 pub mod operator;
-pub mod pki;
 pub mod pod;
 pub mod schema;
 pub mod task;
-pub mod telemetry;
 pub mod warm;

@@ -255,7 +255,7 @@ impl HttpServer {
         let address = listener.local_addr()?;
         let (stop, mut stopped) = watch::channel(false);
         let task = tokio::spawn(async move {
-            let mut backoff = crate::net::AcceptBackoff::default();
+            let mut backoff = ec2_kubelet_protocol::net::AcceptBackoff::default();
             loop {
                 let (stream, _) = tokio::select! {
                     _ = stopped.changed() => return,

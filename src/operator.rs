@@ -267,7 +267,7 @@ async fn secure_agents(ctx: &mut Context) -> Result<Option<crate::enrollment::En
     )?;
     let server = enrollment::serve(listener, tls.clone(), ctx.compute.clone())?;
     tracing::info!(address = %server.address, url = %tls.enroll_url(), "serving agent enrollment");
-    ctx.agents = crate::agent::client::Connections::with_tls(tls);
+    ctx.agents = crate::agent_client::Connections::with_tls(tls);
     Ok(Some(server))
 }
 
@@ -326,5 +326,19 @@ pub async fn compute(
             let compute = LocalCompute::new(options).map_err(|e| format!("local compute backend: {e}"))?;
             Ok(Arc::new(compute))
         }
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn wait_for_termination() {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = async {
+            match terminate.as_mut() {
+                Some(signal) => { signal.recv().await; }
+                None => std::future::pending::<()>().await,
+            }
+        } => {}
     }
 }

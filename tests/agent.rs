@@ -5,8 +5,8 @@ mod common;
 
 use std::time::Duration;
 
-use ec2_kubelet::agent::proto::agent_client::AgentClient;
-use ec2_kubelet::agent::proto::{
+use ec2_kubelet_protocol::v1::agent_client::AgentClient;
+use ec2_kubelet_protocol::v1::{
     ContainerSpec, ContainerStatus, EnvVar, ExecAction, ExecInput, ExecStart, File, FilesVolume,
     GetLogsRequest, GetStatsRequest, HttpGetAction, LaunchPodRequest, PingRequest, PodPhase, PodSpec,
     PodStatus, Probe, RestartPolicy, TerminalSize, TerminatePodRequest, Volume, VolumeMount,
@@ -111,7 +111,7 @@ fn state(status: &ContainerStatus) -> Option<&container_state::State> {
     status.state.as_ref().and_then(|s| s.state.as_ref())
 }
 
-fn terminated(status: &ContainerStatus) -> Option<&ec2_kubelet::agent::proto::Terminated> {
+fn terminated(status: &ContainerStatus) -> Option<&ec2_kubelet_protocol::v1::Terminated> {
     match state(status) {
         Some(container_state::State::Terminated(t)) => Some(t),
         _ => None,

@@ -5,12 +5,12 @@
 
 use std::time::Duration;
 
-use ec2_kubelet::agent::client::{Connections, for_instance};
-use ec2_kubelet::agent::proto::{
+use ec2_kubelet::agent_client::{Connections, for_instance};
+use ec2_kubelet::cloud::{Compute, Error, LaunchRequest};
+use ec2_kubelet_protocol::v1::{
     ContainerSpec, LaunchPodRequest, PingRequest, PodSpec, WatchPodStatusRequest,
 };
-use ec2_kubelet::cloud::sim::{Bucket, RateLimits, SimCloud, SimOptions};
-use ec2_kubelet::cloud::{Compute, Error, LaunchRequest};
+use ec2_kubelet_testbed::sim::{Bucket, RateLimits, SimCloud, SimOptions};
 use futures::StreamExt;
 
 fn request(uid: &str) -> LaunchRequest {
@@ -130,7 +130,7 @@ async fn the_simulator_boots_throttles_and_launches_once_per_pod() {
 fn the_bench_runs_the_operator_and_counts_exactly_one_launch_and_termination_per_pod() {
     let dir = tempfile::tempdir().unwrap();
     let results = dir.path().join("results.jsonl");
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_ec2-kubelet-bench"))
+    let output = std::process::Command::new(ec2_kubelet_testbed::binaries::binary("ec2-kubelet-bench"))
         .args([
             "--scenario",
             "burst,ceiling,warm",

@@ -171,7 +171,7 @@ async fn the_chart_grants_exactly_what_the_operator_uses() {
     }
 
     // 2. A whole lifecycle, with the dev cluster recording every request.
-    let cluster = common::operator_cluster_with(ec2_kubelet::devcluster::DevClusterOptions {
+    let cluster = common::operator_cluster_with(ec2_kubelet_testbed::devcluster::DevClusterOptions {
         audit: true,
         ..Default::default()
     })

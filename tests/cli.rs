@@ -118,12 +118,12 @@ fn dev_prints_how_to_point_kubectl_at_it_and_serves_our_crds() {
     use std::io::{BufRead, BufReader};
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = dir.path().join("kubeconfig");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ec2-kubelet"))
-        .args(["dev", "--listen", "127.0.0.1:0", "--kubeconfig"])
+    let mut child = Command::new(ec2_kubelet_testbed::binaries::binary("ec2-kubelet-dev"))
+        .args(["cluster", "--listen", "127.0.0.1:0", "--kubeconfig"])
         .arg(&kubeconfig)
         .stdout(std::process::Stdio::piped())
         .spawn()
-        .expect("run ec2-kubelet dev");
+        .expect("run ec2-kubelet-dev cluster");
     let stdout = child.stdout.take().unwrap();
     let running = Running(child);
     let mut lines = BufReader::new(stdout).lines();
@@ -162,7 +162,7 @@ fn dev_prints_how_to_point_kubectl_at_it_and_serves_our_crds() {
 fn demo_brings_the_sample_pool_up_on_the_embedded_default() {
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = dir.path().join("kubeconfig");
-    let output = Command::new(env!("CARGO_BIN_EXE_ec2-kubelet"))
+    let output = Command::new(ec2_kubelet_testbed::binaries::binary("ec2-kubelet-dev"))
         .args([
             "demo",
             "--once",
@@ -175,7 +175,7 @@ fn demo_brings_the_sample_pool_up_on_the_embedded_default() {
         .arg(&kubeconfig)
         .current_dir(common::repo_root())
         .output()
-        .expect("run ec2-kubelet demo");
+        .expect("run ec2-kubelet-dev demo");
     assert!(output.status.success(), "{}", stderr(&output));
     let text = String::from_utf8_lossy(&output.stdout);
     assert!(text.contains("applied:      Ec2NodePool/default"), "{text}");

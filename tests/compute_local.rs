@@ -5,17 +5,17 @@ mod common;
 
 use std::time::Duration;
 
-use ec2_kubelet::agent::proto::agent_client::AgentClient;
-use ec2_kubelet::agent::proto::{ContainerSpec, LaunchPodRequest, PingRequest, PodSpec};
 use ec2_kubelet::cloud::local::{LocalCompute, LocalOptions};
 use ec2_kubelet::cloud::{Compute, EniRequest, Error, InstanceFilter, InstanceState, LaunchRequest};
 use ec2_kubelet::crd::{TagMap, tags};
+use ec2_kubelet_protocol::v1::agent_client::AgentClient;
+use ec2_kubelet_protocol::v1::{ContainerSpec, LaunchPodRequest, PingRequest, PodSpec};
 
 fn backend(dir: &std::path::Path) -> LocalCompute {
     LocalCompute::new(LocalOptions {
         cluster: "test".into(),
         dir: dir.to_path_buf(),
-        agent_binary: env!("CARGO_BIN_EXE_ec2-kubelet-agent").into(),
+        agent_binary: ec2_kubelet_testbed::binaries::binary("ec2-kubelet-agent"),
         imds_endpoint: None,
     })
     .expect("local backend")
@@ -144,13 +144,13 @@ async fn instances_are_agent_processes_launched_once_per_pod_and_terminated() {
     let group = group.expect("the container started");
     // Wait until the shell has forked `sleep`: the child that outlives a killed shim.
     for _ in 0..200 {
-        if ec2_kubelet::agent::stats::group_usage(group).processes >= 2 {
+        if ec2_kubelet_agent::stats::group_usage(group).processes >= 2 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     assert_eq!(
-        ec2_kubelet::agent::stats::group_usage(group).processes,
+        ec2_kubelet_agent::stats::group_usage(group).processes,
         2,
         "sh and its forked sleep"
     );

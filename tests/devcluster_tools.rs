@@ -8,7 +8,7 @@ use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-use ec2_kubelet::devcluster::{DevCluster, DevClusterOptions};
+use ec2_kubelet_testbed::devcluster::{DevCluster, DevClusterOptions};
 
 /// A dev cluster on its own runtime, with a kubeconfig and private kubectl/helm state.
 struct Fixture {

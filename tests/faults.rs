@@ -11,7 +11,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use ec2_kubelet::devcluster::faults::{Fault, FaultOptions};
+use ec2_kubelet_testbed::devcluster::faults::{Fault, FaultOptions};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};

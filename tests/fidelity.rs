@@ -829,7 +829,7 @@ fn cases() -> Vec<(&'static str, Case)> {
 async fn observe(flavour: Flavour) -> Vec<(&'static str, Value)> {
     // A short watch history on the dev cluster (16 changes); the real API server's etcd is
     // compacted every second.
-    let options = ec2_kubelet::devcluster::DevClusterOptions {
+    let options = ec2_kubelet_testbed::devcluster::DevClusterOptions {
         history: 16,
         ..Default::default()
     };
@@ -881,7 +881,7 @@ const REFUSALS: [u16; 5] = [400, 403, 413, 415, 422];
 
 /// The operator's requests through one lifecycle on a fresh cluster of `flavour`: a one-node
 /// pool, a pod Running on its instance, the pod deleted, the pool deleted.
-async fn lifecycle(flavour: Flavour) -> Vec<ec2_kubelet::devcluster::proxy::Exchange> {
+async fn lifecycle(flavour: Flavour) -> Vec<ec2_kubelet_testbed::devcluster::proxy::Exchange> {
     use ec2_kubelet::crd::Ec2NodePool;
     use k8s_openapi::api::core::v1::{Node, Pod};
     use kube::api::{Api, ListParams};
@@ -926,7 +926,7 @@ async fn the_operators_lifecycle_is_answered_alike() {
     let dev = lifecycle(Flavour::Dev).await;
     let real = lifecycle(Flavour::Real).await;
     // (verb, resource) -> the status codes it got.
-    let answers = |exchanges: &[ec2_kubelet::devcluster::proxy::Exchange]| {
+    let answers = |exchanges: &[ec2_kubelet_testbed::devcluster::proxy::Exchange]| {
         let mut answers: BTreeMap<(String, String), BTreeSet<u16>> = BTreeMap::new();
         for exchange in exchanges {
             answers

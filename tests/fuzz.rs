@@ -141,16 +141,16 @@ proptest! {
 
     #[test]
     fn agent_messages_from_any_bytes_are_refused_or_accepted_without_harm(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
-        if let Ok(request) = ec2_kubelet::agent::proto::LaunchPodRequest::decode(bytes.as_slice())
+        if let Ok(request) = ec2_kubelet_protocol::v1::LaunchPodRequest::decode(bytes.as_slice())
             && let Some(spec) = request.pod
         {
             // Whatever it says, a spec is either refused with a reason or accepted; an
             // accepted one names only DNS-label containers and volumes.
-            if ec2_kubelet::agent::runtime::validate_spec(&spec).is_ok() {
+            if ec2_kubelet_agent::runtime::validate_spec(&spec).is_ok() {
                 prop_assert!(spec.containers.iter().all(|c| !c.name.is_empty() && !c.name.contains('/')));
             }
         }
-        let _ = ec2_kubelet::agent::proto::ExecInput::decode(bytes.as_slice());
+        let _ = ec2_kubelet_protocol::v1::ExecInput::decode(bytes.as_slice());
     }
 
     #[test]
@@ -160,7 +160,7 @@ proptest! {
         flip in 0usize..200,
     ) {
         let authority = authority();
-        let now = ec2_kubelet::agent::state::now_ms();
+        let now = ec2_kubelet_protocol::util::now_ms();
         prop_assert!(authority.check_token(&garbage, now).is_err());
         let token = authority.mint_token(&nonce, std::time::Duration::from_secs(3600));
         prop_assert_eq!(authority.check_token(&token, now).map(|(n, _)| n).ok(), Some(nonce.clone()));
@@ -175,7 +175,7 @@ proptest! {
     }
 }
 
-fn authority() -> &'static ec2_kubelet::pki::Authority {
-    static AUTHORITY: std::sync::OnceLock<ec2_kubelet::pki::Authority> = std::sync::OnceLock::new();
-    AUTHORITY.get_or_init(|| ec2_kubelet::pki::Authority::generate().unwrap())
+fn authority() -> &'static ec2_kubelet_protocol::pki::Authority {
+    static AUTHORITY: std::sync::OnceLock<ec2_kubelet_protocol::pki::Authority> = std::sync::OnceLock::new();
+    AUTHORITY.get_or_init(|| ec2_kubelet_protocol::pki::Authority::generate().unwrap())
 }

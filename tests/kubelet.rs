@@ -226,7 +226,7 @@ async fn kubectl_logs_exec_and_stats_reach_the_pods_agent_through_the_kubelet_ap
         "a certificate of the cluster CA, but no RBAC grant: {body}"
     );
     // A certificate from another CA does not complete the handshake (or the request).
-    let foreign = ec2_kubelet::devcluster::auth::ClusterAuth::generate()
+    let foreign = ec2_kubelet_testbed::devcluster::auth::ClusterAuth::generate()
         .unwrap()
         .issue_certificate("kube-apiserver-kubelet-client", Some("system:masters"))
         .unwrap();

@@ -309,7 +309,7 @@ async fn orphan_instances_are_terminated_and_other_clusters_are_never_touched() 
         LocalCompute::new(LocalOptions {
             cluster: "other".into(),
             dir: env.local_dir.clone(),
-            agent_binary: env!("CARGO_BIN_EXE_ec2-kubelet-agent").into(),
+            agent_binary: ec2_kubelet_testbed::binaries::binary("ec2-kubelet-agent"),
             imds_endpoint: None,
         })
         .unwrap(),
@@ -1086,9 +1086,9 @@ async fn a_pod_deleted_while_the_watch_was_down_is_cleaned_up_after_the_relist()
         .unwrap();
     assert!(pods.get_opt("gap").await.unwrap().is_none());
     env.cluster
-        .set_faults(ec2_kubelet::devcluster::faults::FaultOptions {
+        .set_faults(ec2_kubelet_testbed::devcluster::faults::FaultOptions {
             watch_rate: Some(1.0),
-            kinds: vec![ec2_kubelet::devcluster::faults::Fault::Gone],
+            kinds: vec![ec2_kubelet_testbed::devcluster::faults::Fault::Gone],
             user_agent: Some(ec2_kubelet::operator::USER_AGENT.into()),
             ..Default::default()
         });

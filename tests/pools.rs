@@ -46,7 +46,7 @@ impl Env {
         let options = LocalOptions {
             cluster: "test".into(),
             dir: self.dir.path().join("local"),
-            agent_binary: env!("CARGO_BIN_EXE_ec2-kubelet-agent").into(),
+            agent_binary: ec2_kubelet_testbed::binaries::binary("ec2-kubelet-agent"),
             imds_endpoint: None,
         };
         Arc::new(LocalCompute::new(options).unwrap())
@@ -620,7 +620,7 @@ async fn a_node_whose_eni_disappears_goes_not_ready_and_is_replaced() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_clean_stop_releases_every_lease_even_through_failing_writes() {
-    use ec2_kubelet::devcluster::faults::{Fault, FaultOptions};
+    use ec2_kubelet_testbed::devcluster::faults::{Fault, FaultOptions};
     let env = Env::start().await;
     let client = env.client.clone();
     let replica = Replica::start(&env.cluster, config(), env.local(), "replica-a");

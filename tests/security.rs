@@ -6,15 +6,15 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ec2_kubelet::agent::proto::agent_client::AgentClient;
-use ec2_kubelet::agent::proto::enrollment_client::EnrollmentClient;
-use ec2_kubelet::agent::proto::{EnrollRequest, PingRequest};
 use ec2_kubelet::cloud::local::LocalCompute;
 use ec2_kubelet::cloud::{Compute, Enrollment, Instance, LaunchRequest};
 use ec2_kubelet::controller::Context;
 use ec2_kubelet::crd::tags;
 use ec2_kubelet::enrollment::EnrollmentServer;
-use ec2_kubelet::pki::{self, Authority, Credentials};
+use ec2_kubelet_protocol::pki::{self, Authority, Credentials};
+use ec2_kubelet_protocol::v1::agent_client::AgentClient;
+use ec2_kubelet_protocol::v1::enrollment_client::EnrollmentClient;
+use ec2_kubelet_protocol::v1::{EnrollRequest, PingRequest};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 struct Env {
@@ -102,7 +102,7 @@ impl Env {
             .connect(endpoint, instance_id, Duration::from_secs(2))
             .await
             .map_err(|e| format!("{e:?}"))?;
-        ec2_kubelet::agent::client::for_instance(channel, instance_id)
+        ec2_kubelet::agent_client::for_instance(channel, instance_id)
             .ping(PingRequest {})
             .await
             .map(|_| ())

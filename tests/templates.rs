@@ -363,7 +363,7 @@ async fn a_spot_interruption_fails_its_pod_and_a_darwin_pool_has_darwin_nodes() 
         LocalCompute::new(LocalOptions {
             cluster: "test".into(),
             dir: dir.path().join("local"),
-            agent_binary: env!("CARGO_BIN_EXE_ec2-kubelet-agent").into(),
+            agent_binary: ec2_kubelet_testbed::binaries::binary("ec2-kubelet-agent"),
             imds_endpoint: Some(imds),
         })
         .unwrap(),

@@ -316,7 +316,7 @@ async fn a_restarted_operator_re_adopts_warm_instances_by_tag_and_launches_none_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_racing_for_the_last_warm_instance_never_both_get_it() {
-    use ec2_kubelet::cloud::sim::{SimCloud, SimOptions};
+    use ec2_kubelet_testbed::sim::{SimCloud, SimOptions};
     let cluster = common::operator_cluster(false).await;
     let admin = cluster.client();
     let sim = SimCloud::start(SimOptions {

@@ -1,4 +1,4 @@
-//! The agent's side of enrollment (see `crate::pki`): a certificate from the operator for the
+//! The agent's side of enrollment (see `ec2_kubelet_protocol::pki`): a certificate from the operator for the
 //! bootstrap token of the user data, kept in the state dir (a restarted agent reuses it) and
 //! renewed at two thirds of its lifetime with the current certificate as the credential.
 
@@ -10,7 +10,7 @@ use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
 use super::proto::EnrollRequest;
 use super::proto::enrollment_client::EnrollmentClient;
-use crate::pki::{self, Credentials, SwappableCert};
+use ec2_kubelet_protocol::pki::{self, Credentials, SwappableCert};
 
 /// Where and how the agent enrolls.
 #[derive(Clone, Debug)]

@@ -224,7 +224,7 @@ pub const FOLLOW_INTERVAL: Duration = Duration::from_millis(100);
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::agent::shim::LogWriter;
+    use crate::shim::LogWriter;
 
     fn write(path: &Path, lines: &[(&str, &str)]) {
         let mut log = LogWriter::open(path, 1 << 20).unwrap();

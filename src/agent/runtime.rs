@@ -295,7 +295,7 @@ pub fn validate_spec(spec: &PodSpec) -> Result<(), Error> {
     }
     let mut names = std::collections::HashSet::new();
     for (i, container) in spec.containers.iter().enumerate() {
-        if !crate::crd::is_dns_label(&container.name) {
+        if !ec2_kubelet_protocol::util::is_dns_label(&container.name) {
             return invalid(format!(
                 "containers[{i}].name: {:?} is not a DNS label",
                 container.name
@@ -335,7 +335,7 @@ pub fn validate_spec(spec: &PodSpec) -> Result<(), Error> {
     }
     let mut volumes = std::collections::HashSet::new();
     for (i, volume) in spec.volumes.iter().enumerate() {
-        if !crate::crd::is_dns_label(&volume.name) || !volumes.insert(&volume.name) {
+        if !ec2_kubelet_protocol::util::is_dns_label(&volume.name) || !volumes.insert(&volume.name) {
             return invalid(format!(
                 "volumes[{i}].name: {:?} is not a unique DNS label",
                 volume.name

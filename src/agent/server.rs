@@ -302,7 +302,10 @@ pub async fn serve(
         }
         Some(config) => {
             router
-                .serve_with_incoming_shutdown(crate::pki::tls_incoming(listener, config), shutdown)
+                .serve_with_incoming_shutdown(
+                    ec2_kubelet_protocol::pki::tls_incoming(listener, config),
+                    shutdown,
+                )
                 .await
         }
     };

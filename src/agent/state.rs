@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use super::Error;
 use super::proto::PodSpec;
+pub use ec2_kubelet_protocol::util::{now_ms, write_atomic, write_private};
 
 /// How a container run ended, written by its shim.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
@@ -42,49 +43,6 @@ pub fn exit_code_and_signal(status: std::process::ExitStatus) -> (i32, i32) {
         (Some(code), _) => (code, 0),
         (None, Some(signal)) => (128 + signal, signal),
         (None, None) => (255, 0),
-    }
-}
-
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
-/// Writes a file atomically and durably: a temp file, synced, renamed over `path`, and the
-/// directory synced. Readers never see half of it, and after a crash or a power loss the file
-/// has its old content or its new one: the agent re-adopts its containers from these files.
-pub fn write_atomic(path: &Path, content: &[u8]) -> std::io::Result<()> {
-    write_durable(path, content, 0o644)
-}
-
-/// [`write_atomic`] for a file only its owner can read (mode 0600).
-pub fn write_private(path: &Path, content: &[u8]) -> std::io::Result<()> {
-    write_durable(path, content, 0o600)
-}
-
-fn write_durable(path: &Path, content: &[u8], mode: u32) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    // A temp file left by a crash keeps its old mode: start from a new one.
-    match std::fs::remove_file(&tmp) {
-        Err(error) if error.kind() != std::io::ErrorKind::NotFound => return Err(error),
-        _ => {}
-    }
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&tmp)?;
-    file.write_all(content)?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => std::fs::File::open(dir)?.sync_all(),
-        _ => Ok(()),
     }
 }
 

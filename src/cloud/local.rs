@@ -14,8 +14,8 @@ use super::{
     Compute, Eni, EniRequest, Error, ImageInfo, ImageQuery, Instance, InstanceFilter, InstanceState,
     InstanceTypeInfo, LaunchRequest, Result, eni_tags, instance_tags,
 };
-use crate::agent::stats::process_alive;
 use crate::crd::{TagMap, tags};
+use ec2_kubelet_agent::stats::process_alive;
 
 /// Where the local cloud lives and what it runs.
 #[derive(Debug, Clone)]
@@ -50,7 +50,7 @@ const CATALOGUE: &[(&str, u32, u64, u32, &str)] = &[
 
 /// The built-in catalogue's facts about these types (unknown names are left out); shared by
 /// the `sim` backend.
-pub(crate) fn catalogue(names: &[String]) -> Vec<InstanceTypeInfo> {
+pub fn catalogue(names: &[String]) -> Vec<InstanceTypeInfo> {
     CATALOGUE
         .iter()
         .filter(|(name, ..)| names.iter().any(|n| n == name))
@@ -65,7 +65,7 @@ pub(crate) fn catalogue(names: &[String]) -> Vec<InstanceTypeInfo> {
 }
 
 /// Whether the built-in catalogue has this type.
-pub(crate) fn offered(instance_type: &str) -> bool {
+pub fn offered(instance_type: &str) -> bool {
     CATALOGUE.iter().any(|(name, ..)| *name == instance_type)
 }
 
@@ -143,7 +143,7 @@ fn write_own_pid(path: &std::ffi::CStr) -> std::io::Result<()> {
 
 fn write_record(path: &Path, record: &impl Serialize) -> Result<()> {
     let text = serde_json::to_vec_pretty(record).map_err(|e| io_error("encode record", e))?;
-    crate::agent::state::write_atomic(path, &text).map_err(|e| io_error("write record", e))
+    ec2_kubelet_protocol::util::write_atomic(path, &text).map_err(|e| io_error("write record", e))
 }
 
 /// The first free address `prefix.x.y` (x, y in 1..=254) not in `used`.
@@ -389,7 +389,7 @@ impl Compute for LocalCompute {
                 state: InstanceState::Pending,
                 instance_type: request.instance_type.clone(),
                 private_ip: Some(address.clone()),
-                launch_time: crate::agent::state::now_ms(),
+                launch_time: ec2_kubelet_protocol::util::now_ms(),
                 tags: instance_tags,
             },
             agent_pid: None,
@@ -455,7 +455,7 @@ impl Compute for LocalCompute {
                 unsafe { libc::kill(-pid, libc::SIGKILL) };
             }
             // Processes the containers forked outlive their shims unless killed by group.
-            if let Ok(state) = crate::agent::state::StateDir::new(
+            if let Ok(state) = ec2_kubelet_agent::state::StateDir::new(
                 self.instance_dir(&record.instance.instance_id).join("state"),
             ) {
                 state.kill_container_groups();

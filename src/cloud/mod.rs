@@ -1,11 +1,11 @@
 //! `Compute`: the operator's only door to the cloud. Controllers never import `aws_sdk_ec2`;
 //! they talk to this trait, implemented by `aws` (real EC2), `local` (agent processes on
-//! loopback, the embedded default) and `sim` (an in-process simulator for benchmarks).
+//! loopback, the embedded default); the test bed adds `sim` (an in-process simulator for
+//! benchmarks, e2e/testbed/sim.rs).
 
 pub mod aws;
 pub mod bootstrap;
 pub mod local;
-pub mod sim;
 pub mod snapshot;
 
 use std::collections::BTreeMap;
@@ -128,7 +128,7 @@ pub struct LaunchRequest {
     pub enrollment: Option<Enrollment>,
 }
 
-/// What a new instance's agent needs to enroll (see `crate::pki`). Travels in the user data;
+/// What a new instance's agent needs to enroll (see `ec2_kubelet_protocol::pki`). Travels in the user data;
 /// the nonce is also a tag of the instance.
 #[derive(Clone, Default, PartialEq, Eq)]
 pub struct Enrollment {
@@ -160,7 +160,7 @@ impl Enrollment {
     pub fn write_files(&self, dir: &Path) -> std::io::Result<Vec<String>> {
         let (ca, token) = (dir.join("ca.crt"), dir.join("bootstrap-token"));
         std::fs::write(&ca, &self.ca_pem)?;
-        crate::agent::state::write_private(&token, self.token.as_bytes())?;
+        ec2_kubelet_protocol::util::write_private(&token, self.token.as_bytes())?;
         Ok(self.agent_flags(&ca.display().to_string(), &token.display().to_string()))
     }
 }

@@ -27,7 +27,7 @@ pub struct Context {
     pub gate: backoff::CloudGate,
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Connections to agents, shared by every caller of one agent.
-    pub agents: crate::agent::client::Connections,
+    pub agents: crate::agent_client::Connections,
     /// Batched binding writes, one writer per pool.
     pub bindings: crate::pod::bindings::BindingWriters,
     /// Each pool's instances and ENIs, read in shared batches.

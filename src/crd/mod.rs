@@ -92,33 +92,7 @@ impl Architecture {
     }
 }
 
-/// A DNS-1123 label: lowercase alphanumerics and '-', at most 63, starting and ending
-/// alphanumeric (namespace names, container names, instance ids in certificates; also a safe
-/// EC2 tag value).
-pub fn is_dns_label(name: &str) -> bool {
-    is_dns_name(name, 63, false)
-}
-
-/// A DNS-1123 subdomain as object names use it: lowercase alphanumerics, '-' and '.', at most
-/// 253, starting and ending alphanumeric.
-pub fn is_dns_subdomain(name: &str) -> bool {
-    is_dns_name(name, 253, true)
-}
-
-fn is_dns_name(name: &str, max: usize, dots: bool) -> bool {
-    let bytes = name.as_bytes();
-    match (bytes.first(), bytes.last()) {
-        (Some(first), Some(last)) => {
-            bytes.len() <= max
-                && bytes.iter().all(|b| {
-                    b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-' || (dots && *b == b'.')
-                })
-                && first.is_ascii_alphanumeric()
-                && last.is_ascii_alphanumeric()
-        }
-        _ => false,
-    }
-}
+pub use ec2_kubelet_protocol::util::{is_dns_label, is_dns_subdomain};
 
 /// Pod annotations a user sets to steer a pod's instance (prefix `ec2-kubelet.io/`).
 pub mod annotations {

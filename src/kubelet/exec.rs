@@ -30,10 +30,10 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role};
 
 use super::spdy;
 use super::{Body, Query, Reply, full, pod_agent};
-use crate::agent::proto::exec_input::Input;
-use crate::agent::proto::exec_output::Output;
-use crate::agent::proto::{ExecInput, ExecStart, GetLogsRequest, TerminalSize};
 use crate::controller::Context;
+use ec2_kubelet_protocol::v1::exec_input::Input;
+use ec2_kubelet_protocol::v1::exec_output::Output;
+use ec2_kubelet_protocol::v1::{ExecInput, ExecStart, GetLogsRequest, TerminalSize};
 
 /// The WebSocket sub-protocols served, in order of preference.
 const PROTOCOLS: [&str; 2] = ["v5.channel.k8s.io", "v4.channel.k8s.io"];

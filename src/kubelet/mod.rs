@@ -36,13 +36,13 @@ use kube::api::{Api, ListParams};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::agent::proto::GetLogsRequest;
 use crate::cloud::InstanceFilter;
 use crate::controller::Context;
 use crate::crd::{annotations, default_agent_port, labels, tags};
+use ec2_kubelet_protocol::v1::GetLogsRequest;
 
 type Body = BoxBody<Bytes, std::io::Error>;
-use crate::agent::client::AgentChannel;
+use crate::agent_client::AgentChannel;
 use std::time::Duration;
 
 fn full(bytes: impl Into<Bytes>) -> Body {
@@ -215,7 +215,7 @@ pub(crate) async fn pod_agent(
         .connect(&endpoint, &instance_id, Duration::from_secs(15))
         .await
         .map_err(|e| Reply::unavailable(format!("the agent of {instance_id} at {endpoint}: {e}")))?;
-    let agent = crate::agent::client::for_instance(channel, &instance_id);
+    let agent = crate::agent_client::for_instance(channel, &instance_id);
     Ok((pod, agent))
 }
 
@@ -345,7 +345,7 @@ impl KubeletServer {
         let listener = tokio::net::TcpListener::bind(address).await?;
         let address = listener.local_addr()?;
         // Handshakes each in their own task and bounded in time, accept errors backed off.
-        let mut incoming = crate::pki::tls_incoming(listener, tls);
+        let mut incoming = ec2_kubelet_protocol::pki::tls_incoming(listener, tls);
         let (stop, mut stopped) = watch::channel(false);
         let task = tokio::spawn(async move {
             loop {

@@ -9,8 +9,8 @@ use kube::api::{Api, ListParams};
 use serde_json::{Value, json};
 
 use super::{Body, Reply, full, pod_agent};
-use crate::agent::proto::GetStatsRequest;
 use crate::controller::Context;
+use ec2_kubelet_protocol::v1::GetStatsRequest;
 
 fn rfc3339(unix_ms: i64) -> String {
     jiff::Timestamp::from_millisecond(unix_ms)

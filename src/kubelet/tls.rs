@@ -10,7 +10,7 @@ use std::sync::Arc;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
-use crate::pki::provider;
+use ec2_kubelet_protocol::pki::provider;
 
 /// A TLS server configuration (HTTP/1.1) for the kubelet API. With `client_ca` (PEM), client
 /// certificates are asked for and, when presented, must be signed by it (a caller may instead
@@ -42,7 +42,8 @@ pub fn server_config(
         .map_err(|e| e.to_string())?;
     let builder = match client_ca {
         Some(pem) => {
-            let roots = crate::pki::root_store(pem).map_err(|e| format!("kubelet client CA: {e}"))?;
+            let roots =
+                ec2_kubelet_protocol::pki::root_store(pem).map_err(|e| format!("kubelet client CA: {e}"))?;
             let verifier =
                 rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
                     .allow_unauthenticated()

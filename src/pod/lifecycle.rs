@@ -21,8 +21,7 @@ use tokio::task::JoinHandle;
 use super::settings::{self, InvalidSetting};
 use super::writer::StatusWriter;
 use super::{sizing, spec, status};
-use crate::agent::client::{self, AgentChannel};
-use crate::agent::proto::{LaunchPodRequest, PingRequest, TerminatePodRequest, WatchPodStatusRequest};
+use crate::agent_client::{self as client, AgentChannel};
 use crate::cloud::{self, Instance, LaunchRequest};
 use crate::controller::backoff::Backoff;
 use crate::controller::{Context, Error, Result};
@@ -30,6 +29,7 @@ use crate::crd::{Ec2PodTemplate, annotations, tags};
 use crate::faults;
 use crate::node::VirtualNode;
 use crate::node::supervisor::stopped;
+use ec2_kubelet_protocol::v1::{LaunchPodRequest, PingRequest, TerminatePodRequest, WatchPodStatusRequest};
 
 /// Records a pod event. A pod's events do not repeat (one launch, one termination), so they
 /// skip the recorder's cache of recent events.

@@ -13,7 +13,7 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use crate::agent::proto;
+use ec2_kubelet_protocol::v1 as proto;
 
 /// ConfigMap and Secret contents in the pod's namespace, by name (values as bytes).
 #[derive(Clone, Debug, Default)]

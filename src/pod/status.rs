@@ -4,7 +4,7 @@
 
 use serde_json::{Value, json};
 
-use crate::agent::proto;
+use ec2_kubelet_protocol::v1 as proto;
 
 fn timestamp(unix_ms: i64) -> Option<String> {
     if unix_ms <= 0 {

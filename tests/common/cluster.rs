@@ -2,16 +2,16 @@
 //! control plane (`e2e/control-plane`, kube-apiserver, kube-controller-manager and
 //! kube-scheduler built from Kubernetes' own modules), chosen by `EC2_KUBELET_TEST_CLUSTER`
 //! (`dev` or `real`). Either way the system under test reaches it through a fault proxy
-//! ([`ec2_kubelet::devcluster::proxy::FaultProxy`]) that injects nothing until a test asks,
+//! ([`ec2_kubelet_testbed::devcluster::proxy::FaultProxy`]) that injects nothing until a test asks,
 //! and the test's own client goes to the server directly, for a reliable view.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use ec2_kubelet::devcluster::faults::FaultOptions;
-use ec2_kubelet::devcluster::proxy::FaultProxy;
-use ec2_kubelet::devcluster::{DevCluster, DevClusterOptions};
+use ec2_kubelet_testbed::devcluster::faults::FaultOptions;
+use ec2_kubelet_testbed::devcluster::proxy::FaultProxy;
+use ec2_kubelet_testbed::devcluster::{DevCluster, DevClusterOptions};
 
 /// The environment variable that picks the server.
 pub const SWITCH: &str = "EC2_KUBELET_TEST_CLUSTER";

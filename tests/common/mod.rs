@@ -225,7 +225,7 @@ impl AgentProcess {
     /// agent serves once enrolled.
     pub fn start_enrolling(
         home: &Path,
-        authority: &ec2_kubelet::pki::Authority,
+        authority: &ec2_kubelet_protocol::pki::Authority,
         url: &str,
         instance_id: &str,
         nonce: &str,
@@ -252,7 +252,7 @@ impl AgentProcess {
 
     fn spawn(state_dir: &Path, root_dir: &Path, listen: &str, security: &[String]) -> Child {
         use std::os::unix::process::CommandExt;
-        Command::new(env!("CARGO_BIN_EXE_ec2-kubelet-agent"))
+        Command::new(ec2_kubelet_testbed::binaries::binary("ec2-kubelet-agent"))
             .args(security)
             .args([
                 "--listen",
@@ -299,7 +299,7 @@ impl Drop for AgentProcess {
         let _ = self.child.wait();
         // What the containers forked outlives their shims; kill it by process group, as
         // terminating an instance would.
-        if let Ok(state) = ec2_kubelet::agent::state::StateDir::new(&self.state_dir) {
+        if let Ok(state) = ec2_kubelet_agent::state::StateDir::new(&self.state_dir) {
             state.kill_container_groups();
         }
     }
@@ -382,7 +382,7 @@ pub const OPERATOR_NAMESPACE: &str = "ec2-kubelet-system";
 /// (`RUST_LOG=ec2_kubelet=debug`). `scheduler` turns the dev cluster's scheduler on or off
 /// (the real control plane's always runs).
 pub async fn operator_cluster(scheduler: bool) -> TestCluster {
-    operator_cluster_with(ec2_kubelet::devcluster::DevClusterOptions {
+    operator_cluster_with(ec2_kubelet_testbed::devcluster::DevClusterOptions {
         scheduler,
         ..Default::default()
     })
@@ -390,7 +390,9 @@ pub async fn operator_cluster(scheduler: bool) -> TestCluster {
 }
 
 /// `operator_cluster` with the dev cluster's options (e.g. its request audit).
-pub async fn operator_cluster_with(options: ec2_kubelet::devcluster::DevClusterOptions) -> TestCluster {
+pub async fn operator_cluster_with(
+    options: ec2_kubelet_testbed::devcluster::DevClusterOptions,
+) -> TestCluster {
     operator_cluster_on(cluster::Flavour::from_env(), options, &[]).await
 }
 
@@ -398,7 +400,7 @@ pub async fn operator_cluster_with(options: ec2_kubelet::devcluster::DevClusterO
 /// the control plane's launcher.
 pub async fn operator_cluster_on(
     flavour: cluster::Flavour,
-    options: ec2_kubelet::devcluster::DevClusterOptions,
+    options: ec2_kubelet_testbed::devcluster::DevClusterOptions,
     control_plane_args: &[&str],
 ) -> TestCluster {
     use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -755,7 +757,7 @@ pub fn local_compute(
         ec2_kubelet::cloud::local::LocalCompute::new(ec2_kubelet::cloud::local::LocalOptions {
             cluster: "test".into(),
             dir: dir.to_path_buf(),
-            agent_binary: env!("CARGO_BIN_EXE_ec2-kubelet-agent").into(),
+            agent_binary: ec2_kubelet_testbed::binaries::binary("ec2-kubelet-agent"),
             imds_endpoint: None,
         })
         .unwrap(),
@@ -815,7 +817,7 @@ impl RunFiles {
                  server:\n  metricsAddress: {metrics}\n  healthAddress: {health}\n  kubeletAddress: {kubelet}\n  enrollAddress: {enroll}\n\
                  local:\n  stateDir: {}\n  agentBinary: {}\n{extra}",
                 local.display(),
-                env!("CARGO_BIN_EXE_ec2-kubelet-agent"),
+                ec2_kubelet_testbed::binaries::binary("ec2-kubelet-agent").display(),
             ),
         )
         .unwrap();
@@ -936,7 +938,7 @@ pub type AgentFarm = std::sync::Arc<std::sync::Mutex<std::collections::HashMap<S
 /// the `aws` backend, and the agents it started.
 pub fn loopback_agents(
     root: &Path,
-    authority: std::sync::Arc<ec2_kubelet::pki::Authority>,
+    authority: std::sync::Arc<ec2_kubelet_protocol::pki::Authority>,
 ) -> (ec2_kubelet::cloud::aws::EndpointResolver, AgentFarm) {
     let agents: AgentFarm = Default::default();
     let (farm, root) = (agents.clone(), root.to_path_buf());
@@ -962,7 +964,7 @@ pub fn loopback_agents(
 
 /// The agent CA of the cluster `client` reaches, created in the operator namespace if it is not
 /// there yet (the operator replicas load the same one).
-pub async fn agent_authority(client: &kube::Client) -> std::sync::Arc<ec2_kubelet::pki::Authority> {
+pub async fn agent_authority(client: &kube::Client) -> std::sync::Arc<ec2_kubelet_protocol::pki::Authority> {
     std::sync::Arc::new(
         ec2_kubelet::enrollment::load_or_create_authority(client, OPERATOR_NAMESPACE)
             .await
@@ -1080,7 +1082,7 @@ pub async fn wait_event(
 pub enum As<'a> {
     Anonymous,
     Token(&'a str),
-    Certificate(&'a ec2_kubelet::devcluster::auth::ClientCertificate),
+    Certificate(&'a ec2_kubelet_testbed::devcluster::auth::ClientCertificate),
 }
 
 /// A GET over TLS (any server certificate) with the given `Host`, as the API server and

@@ -55,8 +55,7 @@ mod tests {
 
     #[test]
     fn buffers_are_small() {
-        let mut codec =
-            AgentCodec::<crate::agent::proto::PingRequest, crate::agent::proto::PingResponse>::default();
+        let mut codec = AgentCodec::<crate::v1::PingRequest, crate::v1::PingResponse>::default();
         let expected = format!("buffer_size: {BUFFER_SIZE},");
         assert!(format!("{:?}", codec.encoder().buffer_settings()).contains(&expected));
         assert!(format!("{:?}", codec.decoder().buffer_settings()).contains(&expected));

@@ -3,7 +3,7 @@
 
 use serde_json::{Value, json};
 
-use crate::schema::{FieldError, FieldErrorKind};
+use ec2_kubelet::schema::{FieldError, FieldErrorKind};
 
 /// One failed request, rendered as a `Status` object.
 #[derive(Debug, Clone, PartialEq)]
@@ -97,7 +97,7 @@ impl ApiError {
         let mut error = ApiError::new(
             422,
             "Invalid",
-            crate::schema::invalid_message(&qualified_kind, name, errors),
+            ec2_kubelet::schema::invalid_message(&qualified_kind, name, errors),
         );
         error.details = Some(json!({"name": name, "group": group, "kind": kind, "causes": causes}));
         error

@@ -2,8 +2,6 @@
 //! processes (each under a shim that owns its logs), reports their state, streams logs and
 //! runs exec sessions. State lives in a directory, so a restarted agent re-adopts its pods.
 
-pub mod client;
-pub mod codec;
 pub mod enroll;
 pub mod exec;
 pub mod imds;
@@ -15,12 +13,8 @@ pub mod shim;
 pub mod state;
 pub mod stats;
 
-pub use client::INSTANCE_HEADER;
-
-pub mod proto {
-    //! Generated from `proto/ec2kubelet/agent/v1/agent.proto`.
-    tonic::include_proto!("ec2kubelet.agent.v1");
-}
+/// The protocol's generated messages and services, as the agent's modules name them.
+pub use ec2_kubelet_protocol::v1 as proto;
 
 /// What can go wrong inside the agent.
 #[derive(Debug, thiserror::Error)]

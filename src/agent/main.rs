@@ -6,14 +6,13 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use ec2_kubelet::agent::enroll::{self, EnrollConfig};
-use ec2_kubelet::agent::imds;
-use ec2_kubelet::agent::runtime::{Runtime, RuntimeConfig};
-use ec2_kubelet::agent::server;
-use ec2_kubelet::agent::shim::{self, ShimArgs};
-use ec2_kubelet::config::LogFormat;
-use ec2_kubelet::pki;
-use ec2_kubelet::telemetry;
+use ec2_kubelet_agent::enroll::{self, EnrollConfig};
+use ec2_kubelet_agent::imds;
+use ec2_kubelet_agent::runtime::{Runtime, RuntimeConfig};
+use ec2_kubelet_agent::server;
+use ec2_kubelet_agent::shim::{self, ShimArgs};
+use ec2_kubelet_protocol::pki;
+use ec2_kubelet_protocol::telemetry::{self, LogFormat};
 
 #[derive(Parser)]
 #[command(
@@ -149,7 +148,7 @@ async fn run(args: AgentArgs) -> Result<(), String> {
             .parse()
             .map_err(|e| format!("--imds-endpoint {endpoint}: {e}"))?;
         let every = Duration::from_millis(args.imds_poll_ms.max(100));
-        tokio::spawn(ec2_kubelet::agent::imds::watch_spot(
+        tokio::spawn(ec2_kubelet_agent::imds::watch_spot(
             runtime.clone(),
             endpoint,
             every,

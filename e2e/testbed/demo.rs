@@ -1,4 +1,4 @@
-//! `ec2-kubelet demo`: the main job on the embedded default, with no AWS account and no
+//! `ec2-kubelet-dev demo`: the main job on the embedded default, with no AWS account and no
 //! cluster. A cluster on loopback (the real control plane of `e2e/control-plane` when its binary
 //! is given, else the dev cluster), the operator on the `local` backend, and the sample
 //! templates and pool and pods from `config/samples/`; prints the virtual nodes once they are
@@ -16,9 +16,9 @@ use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::watch;
 
-use crate::config::OperatorConfig;
-use crate::crd::Ec2NodePool;
 use crate::devcluster::{DevCluster, DevClusterOptions};
+use ec2_kubelet::config::OperatorConfig;
+use ec2_kubelet::crd::Ec2NodePool;
 
 /// How to run the demo.
 pub struct DemoOptions {
@@ -145,7 +145,7 @@ impl Cluster {
 /// Installs the project's CRDs on a real API server and waits until they are served.
 async fn install_crds(client: &Client) -> Result<(), String> {
     let api: Api<CustomResourceDefinition> = Api::all(client.clone());
-    for definition in crate::crd::crds() {
+    for definition in ec2_kubelet::crd::crds() {
         let name = definition.name_any();
         api.create(&PostParams::default(), &definition)
             .await
@@ -213,9 +213,9 @@ pub struct Demo {
     operator: tokio::task::JoinHandle<()>,
     /// Serves agent enrollment for as long as the demo runs: pods created after the demo
     /// started (a Deployment, a scale-up) need their instances enrolled too.
-    enrollment: Option<crate::enrollment::EnrollmentServer>,
-    kubelet: crate::kubelet::KubeletServer,
-    compute: Arc<dyn crate::cloud::Compute>,
+    enrollment: Option<ec2_kubelet::enrollment::EnrollmentServer>,
+    kubelet: ec2_kubelet::kubelet::KubeletServer,
+    compute: Arc<dyn ec2_kubelet::cloud::Compute>,
 }
 
 impl Demo {
@@ -227,7 +227,7 @@ impl Demo {
         self.kubelet.shutdown().await;
         if let Ok(instances) = self
             .compute
-            .describe_instances(&crate::cloud::InstanceFilter::Cluster)
+            .describe_instances(&ec2_kubelet::cloud::InstanceFilter::Cluster)
             .await
         {
             let ids: Vec<String> = instances.into_iter().map(|i| i.instance_id).collect();
@@ -250,7 +250,7 @@ pub async fn start(options: &DemoOptions) -> Result<Demo, String> {
             let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
                 .await
                 .map_err(|e| e.to_string())?;
-            let client = crate::operator::client(config).map_err(|e| e.to_string())?;
+            let client = ec2_kubelet::operator::client(config).map_err(|e| e.to_string())?;
             install_crds(&client).await?;
             (Cluster::Real(control_plane), client)
         }
@@ -263,7 +263,7 @@ pub async fn start(options: &DemoOptions) -> Result<Demo, String> {
                 .await
                 .map_err(|e| format!("starting the dev cluster on {}: {e}", options.listen))?;
             let store = cluster.store();
-            for definition in crate::crd::crds() {
+            for definition in ec2_kubelet::crd::crds() {
                 let object = serde_json::to_value(&definition).map_err(|e| e.to_string())?;
                 store
                     .create_builtin("apiextensions.k8s.io", "customresourcedefinitions", None, object)
@@ -277,7 +277,7 @@ pub async fn start(options: &DemoOptions) -> Result<Demo, String> {
         }
     };
     let mut config = OperatorConfig {
-        local: crate::config::LocalConfig {
+        local: ec2_kubelet::config::LocalConfig {
             state_dir: Some(options.state_dir.clone()),
             agent_binary: None,
             imds_endpoint: None,
@@ -311,17 +311,17 @@ pub async fn start(options: &DemoOptions) -> Result<Demo, String> {
         options.kubeconfig.display()
     );
 
-    let compute = crate::operator::compute(&config).await?;
-    let (ctx, enrollment) = crate::operator::context(
+    let compute = ec2_kubelet::operator::compute(&config).await?;
+    let (ctx, enrollment) = ec2_kubelet::operator::context(
         client.clone(),
         compute.clone(),
         config,
-        &crate::operator::identity(),
+        &ec2_kubelet::operator::identity(),
     )
     .await?;
-    let kubelet = crate::operator::start_kubelet(ctx.clone()).await?;
+    let kubelet = ec2_kubelet::operator::start_kubelet(ctx.clone()).await?;
     let (stop, stopped) = watch::channel(false);
-    let operator = tokio::spawn(crate::operator::run(ctx, stopped));
+    let operator = tokio::spawn(ec2_kubelet::operator::run(ctx, stopped));
     println!("operator:     running (compute backend: local)");
     println!(
         "kubelet API:  https://{} (kubectl logs and exec)",

@@ -1,5 +1,5 @@
 //! Fault injection: which resource requests the fault proxy ([`super::proxy`]) answers the way
-//! a loaded or failing API server does, so tests (and `ec2-kubelet dev --fault-rate`) can show
+//! a loaded or failing API server does, so tests (and `ec2-kubelet-dev cluster --fault-rate`) can show
 //! a client converges anyway, against the dev cluster or a real API server. Faults can be limited to one client by its `User-Agent` (the system under
 //! test), leaving the test's own client a reliable view.
 

@@ -650,7 +650,7 @@ impl Inner {
             return Ok(vec![]);
         };
         let name = meta_str(object, "name").to_string();
-        let admitted = crate::schema::admit(schema, object.clone(), old)
+        let admitted = ec2_kubelet::schema::admit(schema, object.clone(), old)
             .map_err(|errors| ApiError::invalid(&rt.group, &rt.kind, &name, &errors))?;
         *object = admitted.object;
         let unknown: Vec<String> = admitted

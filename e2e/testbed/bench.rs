@@ -19,11 +19,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use ec2_kubelet::cloud::sim::{RateLimits, SimCloud, SimOptions};
 use ec2_kubelet::config::OperatorConfig;
 use ec2_kubelet::controller::Context;
 use ec2_kubelet::crd::{Ec2NodePool, Ec2PodTemplate};
-use ec2_kubelet::devcluster::{AuditRecord, DevCluster, DevClusterOptions};
+use ec2_kubelet_testbed::devcluster::{AuditRecord, DevCluster, DevClusterOptions};
+use ec2_kubelet_testbed::sim::{RateLimits, SimCloud, SimOptions};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};

@@ -58,7 +58,7 @@ type Result<T> = std::result::Result<T, PkiError>;
 /// The DNS name in the certificate of the agent of `instance_id`. Refuses ids that are not a
 /// DNS label (`i-0123abcd`): nothing else may end up in a certificate.
 pub fn agent_name(instance_id: &str) -> Result<String> {
-    if !crate::crd::is_dns_label(instance_id) {
+    if !crate::util::is_dns_label(instance_id) {
         return Err(PkiError::Invalid(format!(
             "instance id {instance_id:?} is not a DNS label (expected something like i-0123456789abcdef0)"
         )));
@@ -67,7 +67,7 @@ pub fn agent_name(instance_id: &str) -> Result<String> {
 }
 
 fn now_ms() -> i64 {
-    crate::agent::state::now_ms()
+    crate::util::now_ms()
 }
 
 fn offset_time(unix_ms: i64) -> Result<time::OffsetDateTime> {
@@ -323,7 +323,7 @@ pub fn new_nonce() -> String {
     hex(&rand::random::<[u8; 16]>())
 }
 
-pub(crate) fn hex(bytes: &[u8]) -> String {
+pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 

@@ -20,7 +20,7 @@ use serde_json::{Value, json};
 
 use super::error::ApiError;
 use super::store::{ListOptions, Store};
-use crate::kubelet::auth::{AUTHENTICATION_CONFIG_MAP, CLIENT_CA_KEY};
+use ec2_kubelet::kubelet::auth::{AUTHENTICATION_CONFIG_MAP, CLIENT_CA_KEY};
 
 /// Who the log/exec proxy is to kubelets.
 pub const KUBELET_CLIENT_USER: &str = "kube-apiserver-kubelet-client";
@@ -61,8 +61,10 @@ impl ClusterAuth {
         let ca = params.self_signed(&key).map_err(|e| e.to_string())?;
         let issuer = Issuer::new(params, key);
         let client = sign_client(&issuer, KUBELET_CLIENT_USER, Some(MASTERS)).map_err(|e| e.to_string())?;
-        let kubelet_client =
-            crate::kubelet::tls::insecure_client_config_with_identity(&client.cert_pem, &client.key_pem)?;
+        let kubelet_client = ec2_kubelet::kubelet::tls::insecure_client_config_with_identity(
+            &client.cert_pem,
+            &client.key_pem,
+        )?;
         Ok(ClusterAuth {
             ca_pem: ca.pem(),
             issuer,
@@ -84,7 +86,7 @@ impl ClusterAuth {
     /// A bearer token TokenReview answers for `user` in `groups` (plus
     /// `system:authenticated`).
     pub fn issue_token(&self, user: &str, groups: &[&str]) -> String {
-        let token = format!("dev.{}", crate::pki::new_nonce());
+        let token = format!("dev.{}", ec2_kubelet_protocol::pki::new_nonce());
         let mut groups: Vec<String> = groups.iter().map(|g| g.to_string()).collect();
         groups.push("system:authenticated".into());
         self.tokens.lock().unwrap_or_else(|p| p.into_inner()).insert(

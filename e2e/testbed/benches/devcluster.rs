@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use ec2_kubelet::devcluster::{DevCluster, DevClusterOptions};
+use ec2_kubelet_testbed::devcluster::{DevCluster, DevClusterOptions};
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
 use kube::api::{Api, ListParams, PostParams, WatchEvent, WatchParams};

@@ -491,7 +491,7 @@ mod tests {
 
     #[test]
     fn crd_columns_evaluate_json_paths() {
-        let crd = crate::crd::crds()
+        let crd = ec2_kubelet::crd::crds()
             .into_iter()
             .find(|c| c.spec.names.kind == "Ec2PodTemplate")
             .unwrap();

@@ -167,9 +167,9 @@ pub fn validate_name(rt: &ResourceType, name: &str) -> Result<(), String> {
         };
     }
     let valid = if label_only {
-        crate::crd::is_dns_label(name)
+        ec2_kubelet::crd::is_dns_label(name)
     } else {
-        crate::crd::is_dns_subdomain(name)
+        ec2_kubelet::crd::is_dns_subdomain(name)
     };
     if valid {
         Ok(())

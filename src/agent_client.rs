@@ -9,8 +9,8 @@ use tonic::metadata::AsciiMetadataValue;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
-use super::proto::agent_client::AgentClient;
 use crate::enrollment::AgentTls;
+use ec2_kubelet_protocol::v1::agent_client::AgentClient;
 
 /// The gRPC metadata key naming the instance a call is meant for. An agent serving several
 /// (simulated) instances routes by it; the operator always sends it.

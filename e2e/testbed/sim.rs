@@ -18,18 +18,18 @@ use tokio::sync::watch;
 use tokio_stream::wrappers::{TcpListenerStream, WatchStream};
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{
+use ec2_kubelet::agent_client::INSTANCE_HEADER;
+use ec2_kubelet::cloud::{
     Compute, Eni, EniRequest, Error, ImageInfo, ImageQuery, Instance, InstanceFilter, InstanceState,
     InstanceTypeInfo, LaunchRequest, Result, eni_tags, instance_tags,
 };
-use crate::agent::INSTANCE_HEADER;
-use crate::agent::proto::agent_server::{Agent, AgentServer};
-use crate::agent::proto::{
+use ec2_kubelet::crd::{TagMap, tags};
+use ec2_kubelet_protocol::v1::agent_server::{Agent, AgentServer};
+use ec2_kubelet_protocol::v1::{
     ContainerState, ContainerStatus, ExecInput, ExecOutput, GetLogsRequest, GetStatsRequest,
     LaunchPodRequest, LaunchPodResponse, LogChunk, PingRequest, PingResponse, PodStats, PodStatus,
     TerminatePodRequest, TerminatePodResponse, WatchPodStatusRequest, container_state,
 };
-use crate::crd::{TagMap, tags};
 
 /// An EC2 token bucket: `capacity` calls at once, refilled by `refill_per_second`.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -242,7 +242,7 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 fn millis(at: Instant) -> i64 {
     let ago = at.elapsed().as_millis() as i64;
-    crate::agent::state::now_ms() - ago
+    ec2_kubelet_protocol::util::now_ms() - ago
 }
 
 impl SimCloud {
@@ -439,7 +439,7 @@ impl Compute for SimCompute {
 
     async fn instance_types(&self, names: &[String]) -> Result<Vec<InstanceTypeInfo>> {
         // The local backend's catalogue; cached by real backends, so not an API call per pod.
-        Ok(super::local::catalogue(names))
+        Ok(ec2_kubelet::cloud::local::catalogue(names))
     }
 
     async fn launch_instance(&self, request: &LaunchRequest) -> Result<Instance> {
@@ -449,7 +449,7 @@ impl Compute for SimCompute {
             timeline.run_instances.get_or_insert_with(Instant::now);
         }
         self.cloud.call("RunInstances").await?;
-        if !super::local::offered(&request.instance_type) {
+        if !ec2_kubelet::cloud::local::offered(&request.instance_type) {
             return Err(Error::InstanceTypeNotFound {
                 instance_type: request.instance_type.clone(),
             });
@@ -480,7 +480,7 @@ impl Compute for SimCompute {
             state: InstanceState::Pending,
             instance_type: request.instance_type.clone(),
             private_ip: Some(format!("10.1.{}.{}", (n / 250) % 250, n % 250 + 4)),
-            launch_time: crate::agent::state::now_ms(),
+            launch_time: ec2_kubelet_protocol::util::now_ms(),
             tags: instance_tags(&options.cluster, request),
         };
         let server = (n as usize) % self.cloud.servers.len();
@@ -663,8 +663,8 @@ impl Agent for SimAgents {
             if i.pods.contains_key(&spec.uid) {
                 return true;
             }
-            let now = crate::agent::state::now_ms();
-            let running = container_state::State::Running(crate::agent::proto::Running {
+            let now = ec2_kubelet_protocol::util::now_ms();
+            let running = container_state::State::Running(ec2_kubelet_protocol::v1::Running {
                 started_at_unix_ms: now,
             });
             let status = PodStatus {
@@ -674,7 +674,7 @@ impl Agent for SimAgents {
                     .iter()
                     .map(|c| container_status(&c.name, running.clone(), true))
                     .collect(),
-                phase: crate::agent::proto::PodPhase::Running as i32,
+                phase: ec2_kubelet_protocol::v1::PodPhase::Running as i32,
                 started_at_unix_ms: now,
                 revision: 1,
                 ..Default::default()
@@ -695,12 +695,12 @@ impl Agent for SimAgents {
         let uid = request.into_inner().pod_uid;
         let status = cloud.with_instance(&instance, |i, _| {
             let pod = i.pods.get(&uid)?;
-            let now = crate::agent::state::now_ms();
+            let now = ec2_kubelet_protocol::util::now_ms();
             pod.status.send_modify(|status| {
                 for container in &mut status.containers {
                     *container = container_status(
                         &container.name,
-                        container_state::State::Terminated(crate::agent::proto::Terminated {
+                        container_state::State::Terminated(ec2_kubelet_protocol::v1::Terminated {
                             exit_code: 0,
                             reason: "Completed".into(),
                             finished_at_unix_ms: now,
@@ -709,7 +709,7 @@ impl Agent for SimAgents {
                         false,
                     );
                 }
-                status.phase = crate::agent::proto::PodPhase::Succeeded as i32;
+                status.phase = ec2_kubelet_protocol::v1::PodPhase::Succeeded as i32;
                 status.revision += 1;
             });
             Some(pod.status.borrow().clone())
