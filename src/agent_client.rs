@@ -9,7 +9,6 @@ use tonic::metadata::AsciiMetadataValue;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::enrollment::AgentTls;
 use ec2_kubelet_protocol::v1::agent_client::AgentClient;
 
 /// The gRPC metadata key naming the instance a call is meant for. An agent serving several
@@ -25,6 +24,16 @@ impl tonic::service::Interceptor for InstanceHeader {
         request.metadata_mut().insert(INSTANCE_HEADER, self.0.clone());
         Ok(request)
     }
+}
+
+/// The operator's side of the agent PKI, as connections and launches need it (implemented by
+/// `enrollment::AgentTls`, which also serves enrollment).
+pub trait AgentPki: Send + Sync {
+    /// The client configuration that presents the operator's certificate and requires the
+    /// agent's to name `instance_id`.
+    fn client_config(&self, instance_id: &str) -> Result<tonic::transport::ClientTlsConfig, String>;
+    /// What a new instance needs to enroll: a one-time bootstrap token and the CA.
+    fn enrollment(&self) -> crate::cloud::Enrollment;
 }
 
 /// A client of one instance's agent.
@@ -54,12 +63,12 @@ pub enum ConnectError {
 #[derive(Default)]
 pub struct Connections {
     open: Mutex<HashMap<String, Channel>>,
-    tls: Option<Arc<AgentTls>>,
+    tls: Option<Arc<dyn AgentPki>>,
 }
 
 impl Connections {
     /// Connections over mutual TLS.
-    pub fn with_tls(tls: Arc<AgentTls>) -> Connections {
+    pub fn with_tls(tls: Arc<dyn AgentPki>) -> Connections {
         Connections {
             open: Default::default(),
             tls: Some(tls),
@@ -67,7 +76,7 @@ impl Connections {
     }
 
     /// The agent PKI, when agents are reached over mutual TLS.
-    pub fn tls(&self) -> Option<&Arc<AgentTls>> {
+    pub fn tls(&self) -> Option<&Arc<dyn AgentPki>> {
         self.tls.as_ref()
     }
 
@@ -126,5 +135,28 @@ impl Connections {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Connects to an agent (or reuses the open connection to it) and pings it. HTTP/2 keepalives
+    /// on the connection notice an agent that stops answering (a frozen or vanished instance)
+    /// within about `unreachable`, so a status stream never hangs on a dead peer.
+    pub async fn ping(
+        &self,
+        endpoint: &str,
+        instance_id: &str,
+        unreachable: Duration,
+    ) -> Option<AgentChannel> {
+        let probe = (unreachable / 2).clamp(Duration::from_secs(1), Duration::from_secs(15));
+        let answer = tokio::time::timeout(probe.min(Duration::from_secs(5)), async {
+            let channel = self.connect(endpoint, instance_id, probe).await.ok()?;
+            let mut agent = for_instance(channel, instance_id);
+            agent.ping(ec2_kubelet_protocol::v1::PingRequest {}).await.ok()?;
+            Some(agent)
+        });
+        let agent = answer.await.ok().flatten();
+        if agent.is_none() {
+            self.forget(endpoint, instance_id);
+        }
+        agent
     }
 }

@@ -16,8 +16,8 @@ use tonic::{Request, Response, Status};
 
 use crate::cloud::{Compute, Enrollment, InstanceFilter};
 use crate::config::AgentTlsConfig;
-use crate::controller::backoff::retry_transient;
 use crate::crd::tags;
+use crate::runtime::backoff::retry_transient;
 use ec2_kubelet_protocol::pki::{self, Authority, Credentials, SwappableCert};
 use ec2_kubelet_protocol::util::now_ms;
 use ec2_kubelet_protocol::v1::enrollment_server::{
@@ -193,6 +193,16 @@ impl AgentTls {
     }
 }
 
+impl crate::agent_client::AgentPki for AgentTls {
+    fn client_config(&self, instance_id: &str) -> Result<ClientTlsConfig, String> {
+        AgentTls::client_config(self, instance_id)
+    }
+
+    fn enrollment(&self) -> Enrollment {
+        AgentTls::enrollment(self)
+    }
+}
+
 /// The label of the Leases that record spent bootstrap tokens.
 pub const SPENT_TOKEN_LABEL: &str = "ec2-kubelet.io/spent-bootstrap-token";
 
@@ -293,7 +303,7 @@ impl SpentTokens {
             let expired = record
                 .spec
                 .as_ref()
-                .is_none_or(|spec| crate::node::lease::expired(spec, now));
+                .is_none_or(|spec| crate::runtime::lease::expired(spec, now));
             if !expired {
                 continue;
             }

@@ -14,10 +14,12 @@ use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{Controller, WatchStreamExt, watcher};
 use tokio::sync::watch;
 
-use crate::controller::{Context, pool, template};
+use crate::controller::{pool, template};
 use crate::crd::{Ec2NodePool, Ec2PodTemplate, labels};
-use crate::node::lease::LeaseLock;
-use crate::node::supervisor::{self, stopped};
+use crate::node::supervisor;
+use crate::runtime::Context;
+use crate::runtime::lease::LeaseLock;
+use crate::task::stopped;
 
 /// How the operator introduces itself to the API server (audit logs, API priority and fairness).
 pub const USER_AGENT: &str = concat!("ec2-kubelet/", env!("CARGO_PKG_VERSION"));
@@ -141,7 +143,7 @@ fn node_trigger(node: &Node) -> Option<u64> {
 async fn keep_leading(lease: &LeaseLock, every: Duration, deadline: Duration) {
     let mut ticker = tokio::time::interval(every);
     let mut renewed = tokio::time::Instant::now();
-    let mut retry = crate::controller::backoff::Backoff::new(Duration::from_secs(1), every);
+    let mut retry = crate::runtime::backoff::Backoff::new(Duration::from_secs(1), every);
     loop {
         ticker.tick().await;
         match lease.try_acquire_or_renew().await {

@@ -51,6 +51,11 @@ impl OwnedTask {
     }
 }
 
+/// Resolves once `stop` turns true (or its sender is gone).
+pub async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -25,9 +25,9 @@ use kube::runtime::reflector::Store;
 use serde_json::{Value, json};
 
 use crate::cloud::{Instance, InstanceState, LaunchRequest};
-use crate::controller::{Context, Error, Result};
 use crate::crd::{Ec2NodePool, Ec2PodTemplate, WarmInstance, WarmState, annotations, tags};
-use crate::pod::settings;
+use crate::launch::settings;
+use crate::runtime::{Context, Error, Result};
 
 /// How often every warm pool is looked after.
 const TEND_EVERY: Duration = Duration::from_secs(1);
@@ -441,9 +441,7 @@ async fn tend(ctx: &Context, cached: &Ec2NodePool, memory: &mut Memory) -> Resul
             Some(instance) => ctx.compute.agent_endpoint(instance, warm.agent_port as u16)?,
             None => continue,
         };
-        let answers = crate::pod::lifecycle::ping(ctx, &endpoint, id, lost_after)
-            .await
-            .is_some();
+        let answers = ctx.agents.ping(&endpoint, id, lost_after).await.is_some();
         if answers {
             memory.silent_since.remove(id);
             if warm.state == WarmState::Launching {

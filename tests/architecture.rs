@@ -101,3 +101,180 @@ fn nothing_shipped_depends_on_the_test_bed() {
     assert!(!agent.contains_key("ec2-kubelet-testbed"), "{agent:?}");
     assert!(!agent.contains_key("jsonpath-rust"), "{agent:?}");
 }
+
+/// The operator's top-level modules (`src/<name>.rs` or `src/<name>/`) and the modules each one
+/// imports, read from its non-test code: `crate::<name>` paths, `use crate::{a, b}` groups and
+/// `super::` paths that climb out of the module.
+fn module_graph() -> BTreeMap<String, BTreeSet<String>> {
+    let src = common::repo_root().join("src");
+    let mut modules = BTreeMap::new();
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_stem().unwrap().to_string_lossy().into_owned();
+        let is_module = if path.is_dir() {
+            path.join("mod.rs").exists()
+        } else {
+            name != "lib" && path.extension().is_some_and(|e| e == "rs")
+        };
+        if is_module {
+            modules.insert(name, path);
+        }
+    }
+    let names: BTreeSet<String> = modules.keys().cloned().collect();
+    let mut graph = BTreeMap::new();
+    for (name, path) in &modules {
+        let mut files = Vec::new();
+        collect_rust_files(path, 0, &mut files);
+        let mut imports = BTreeSet::new();
+        for (file, depth) in files {
+            let text = std::fs::read_to_string(&file).unwrap();
+            for import in crate_imports(&non_test_code(&text), depth) {
+                if import != *name && names.contains(&import) {
+                    imports.insert(import);
+                }
+            }
+        }
+        graph.insert(name.clone(), imports);
+    }
+    graph
+}
+
+/// The Rust files of a module with their depth below `src/` (`mod.rs` counts as its folder).
+fn collect_rust_files(path: &std::path::Path, depth: usize, files: &mut Vec<(std::path::PathBuf, usize)>) {
+    if path.is_dir() {
+        for entry in std::fs::read_dir(path).unwrap() {
+            let child = entry.unwrap().path();
+            let child_depth = if child.file_name().is_some_and(|n| n == "mod.rs") {
+                depth
+            } else {
+                depth + 1
+            };
+            collect_rust_files(&child, child_depth, files);
+        }
+    } else if path.extension().is_some_and(|e| e == "rs") {
+        files.push((path.to_path_buf(), depth));
+    }
+}
+
+/// The code before the file's `#[cfg(test)]` module (tests may reach anywhere), without comments.
+fn non_test_code(text: &str) -> String {
+    let code = text.split("#[cfg(test)]").next().unwrap_or_default();
+    code.lines()
+        .map(|line| line.split("//").next().unwrap_or_default())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The crate-level module names a file's code refers to. A file at depth `d` below `src/`
+/// reaches the crate root with `d` `super::`s.
+fn crate_imports(code: &str, depth: usize) -> BTreeSet<String> {
+    let mut found = BTreeSet::new();
+    let mut prefixes = vec!["crate::".to_string()];
+    if depth > 0 {
+        prefixes.push("super::".repeat(depth));
+    }
+    for prefix in prefixes {
+        let mut rest = code;
+        while let Some(at) = rest.find(&prefix) {
+            let preceded_by_ident = rest[..at]
+                .chars()
+                .last()
+                .is_some_and(|c| c.is_alphanumeric() || c == '_');
+            rest = &rest[at + prefix.len()..];
+            if preceded_by_ident {
+                continue;
+            }
+            if prefix != "crate::" && rest.starts_with("super::") {
+                continue;
+            }
+            if let Some(group) = rest.strip_prefix('{') {
+                let group = &group[..group.find('}').unwrap_or(group.len())];
+                for item in group.split(',') {
+                    let head = item.trim().split("::").next().unwrap_or_default();
+                    found.insert(head.trim().to_string());
+                }
+            } else {
+                let end = rest
+                    .find(|c: char| !(c.is_alphanumeric() || c == '_'))
+                    .unwrap_or(rest.len());
+                found.insert(rest[..end].to_string());
+            }
+        }
+    }
+    found
+}
+
+/// A cycle in `graph`, as the path that closes it.
+fn find_cycle(graph: &BTreeMap<String, BTreeSet<String>>) -> Option<Vec<String>> {
+    fn visit(
+        node: &str,
+        graph: &BTreeMap<String, BTreeSet<String>>,
+        stack: &mut Vec<String>,
+        done: &mut BTreeSet<String>,
+    ) -> Option<Vec<String>> {
+        if let Some(at) = stack.iter().position(|n| n == node) {
+            let mut cycle = stack[at..].to_vec();
+            cycle.push(node.to_string());
+            return Some(cycle);
+        }
+        if done.contains(node) {
+            return None;
+        }
+        stack.push(node.to_string());
+        for next in graph.get(node).into_iter().flatten() {
+            if let Some(cycle) = visit(next, graph, stack, done) {
+                return Some(cycle);
+            }
+        }
+        stack.pop();
+        done.insert(node.to_string());
+        None
+    }
+    let mut done = BTreeSet::new();
+    graph
+        .keys()
+        .find_map(|node| visit(node, graph, &mut Vec::new(), &mut done))
+}
+
+#[test]
+fn the_operators_modules_import_downward_only() {
+    let graph = module_graph();
+    // The reader sees what it found, so a wrong parse shows.
+    for (module, imports) in &graph {
+        println!("{module} -> {imports:?}");
+    }
+    assert!(
+        graph["operator"].contains("controller") && graph["pod"].contains("runtime"),
+        "{graph:#?}"
+    );
+    assert!(
+        graph["crd"].is_empty(),
+        "the custom resources import nothing of ours: {:?}",
+        graph["crd"]
+    );
+    if let Some(cycle) = find_cycle(&graph) {
+        panic!(
+            "a cycle between top-level modules: {}. Move what both need one layer down (docs/architecture.md)",
+            cycle.join(" -> ")
+        );
+    }
+}
+
+#[test]
+fn the_cycle_check_finds_a_cycle_and_the_parser_sees_groups_and_super() {
+    let graph = BTreeMap::from([
+        ("a".to_string(), BTreeSet::from(["b".to_string()])),
+        ("b".to_string(), BTreeSet::from(["c".to_string()])),
+        ("c".to_string(), BTreeSet::from(["a".to_string()])),
+    ]);
+    assert_eq!(find_cycle(&graph).unwrap(), ["a", "b", "c", "a"]);
+    let code = "use crate::{cloud::Compute, crd};\nlet x = super::super::warm::claim();\nfoo_crate::bar;";
+    assert_eq!(
+        crate_imports(code, 2),
+        BTreeSet::from(["cloud".to_string(), "crd".to_string(), "warm".to_string()])
+    );
+    assert_eq!(
+        non_test_code("a // crate::x\n#[cfg(test)]\nmod tests { crate::y }"),
+        "a "
+    );
+}

@@ -8,7 +8,7 @@
 //! What a schema cannot say (a template that does not exist, an image EC2 does not know, an
 //! annotation that names a type the template forbids) becomes a condition and an event naming
 //! the field: `tests/pools.rs`, `tests/templates.rs`, `tests/pods.rs`, and the table of every
-//! annotation in `src/pod/settings.rs`.
+//! annotation in `src/launch/settings.rs`.
 
 mod common;
 

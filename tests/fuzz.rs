@@ -12,8 +12,8 @@ use std::collections::BTreeMap;
 
 use ec2_kubelet::cloud::bootstrap::{AgentBootstrap, user_data};
 use ec2_kubelet::crd::{Ec2NodePoolSpec, annotations};
-use ec2_kubelet::pod::settings::resolve;
-use ec2_kubelet::pod::sizing::parse_quantity;
+use ec2_kubelet::launch::settings::resolve;
+use ec2_kubelet::launch::sizing::parse_quantity;
 use proptest::prelude::*;
 use prost::Message;
 

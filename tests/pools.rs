@@ -15,7 +15,7 @@ use ec2_kubelet::cloud::aws::AwsCompute;
 use ec2_kubelet::cloud::local::{LocalCompute, LocalOptions};
 use ec2_kubelet::config::OperatorConfig;
 use ec2_kubelet::crd::Ec2NodePool;
-use ec2_kubelet::node::node_name;
+use ec2_kubelet::runtime::node_name;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Event, Node, Pod};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};

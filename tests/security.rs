@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use ec2_kubelet::cloud::local::LocalCompute;
 use ec2_kubelet::cloud::{Compute, Enrollment, Instance, LaunchRequest};
-use ec2_kubelet::controller::Context;
 use ec2_kubelet::crd::tags;
 use ec2_kubelet::enrollment::EnrollmentServer;
+use ec2_kubelet::runtime::Context;
 use ec2_kubelet_protocol::pki::{self, Authority, Credentials};
 use ec2_kubelet_protocol::v1::agent_client::AgentClient;
 use ec2_kubelet_protocol::v1::enrollment_client::EnrollmentClient;

@@ -334,11 +334,11 @@ async fn two_replicas_racing_for_the_last_warm_instance_never_both_get_it() {
     .await;
     let pools: Api<Ec2NodePool> = Api::all(admin.clone());
     // Two replicas: each its own client and context.
-    let replicas: Vec<Arc<ec2_kubelet::controller::Context>> = ["replica-a", "replica-b"]
+    let replicas: Vec<Arc<ec2_kubelet::runtime::Context>> = ["replica-a", "replica-b"]
         .iter()
         .map(|name| {
             let client = ec2_kubelet::operator::client(cluster.client_config()).unwrap();
-            Arc::new(ec2_kubelet::controller::Context::new(
+            Arc::new(ec2_kubelet::runtime::Context::new(
                 client,
                 compute.clone(),
                 common::lifecycle_config(),

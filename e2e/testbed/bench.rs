@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use ec2_kubelet::config::OperatorConfig;
-use ec2_kubelet::controller::Context;
 use ec2_kubelet::crd::{Ec2NodePool, Ec2PodTemplate};
+use ec2_kubelet::runtime::Context;
 use ec2_kubelet_testbed::devcluster::{AuditRecord, DevCluster, DevClusterOptions};
 use ec2_kubelet_testbed::sim::{RateLimits, SimCloud, SimOptions};
 use futures::StreamExt;

@@ -64,6 +64,12 @@ impl Error {
     }
 }
 
+impl crate::metrics::ReasonOf for Error {
+    fn reason_of(&self) -> &'static str {
+        self.reason()
+    }
+}
+
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// The ENI that backs virtual node `index` of `pool`.

@@ -17,10 +17,10 @@ use kube::runtime::finalizer::{self, Event as FinalizerEvent};
 use kube::{Resource, ResourceExt};
 use serde_json::{Value, json};
 
-use super::{Context, Error, Result};
 use crate::cloud::{Eni, EniRequest, InstanceFilter};
 use crate::crd::{ConditionStatus, Ec2NodePool, Ec2NodePoolSpec, annotations, labels, set_condition, tags};
-use crate::node::{NODE_LEASE_NAMESPACE, node_name};
+use crate::runtime::{Context, Error, Result};
+use crate::runtime::{NODE_LEASE_NAMESPACE, node_name};
 
 /// Held on every pool until its nodes and ENIs are gone.
 pub const FINALIZER: &str = "ec2-kubelet.io/pool-cleanup";
@@ -115,7 +115,7 @@ pub async fn reconcile(pool: Arc<Ec2NodePool>, ctx: Arc<Context>) -> Result<Acti
 pub fn error_policy(pool: Arc<Ec2NodePool>, error: &Error, ctx: Arc<Context>) -> Action {
     tracing::warn!(pool = %pool.name_any(), %error, reason = error.reason(), "pool reconcile failed");
     let resync = Duration::from_secs(ctx.config.sync.pool_resync_seconds.into());
-    Action::requeue(crate::controller::retry_after(error, resync))
+    Action::requeue(crate::runtime::retry_after(error, resync))
 }
 
 async fn publish(

@@ -17,11 +17,11 @@ use kube::runtime::finalizer::{self, Event as FinalizerEvent};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 
-use super::{Context, Error, Result};
 use crate::cloud::ImageQuery;
 use crate::crd::{
     ConditionStatus, Ec2NodePool, Ec2PodTemplate, Ec2PodTemplateSpec, annotations, set_condition,
 };
+use crate::runtime::{Context, Error, Result};
 
 pub const FINALIZER: &str = "ec2-kubelet.io/template-in-use";
 
@@ -363,7 +363,7 @@ pub fn error_policy(template: Arc<Ec2PodTemplate>, error: &Error, ctx: Arc<Conte
         _ => {
             tracing::warn!(template = %template.name_any(), %error, reason = error.reason(), "template reconcile failed");
             let resync = Duration::from_secs(ctx.config.sync.template_resync_seconds.into());
-            Action::requeue(crate::controller::retry_after(error, resync))
+            Action::requeue(crate::runtime::retry_after(error, resync))
         }
     }
 }

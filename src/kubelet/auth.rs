@@ -175,7 +175,7 @@ impl Authenticator {
         let config_maps: Api<ConfigMap> = Api::namespaced(self.client.clone(), "kube-system");
         let fallback = "the kubelet API accepts no client certificates (set server.kubeletAuth.clientCaFile)";
         // A transient failure is retried: giving up would silently turn certificates off.
-        let read = crate::controller::backoff::retry_transient(
+        let read = crate::runtime::backoff::retry_transient(
             "reading the kubelet API's client CA",
             Duration::from_secs(30),
             || config_maps.get_opt(AUTHENTICATION_CONFIG_MAP),

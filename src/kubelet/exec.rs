@@ -30,7 +30,7 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role};
 
 use super::spdy;
 use super::{Body, Query, Reply, full, pod_agent};
-use crate::controller::Context;
+use crate::runtime::Context;
 use ec2_kubelet_protocol::v1::exec_input::Input;
 use ec2_kubelet_protocol::v1::exec_output::Output;
 use ec2_kubelet_protocol::v1::{ExecInput, ExecStart, GetLogsRequest, TerminalSize};

@@ -37,8 +37,8 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::cloud::InstanceFilter;
-use crate::controller::Context;
 use crate::crd::{annotations, default_agent_port, labels, tags};
+use crate::runtime::Context;
 use ec2_kubelet_protocol::v1::GetLogsRequest;
 
 type Body = BoxBody<Bytes, std::io::Error>;

@@ -9,7 +9,7 @@ use kube::api::{Api, ListParams};
 use serde_json::{Value, json};
 
 use super::{Body, Reply, full, pod_agent};
-use crate::controller::Context;
+use crate::runtime::Context;
 use ec2_kubelet_protocol::v1::GetStatsRequest;
 
 fn rfc3339(unix_ms: i64) -> String {

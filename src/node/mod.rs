@@ -2,7 +2,6 @@
 //! (ownership lease between replicas, `kube-node-lease` heartbeat, node status), like a
 //! kubelet's node loop (virtual-kubelet `node.go`, `lease_controller_v1.go`).
 
-pub mod lease;
 pub mod supervisor;
 
 use std::collections::BTreeMap;
@@ -15,31 +14,12 @@ use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
-use crate::controller::backoff::Backoff;
-use crate::controller::{Context, Result};
 use crate::crd::{Ec2NodePoolSpec, GROUP, VERSION, labels};
+use crate::runtime::backoff::Backoff;
+use crate::runtime::lease::LeaseLock;
+use crate::runtime::{Context, Result};
+use crate::runtime::{NODE_LEASE_NAMESPACE, VirtualNode};
 use crate::task::OwnedTask;
-use lease::LeaseLock;
-
-/// The namespace of kubelet heartbeat leases.
-pub const NODE_LEASE_NAMESPACE: &str = "kube-node-lease";
-
-/// One virtual node as the pool's status describes it: what its task needs to run it.
-#[derive(Clone, Debug, PartialEq)]
-pub struct VirtualNode {
-    pub name: String,
-    pub pool: String,
-    pub pool_uid: String,
-    pub index: i32,
-    pub eni_id: String,
-    pub private_ip: String,
-    pub spec: Ec2NodePoolSpec,
-}
-
-/// `ip-10-0-1-23.<pool>`: the node name for an ENI address (a DNS-1123 subdomain).
-pub fn node_name(private_ip: &str, pool: &str) -> String {
-    format!("ip-{}.{pool}", private_ip.replace(['.', ':'], "-"))
-}
 
 /// `v1.34.0-ec2-kubelet-<version>`, the kubelet version virtual nodes report.
 pub fn kubelet_version() -> String {
@@ -203,7 +183,7 @@ async fn register(ctx: &Context, node: &VirtualNode) -> Result<()> {
     match nodes.get_opt(&node.name).await? {
         None => {
             let created: Node =
-                serde_json::from_value(object).map_err(|e| crate::controller::Error::InvalidSpec {
+                serde_json::from_value(object).map_err(|e| crate::runtime::Error::InvalidSpec {
                     field: "spec".into(),
                     message: e.to_string(),
                 })?;
@@ -284,7 +264,7 @@ pub async fn run(
     let mut ticker = tokio::time::interval(renew);
     loop {
         tokio::select! {
-            _ = supervisor::stopped(&mut stop) => break,
+            _ = crate::task::stopped(&mut stop) => break,
             _ = ticker.tick() => {}
             changed = node.changed() => if changed.is_err() { break },
         }
@@ -413,6 +393,7 @@ impl Alive {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::runtime::node_name;
 
     fn virtual_node() -> VirtualNode {
         let spec: Ec2NodePoolSpec = serde_json::from_value(json!({

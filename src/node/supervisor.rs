@@ -11,10 +11,10 @@ use kube::api::Api;
 use kube::runtime::{WatchStreamExt, reflector, watcher};
 use tokio::sync::watch;
 
-use super::VirtualNode;
-use crate::controller::Context;
 use crate::crd::Ec2NodePool;
-use crate::task::OwnedTask;
+use crate::runtime::Context;
+use crate::runtime::VirtualNode;
+use crate::task::{OwnedTask, stopped};
 
 /// The virtual nodes a pool's status lists (none while the pool is being deleted).
 pub fn desired_nodes(pool: &Ec2NodePool) -> Vec<VirtualNode> {
@@ -47,11 +47,6 @@ pub fn desired_nodes(pool: &Ec2NodePool) -> Vec<VirtualNode> {
 struct Running {
     node: watch::Sender<VirtualNode>,
     task: OwnedTask,
-}
-
-/// Resolves once `stop` turns true (or its sender is gone).
-pub async fn stopped(stop: &mut watch::Receiver<bool>) {
-    let _ = stop.wait_for(|s| *s).await;
 }
 
 /// Runs `node::run` until it returns cleanly or `stop` turns true, restarting it after errors

@@ -18,18 +18,19 @@ use serde_json::{Value, json};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use super::settings::{self, InvalidSetting};
 use super::writer::StatusWriter;
-use super::{sizing, spec, status};
-use crate::agent_client::{self as client, AgentChannel};
+use super::{spec, status};
+use crate::agent_client::AgentChannel;
 use crate::cloud::{self, Instance, LaunchRequest};
-use crate::controller::backoff::Backoff;
-use crate::controller::{Context, Error, Result};
 use crate::crd::{Ec2PodTemplate, annotations, tags};
 use crate::faults;
-use crate::node::VirtualNode;
-use crate::node::supervisor::stopped;
-use ec2_kubelet_protocol::v1::{LaunchPodRequest, PingRequest, TerminatePodRequest, WatchPodStatusRequest};
+use crate::launch::settings::{self, InvalidSetting};
+use crate::launch::sizing;
+use crate::runtime::VirtualNode;
+use crate::runtime::backoff::Backoff;
+use crate::runtime::{Context, Error, Result};
+use crate::task::stopped;
+use ec2_kubelet_protocol::v1::{LaunchPodRequest, TerminatePodRequest, WatchPodStatusRequest};
 
 /// Records a pod event. A pod's events do not repeat (one launch, one termination), so they
 /// skip the recorder's cache of recent events.
@@ -641,29 +642,6 @@ enum AgentWait {
     Deleting,
 }
 
-/// Connects to an agent (or reuses the open connection to it) and pings it. HTTP/2 keepalives
-/// on the connection notice an agent that stops answering (a frozen or vanished instance)
-/// within about `unreachable`, so a status stream never hangs on a dead peer.
-pub(crate) async fn ping(
-    ctx: &Context,
-    endpoint: &str,
-    instance_id: &str,
-    unreachable: Duration,
-) -> Option<AgentChannel> {
-    let probe = (unreachable / 2).clamp(Duration::from_secs(1), Duration::from_secs(15));
-    let answer = tokio::time::timeout(probe.min(Duration::from_secs(5)), async {
-        let channel = ctx.agents.connect(endpoint, instance_id, probe).await.ok()?;
-        let mut agent = client::for_instance(channel, instance_id);
-        agent.ping(PingRequest {}).await.ok()?;
-        Some(agent)
-    });
-    let agent = answer.await.ok().flatten();
-    if agent.is_none() {
-        ctx.agents.forget(endpoint, instance_id);
-    }
-    agent
-}
-
 /// Waits until the instance's agent answers. Gives up after `sync.agentLostSeconds`, or as soon
 /// as the instance is found stopped or terminated. For a pod that was running (`since` the
 /// agent stopped answering), Ready goes False after `sync.agentUnreachableSeconds`.
@@ -687,7 +665,12 @@ async fn wait_for_agent(
         if deleting(&pod_rx.borrow()) {
             return Ok(AgentWait::Deleting);
         }
-        if let Some(client) = ping(&shared.ctx, endpoint, &instance.instance_id, unready_after).await {
+        if let Some(client) = shared
+            .ctx
+            .agents
+            .ping(endpoint, &instance.instance_id, unready_after)
+            .await
+        {
             return Ok(AgentWait::Ready(client));
         }
         let now_ = tokio::time::Instant::now();

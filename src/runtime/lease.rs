@@ -130,7 +130,7 @@ impl LeaseLock {
     /// `RELEASE_PATIENCE`: a release that fails leaves the successor waiting a whole lease
     /// duration. A release that still fails is logged at warn with its cause.
     pub async fn release_on_stop(&self) {
-        use crate::controller::backoff::{Backoff, retry_while};
+        use crate::runtime::backoff::{Backoff, retry_while};
         let backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(2));
         let what = format!("releasing lease {}", self.name);
         if let Err(error) = retry_while(&what, RELEASE_PATIENCE, backoff, retryable, || self.release()).await
@@ -146,7 +146,7 @@ const RELEASE_PATIENCE: Duration = Duration::from_secs(10);
 
 /// Errors worth another release attempt: transient ones and conflicts (read again, try again).
 fn retryable(error: &kube::Error) -> bool {
-    crate::controller::backoff::is_transient(error)
+    crate::runtime::backoff::is_transient(error)
         || matches!(error, kube::Error::Api(status) if status.is_conflict())
 }
 
