@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::ResourceExt;
 use kube::api::Api;
 use kube::runtime::reflector::{self, ObjectRef};
@@ -64,11 +64,22 @@ async fn run_controller(ctx: Arc<Context>) {
         .reflect(writer)
         .applied_objects()
         .predicate_filter(pool_trigger, Default::default());
-    // Node heartbeats change nothing for the pool: readiness and cordoning do.
+    // The controller reads the pools' nodes from this store. Node heartbeats change nothing for
+    // the pool: readiness and cordoning do.
+    let (node_reader, node_writer) = reflector::store();
     let node_events = watcher(nodes, watcher::Config::default().labels(labels::POOL))
         .default_backoff()
+        .reflect(node_writer)
         .touched_objects()
         .predicate_filter(node_trigger, Default::default());
+    // And the pods from this one, each slimmed to its node and phase. Pod changes trigger
+    // nothing (the resync and the node tasks' writes do).
+    let (pod_reader, pod_writer) = reflector::store();
+    let pod_store = watcher(Api::<Pod>::all(ctx.client.clone()), watcher::Config::default())
+        .default_backoff()
+        .modify(pool::slim_pod)
+        .reflect(pod_writer)
+        .for_each(|_| std::future::ready(()));
     let warm_pools = crate::warm::run(ctx.clone(), reader.clone());
     let referring = reader.clone();
     let pool_controller = Controller::for_stream(pool_events, reader)
@@ -88,19 +99,23 @@ async fn run_controller(ctx: Arc<Context>) {
                 .collect::<Vec<_>>()
         })
         .run(
-            |pool, ctx| async move {
-                let metrics = ctx.metrics.clone();
-                metrics.reconcile("pool", pool::reconcile(pool, ctx)).await
+            |pool, pc| async move {
+                let metrics = pc.ctx.metrics.clone();
+                metrics.reconcile("pool", pool::reconcile(pool, pc)).await
             },
             pool::error_policy,
-            ctx,
+            Arc::new(pool::PoolContext {
+                ctx,
+                nodes: node_reader,
+                pods: pod_reader,
+            }),
         )
         .for_each(|result| async move {
             if let Err(error) = result {
                 tracing::debug!(%error, "pool controller");
             }
         });
-    futures::join!(pool_controller, template_controller, warm_pools);
+    futures::join!(pool_controller, template_controller, warm_pools, pod_store);
 }
 
 fn hash_of(value: impl Hash) -> u64 {

@@ -14,6 +14,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{self, Event as FinalizerEvent};
+use kube::runtime::reflector::Store;
 use kube::{Resource, ResourceExt};
 use serde_json::{Value, json};
 
@@ -99,12 +100,12 @@ fn api(ctx: &Context) -> Api<Ec2NodePool> {
     Api::all(ctx.client.clone())
 }
 
-pub async fn reconcile(pool: Arc<Ec2NodePool>, ctx: Arc<Context>) -> Result<Action> {
-    let pools = api(&ctx);
+pub async fn reconcile(pool: Arc<Ec2NodePool>, pc: Arc<PoolContext>) -> Result<Action> {
+    let pools = api(&pc.ctx);
     finalizer::finalizer(&pools, FINALIZER, pool, |event| async {
         match event {
-            FinalizerEvent::Apply(pool) => apply(&pool, &ctx).await,
-            FinalizerEvent::Cleanup(pool) => cleanup(&pool, &ctx).await,
+            FinalizerEvent::Apply(pool) => apply(&pool, &pc).await,
+            FinalizerEvent::Cleanup(pool) => cleanup(&pool, &pc.ctx).await,
         }
     })
     .await
@@ -112,9 +113,9 @@ pub async fn reconcile(pool: Arc<Ec2NodePool>, ctx: Arc<Context>) -> Result<Acti
 }
 
 /// Transient failures retry soon; the rest wait for the resync (a spec change triggers sooner).
-pub fn error_policy(pool: Arc<Ec2NodePool>, error: &Error, ctx: Arc<Context>) -> Action {
+pub fn error_policy(pool: Arc<Ec2NodePool>, error: &Error, pc: Arc<PoolContext>) -> Action {
     tracing::warn!(pool = %pool.name_any(), %error, reason = error.reason(), "pool reconcile failed");
-    let resync = Duration::from_secs(ctx.config.sync.pool_resync_seconds.into());
+    let resync = Duration::from_secs(pc.ctx.config.sync.pool_resync_seconds.into());
     Action::requeue(crate::runtime::retry_after(error, resync))
 }
 
@@ -170,64 +171,6 @@ async fn report_invalid(ctx: &Context, pool: &Ec2NodePool, reason: &str, message
         .await;
     }
     Ok(())
-}
-
-/// How far draining a node has come.
-enum Drain {
-    Done,
-    Waiting,
-}
-
-/// Cordons the node, then waits until its pods are gone or the drain timeout passes.
-async fn drain(ctx: &Context, pool: &Ec2NodePool, name: &str) -> Result<Drain> {
-    let nodes: Api<Node> = Api::all(ctx.client.clone());
-    let Some(node) = nodes.get_opt(name).await? else {
-        return Ok(Drain::Done);
-    };
-    let started = node.annotations().get(DRAIN_STARTED).cloned();
-    let Some(started) = started else {
-        let patch = json!({"metadata": {"annotations": {DRAIN_STARTED: jiff::Timestamp::now().to_string()}},
-            "spec": {"unschedulable": true}});
-        nodes
-            .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await?;
-        publish(
-            ctx,
-            pool,
-            EventType::Normal,
-            "DrainingNode",
-            format!("cordoned {name} for scale-down"),
-            "ScaleDown",
-        )
-        .await;
-        return Ok(Drain::Waiting);
-    };
-    let pods: Api<Pod> = Api::all(ctx.client.clone());
-    let on_node = pods
-        .list(&ListParams::default().fields(&format!("spec.nodeName={name}")))
-        .await?;
-    let active = on_node
-        .items
-        .iter()
-        .filter(|p| {
-            let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
-            !matches!(phase, Some("Succeeded" | "Failed"))
-        })
-        .count();
-    if active == 0 {
-        return Ok(Drain::Done);
-    }
-    let timeout = jiff::SignedDuration::from_secs(i64::from(ctx.config.sync.drain_timeout_seconds));
-    let timed_out = started
-        .parse::<jiff::Timestamp>()
-        .map(|t| t + timeout < jiff::Timestamp::now())
-        .unwrap_or(true);
-    if timed_out {
-        let note = format!("{name} still had {active} pod(s) after the drain timeout; removing it anyway");
-        publish(ctx, pool, EventType::Warning, "DrainTimeout", note, "ScaleDown").await;
-        return Ok(Drain::Done);
-    }
-    Ok(Drain::Waiting)
 }
 
 /// Deletes a node object and its heartbeat and ownership leases.
@@ -292,7 +235,267 @@ fn node_ready(node: &Node) -> bool {
         .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
-async fn apply(pool: &Ec2NodePool, ctx: &Context) -> Result<Action> {
+/// The pool controller's context: the runtime every task shares, and the controller's own
+/// reflector stores, from which it reads nodes and pods instead of listing them per node.
+pub struct PoolContext {
+    pub ctx: Arc<Context>,
+    /// The nodes of every pool (label `ec2-kubelet.io/pool`).
+    pub nodes: Store<Node>,
+    /// Every pod, slimmed by [`slim_pod`] to what the controller reads: its node and phase.
+    pub pods: Store<Pod>,
+}
+
+/// A pod as the pool controller's store keeps it: name, namespace, node and phase. At 10,000
+/// pods the full objects would hold the operator's memory for nothing.
+pub fn slim_pod(pod: &mut Pod) {
+    pod.metadata = kube::api::ObjectMeta {
+        name: pod.metadata.name.take(),
+        namespace: pod.metadata.namespace.take(),
+        uid: pod.metadata.uid.take(),
+        resource_version: pod.metadata.resource_version.take(),
+        ..Default::default()
+    };
+    let node_name = pod.spec.as_mut().and_then(|s| s.node_name.take());
+    pod.spec = node_name.map(|node_name| k8s_openapi::api::core::v1::PodSpec {
+        node_name: Some(node_name),
+        containers: Vec::new(),
+        ..Default::default()
+    });
+    let phase = pod.status.as_mut().and_then(|s| s.phase.take());
+    pod.status = phase.map(|phase| k8s_openapi::api::core::v1::PodStatus {
+        phase: Some(phase),
+        ..Default::default()
+    });
+}
+
+/// A node of the pool as the controller decides on it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NodeView {
+    pub name: String,
+    pub ready: bool,
+    /// When a scale-down cordoned it ([`DRAIN_STARTED`], as written), if one did.
+    pub drain_started: Option<String>,
+}
+
+/// What the controller read before deciding: the pool's ENIs, its registered nodes, and the
+/// phases of the pods bound to each node.
+#[derive(Clone, Debug, Default)]
+pub struct Observed {
+    pub enis: Vec<Eni>,
+    pub nodes: Vec<NodeView>,
+    pub pods: BTreeMap<String, Vec<String>>,
+}
+
+impl Observed {
+    fn node(&self, name: &str) -> Option<&NodeView> {
+        self.nodes.iter().find(|n| n.name == name)
+    }
+
+    /// Pods on `node` that have not finished.
+    fn active_pods(&self, node: &str) -> usize {
+        self.pods
+            .get(node)
+            .into_iter()
+            .flatten()
+            .filter(|phase| !matches!(phase.as_str(), "Succeeded" | "Failed"))
+            .count()
+    }
+}
+
+/// Reads the pool's state: its ENIs (a fresh DescribeNetworkInterfaces, shared with the node
+/// tasks), and its nodes and their pods from the stores once they have synced.
+async fn observe(pc: &PoolContext, pool: &Ec2NodePool) -> Result<Observed> {
+    let name = pool.name_any();
+    let enis = pc.ctx.pool_enis(&name, std::time::Instant::now()).await?.to_vec();
+    // A store that has not synced yet would read as a pool without pods: never drain on that.
+    let synced = async {
+        pc.nodes.wait_until_ready().await?;
+        pc.pods.wait_until_ready().await
+    };
+    if synced.await.is_err() {
+        return Err(Error::WorkerStopped);
+    }
+    let nodes: Vec<NodeView> = pc
+        .nodes
+        .state()
+        .iter()
+        .filter(|n| n.labels().get(labels::POOL) == Some(&name))
+        .map(|n| NodeView {
+            name: n.name_any(),
+            ready: node_ready(n),
+            drain_started: n.annotations().get(DRAIN_STARTED).cloned(),
+        })
+        .collect();
+    let names: HashSet<String> = enis
+        .iter()
+        .map(|e| node_name(&e.private_ip, &name))
+        .chain(nodes.iter().map(|n| n.name.clone()))
+        .collect();
+    let mut pods: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for pod in pc.pods.state() {
+        let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.as_ref()) else {
+            continue;
+        };
+        if names.contains(node) {
+            let phase = pod.status.as_ref().and_then(|s| s.phase.clone());
+            pods.entry(node.clone())
+                .or_default()
+                .push(phase.unwrap_or_else(|| "Pending".into()));
+        }
+    }
+    Ok(Observed { enis, nodes, pods })
+}
+
+/// Scale-up (and a lost ENI's replacement): the node indexes below `wanted` without an ENI.
+pub fn missing_indexes(wanted: u32, enis: &[Eni]) -> Vec<u32> {
+    (0..wanted)
+        .filter(|index| !enis.iter().any(|e| e.index == *index))
+        .collect()
+}
+
+/// One decision about a node of the pool.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Step {
+    /// Scale-down starts: cordon the node and record when its drain started.
+    Cordon { node: String },
+    /// Scale-down waits: the node still runs `active` pods.
+    Wait { node: String, active: usize },
+    /// Scale-down ends: remove the node, its leases and its ENI. `left_running` pods still ran
+    /// when the drain timeout passed (they are released with the node).
+    Remove {
+        node: String,
+        eni_id: String,
+        left_running: usize,
+    },
+    /// A registered node whose ENI is gone (deleted behind our back, or replaced): remove it.
+    RemoveOrphan { node: String },
+}
+
+/// What to do with the pool's nodes, given its ENIs (after scale-up) and what was observed:
+/// the ENIs past `wanted` are drained and removed highest index first, each cordoned, then
+/// removed once no pod is active on it or `drain_timeout` has passed; a registered node that
+/// no ENI names is an orphan.
+pub fn plan_nodes(
+    pool: &str,
+    wanted: u32,
+    observed: &Observed,
+    now: jiff::Timestamp,
+    drain_timeout: jiff::SignedDuration,
+) -> Vec<Step> {
+    let mut extra: Vec<&Eni> = observed.enis.iter().filter(|e| e.index >= wanted).collect();
+    extra.sort_by_key(|e| std::cmp::Reverse(e.index));
+    let mut steps = Vec::new();
+    for eni in extra {
+        let node = node_name(&eni.private_ip, pool);
+        let remove = |left_running| Step::Remove {
+            node: node.clone(),
+            eni_id: eni.eni_id.clone(),
+            left_running,
+        };
+        let step = match observed.node(&node) {
+            None => remove(0),
+            Some(NodeView {
+                drain_started: None, ..
+            }) => Step::Cordon { node: node.clone() },
+            Some(NodeView {
+                drain_started: Some(started),
+                ..
+            }) => {
+                let active = observed.active_pods(&node);
+                // An unreadable mark counts as long past: the node is not held forever.
+                let timed_out = started
+                    .parse::<jiff::Timestamp>()
+                    .map(|t| t + drain_timeout < now)
+                    .unwrap_or(true);
+                match active {
+                    0 => remove(0),
+                    _ if timed_out => remove(active),
+                    _ => Step::Wait {
+                        node: node.clone(),
+                        active,
+                    },
+                }
+            }
+        };
+        steps.push(step);
+    }
+    let named: HashSet<String> = observed
+        .enis
+        .iter()
+        .map(|e| node_name(&e.private_ip, pool))
+        .collect();
+    for node in &observed.nodes {
+        if !named.contains(&node.name) {
+            steps.push(Step::RemoveOrphan {
+                node: node.name.clone(),
+            });
+        }
+    }
+    steps
+}
+
+/// The pool's status as counted from what was observed, after the steps were taken.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Summary {
+    /// One entry per node (merge-patched by name); `null` for a node no longer in the pool.
+    pub entries: serde_json::Map<String, Value>,
+    pub ready_nodes: i32,
+    pub pods: i32,
+    /// Pods per phase, for the metrics.
+    pub phases: BTreeMap<String, i64>,
+    pub all_ready: bool,
+}
+
+/// Counts the pool's status: `enis` are those left after the steps; `current` is the status's
+/// node list, whose nodes no longer in the pool are removed.
+pub fn summarize(
+    pool: &str,
+    wanted: u32,
+    enis: &[Eni],
+    observed: &Observed,
+    current: &BTreeMap<String, crate::crd::PoolNodeStatus>,
+) -> Summary {
+    let mut entries = serde_json::Map::new();
+    let mut ready_nodes = 0;
+    let mut pods = 0;
+    let mut phases: BTreeMap<String, i64> = ["Pending", "Running", "Succeeded", "Failed"]
+        .into_iter()
+        .map(|p| (p.to_string(), 0))
+        .collect();
+    for eni in enis {
+        let node = node_name(&eni.private_ip, pool);
+        let ready = observed.node(&node).is_some_and(|n| n.ready);
+        let on_node = observed.pods.get(&node).map(Vec::as_slice).unwrap_or_default();
+        for phase in on_node {
+            *phases.entry(phase.clone()).or_insert(0) += 1;
+        }
+        if ready && eni.index < wanted {
+            ready_nodes += 1;
+        }
+        pods += on_node.len() as i32;
+        entries.insert(
+            node,
+            json!({"index": eni.index, "eniId": eni.eni_id, "privateIp": eni.private_ip, "ready": ready, "pods": on_node.len()}),
+        );
+    }
+    for stale in current.keys() {
+        if !entries.contains_key(stale) {
+            entries.insert(stale.clone(), Value::Null);
+        }
+    }
+    Summary {
+        entries,
+        ready_nodes,
+        pods,
+        phases,
+        all_ready: ready_nodes as u32 >= wanted,
+    }
+}
+
+/// Observe, plan, act: creates the missing ENIs, takes the node steps, collects orphaned
+/// instances, and writes the status.
+async fn apply(pool: &Ec2NodePool, pc: &PoolContext) -> Result<Action> {
+    let ctx = &*pc.ctx;
     let name = pool.name_any();
     let spec = &pool.spec;
     let resync = Action::requeue(Duration::from_secs(ctx.config.sync.pool_resync_seconds.into()));
@@ -300,25 +503,19 @@ async fn apply(pool: &Ec2NodePool, ctx: &Context) -> Result<Action> {
         report_invalid(ctx, pool, error.reason(), &error.to_string()).await?;
         return Ok(resync);
     }
-    let mut enis = match ctx.pool_enis(&name, std::time::Instant::now()).await {
-        Ok(enis) => enis.to_vec(),
+    let mut observed = match observe(pc, pool).await {
+        Ok(observed) => observed,
         Err(error) => {
-            report_invalid(
-                ctx,
-                pool,
-                error.reason(),
-                &format!("describing the pool's ENIs: {error}"),
-            )
-            .await?;
+            if matches!(error, Error::Cloud(_)) {
+                let message = format!("describing the pool's ENIs: {error}");
+                report_invalid(ctx, pool, error.reason(), &message).await?;
+            }
             return Err(error);
         }
     };
     let wanted = spec.nodes.max(0) as u32;
-    let mut added = 0;
-    for index in 0..wanted {
-        if enis.iter().any(|e| e.index == index) {
-            continue;
-        }
+    let missing = missing_indexes(wanted, &observed.enis);
+    for &index in &missing {
         let request = EniRequest {
             pool: name.clone(),
             index,
@@ -327,10 +524,7 @@ async fn apply(pool: &Ec2NodePool, ctx: &Context) -> Result<Action> {
             tags: spec.tags.clone(),
         };
         match ctx.compute.ensure_eni(&request).await {
-            Ok(eni) => {
-                enis.push(eni);
-                added += 1;
-            }
+            Ok(eni) => observed.enis.push(eni),
             Err(error) => {
                 let message = match permanent_field(&error) {
                     Some(field) => format!("{field}: {error}"),
@@ -341,136 +535,118 @@ async fn apply(pool: &Ec2NodePool, ctx: &Context) -> Result<Action> {
             }
         }
     }
-    if added > 0 {
-        let note = format!("created {added} node ENI(s); {wanted} node(s) wanted");
+    if !missing.is_empty() {
+        let note = format!("created {} node ENI(s); {wanted} node(s) wanted", missing.len());
         publish(ctx, pool, EventType::Normal, "ScaledUp", note, "ScaleUp").await;
     }
-
-    // Scale-down: the highest indexes first, each drained before it goes.
-    let mut extra: Vec<&Eni> = enis.iter().filter(|e| e.index >= wanted).collect();
-    extra.sort_by_key(|e| std::cmp::Reverse(e.index));
-    let mut removed = Vec::new();
+    let steps = plan_nodes(
+        &name,
+        wanted,
+        &observed,
+        jiff::Timestamp::now(),
+        jiff::SignedDuration::from_secs(i64::from(ctx.config.sync.drain_timeout_seconds)),
+    );
     let mut draining = false;
-    for eni in extra {
-        let node = node_name(&eni.private_ip, &name);
-        match drain(ctx, pool, &node).await? {
-            Drain::Done => {
-                remove_node(ctx, &node, &eni.eni_id).await?;
-                publish(
-                    ctx,
-                    pool,
-                    EventType::Normal,
-                    "NodeRemoved",
-                    format!("removed {node} and ENI {}", eni.eni_id),
-                    "ScaleDown",
-                )
-                .await;
-                removed.push(eni.eni_id.clone());
-            }
-            Drain::Waiting => draining = true,
+    for step in &steps {
+        act(ctx, pool, step).await?;
+        match step {
+            Step::Cordon { .. } | Step::Wait { .. } => draining = true,
+            Step::Remove { eni_id, .. } => observed.enis.retain(|e| e.eni_id != *eni_id),
+            Step::RemoveOrphan { .. } => {}
         }
     }
-    enis.retain(|e| !removed.contains(&e.eni_id));
 
     collect_orphans(ctx, pool).await?;
 
-    // Status: one entry per node (merge-patched by name), counts and conditions.
-    let nodes_api: Api<Node> = Api::all(ctx.client.clone());
-    let registered = nodes_api
-        .list(&ListParams::default().labels(&format!("{}={name}", labels::POOL)))
-        .await?;
-    let pods: Api<Pod> = Api::all(ctx.client.clone());
-    let mut entries = serde_json::Map::new();
-    let mut ready_nodes = 0;
-    let mut pod_total = 0;
-    let mut phases: BTreeMap<String, i64> = ["Pending", "Running", "Succeeded", "Failed"]
-        .into_iter()
-        .map(|p| (p.to_string(), 0))
-        .collect();
-    let current: BTreeMap<String, crate::crd::PoolNodeStatus> =
-        pool.status.as_ref().map(|s| s.nodes.clone()).unwrap_or_default();
-    for eni in &enis {
-        let node = node_name(&eni.private_ip, &name);
-        let ready = registered
-            .items
-            .iter()
-            .any(|n| n.name_any() == node && node_ready(n));
-        let on_node = pods
-            .list(&ListParams::default().fields(&format!("spec.nodeName={node}")))
-            .await?
-            .items;
-        for pod in &on_node {
-            let phase = pod.status.as_ref().and_then(|s| s.phase.clone());
-            *phases
-                .entry(phase.unwrap_or_else(|| "Pending".into()))
-                .or_insert(0) += 1;
-        }
-        let pod_count = on_node.len() as i32;
-        if ready && eni.index < wanted {
-            ready_nodes += 1;
-        }
-        pod_total += pod_count;
-        entries.insert(
-            node,
-            json!({"index": eni.index, "eniId": eni.eni_id, "privateIp": eni.private_ip, "ready": ready, "pods": pod_count}),
-        );
-    }
-    // Nodes whose ENI is gone (deleted behind our back, replaced above) go too.
-    for orphan in registered
-        .items
-        .iter()
-        .filter(|n| !entries.contains_key(&n.name_any()))
-    {
-        let orphan = orphan.name_any();
-        remove_node_objects(ctx, &orphan).await?;
-        let note = format!("removed {orphan}: its ENI no longer exists");
-        publish(ctx, pool, EventType::Warning, "NodeEniLost", note, "Reconcile").await;
-    }
-    let stale: Vec<String> = current
-        .keys()
-        .filter(|k| !entries.contains_key(*k))
-        .cloned()
-        .collect();
-    for name in stale {
-        entries.insert(name, Value::Null);
-    }
-    let generation = pool.metadata.generation;
-    let mut conditions = conditions_of(pool);
-    let all_ready = ready_nodes as u32 >= wanted;
-    for (phase, count) in phases {
+    let current = pool.status.as_ref().map(|s| s.nodes.clone()).unwrap_or_default();
+    let summary = summarize(&name, wanted, &observed.enis, &observed, &current);
+    for (phase, count) in &summary.phases {
         let labels = crate::metrics::PoolPhaseLabels {
             pool: name.clone(),
-            phase,
+            phase: phase.clone(),
         };
-        ctx.metrics.pods.get_or_create(&labels).set(count);
+        ctx.metrics.pods.get_or_create(&labels).set(*count);
     }
     let labels = crate::metrics::PoolLabels { pool: name.clone() };
     ctx.metrics
         .nodes_ready
         .get_or_create(&labels)
-        .set(i64::from(ready_nodes));
-    let summary = format!("{ready_nodes}/{wanted} nodes Ready");
-    if all_ready {
-        set_condition(
-            &mut conditions,
-            "Ready",
-            ConditionStatus::True,
-            "AllNodesReady",
-            &summary,
-            generation,
-            now(),
-        );
+        .set(i64::from(summary.ready_nodes));
+    write_status(ctx, pool, wanted, &summary, draining).await?;
+    let settle = Duration::from_secs(u64::from(ctx.config.lease.renew_interval_seconds.max(1)));
+    Ok(if draining || !summary.all_ready {
+        Action::requeue(settle)
     } else {
-        set_condition(
-            &mut conditions,
-            "Ready",
-            ConditionStatus::False,
-            "NodesNotReady",
-            &summary,
-            generation,
-            now(),
-        );
+        resync
+    })
+}
+
+/// Takes one node step, with the event that tells the user.
+async fn act(ctx: &Context, pool: &Ec2NodePool, step: &Step) -> Result<()> {
+    match step {
+        Step::Cordon { node } => {
+            let patch = json!({"metadata": {"annotations": {DRAIN_STARTED: jiff::Timestamp::now().to_string()}},
+                "spec": {"unschedulable": true}});
+            let nodes: Api<Node> = Api::all(ctx.client.clone());
+            match nodes
+                .patch(node, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+            {
+                Err(kube::Error::Api(status)) if status.is_not_found() => return Ok(()),
+                other => other?,
+            };
+            let note = format!("cordoned {node} for scale-down");
+            publish(ctx, pool, EventType::Normal, "DrainingNode", note, "ScaleDown").await;
+        }
+        Step::Wait { .. } => {}
+        Step::Remove {
+            node,
+            eni_id,
+            left_running,
+        } => {
+            if *left_running > 0 {
+                let note = format!(
+                    "{node} still had {left_running} pod(s) after the drain timeout; removing it anyway"
+                );
+                publish(ctx, pool, EventType::Warning, "DrainTimeout", note, "ScaleDown").await;
+            }
+            remove_node(ctx, node, eni_id).await?;
+            let note = format!("removed {node} and ENI {eni_id}");
+            publish(ctx, pool, EventType::Normal, "NodeRemoved", note, "ScaleDown").await;
+        }
+        Step::RemoveOrphan { node } => {
+            remove_node_objects(ctx, node).await?;
+            let note = format!("removed {node}: its ENI no longer exists");
+            publish(ctx, pool, EventType::Warning, "NodeEniLost", note, "Reconcile").await;
+        }
     }
+    Ok(())
+}
+
+/// Writes the summary, the conditions and the observed generation into the pool's status.
+async fn write_status(
+    ctx: &Context,
+    pool: &Ec2NodePool,
+    wanted: u32,
+    summary: &Summary,
+    draining: bool,
+) -> Result<()> {
+    let generation = pool.metadata.generation;
+    let mut conditions = conditions_of(pool);
+    let counted = format!("{}/{wanted} nodes Ready", summary.ready_nodes);
+    let (ready, reason) = match summary.all_ready {
+        true => (ConditionStatus::True, "AllNodesReady"),
+        false => (ConditionStatus::False, "NodesNotReady"),
+    };
+    set_condition(
+        &mut conditions,
+        "Ready",
+        ready,
+        reason,
+        &counted,
+        generation,
+        now(),
+    );
     let (degraded, reason, message) = if draining {
         (
             ConditionStatus::True,
@@ -506,20 +682,15 @@ async fn apply(pool: &Ec2NodePool, ctx: &Context) -> Result<Action> {
     }
     let patch = json!({"status": {
         "observedGeneration": generation,
-        "readyNodes": ready_nodes,
-        "pods": pod_total,
-        "nodes": entries,
+        "readyNodes": summary.ready_nodes,
+        "pods": summary.pods,
+        "nodes": summary.entries,
         "conditions": conditions,
     }});
     api(ctx)
-        .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+        .patch_status(&pool.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
         .await?;
-    let settle = Duration::from_secs(u64::from(ctx.config.lease.renew_interval_seconds.max(1)));
-    Ok(if draining || !all_ready {
-        Action::requeue(settle)
-    } else {
-        resync
-    })
+    Ok(())
 }
 
 /// The pool's `TemplateReady` condition: whether its `templateRef` exists and the template
@@ -751,6 +922,183 @@ mod tests {
             error
                 .to_string()
                 .starts_with("spec.nodeTaints[0].key: taint keys under node.kubernetes.io/")
+        );
+    }
+
+    fn eni(index: u32, ip: &str) -> Eni {
+        Eni {
+            eni_id: format!("eni-{index}-{ip}"),
+            private_ip: ip.into(),
+            subnet_id: "subnet-1".into(),
+            pool: "gpu".into(),
+            index,
+            tags: Default::default(),
+        }
+    }
+
+    fn node(ip: &str, ready: bool, drain_started: Option<&str>) -> NodeView {
+        NodeView {
+            name: node_name(ip, "gpu"),
+            ready,
+            drain_started: drain_started.map(String::from),
+        }
+    }
+
+    fn pods(ip: &str, phases: &[&str]) -> (String, Vec<String>) {
+        (
+            node_name(ip, "gpu"),
+            phases.iter().map(|p| p.to_string()).collect(),
+        )
+    }
+
+    const NOW: &str = "2026-11-30T12:00:00Z";
+    const TIMEOUT: jiff::SignedDuration = jiff::SignedDuration::from_secs(300);
+
+    fn plan(wanted: u32, observed: &Observed) -> Vec<Step> {
+        plan_nodes("gpu", wanted, observed, NOW.parse().unwrap(), TIMEOUT)
+    }
+
+    #[test]
+    fn scale_up_creates_the_missing_indexes_and_a_lost_eni_is_replaced() {
+        assert_eq!(missing_indexes(3, &[eni(1, "10.0.0.2")]), [0, 2]);
+        assert_eq!(
+            missing_indexes(2, &[eni(0, "10.0.0.1"), eni(1, "10.0.0.2"), eni(2, "10.0.0.3")]),
+            [] as [u32; 0]
+        );
+        // Index 1's ENI was deleted behind our back: a new one (new address) takes its place,
+        // and the node the old address named is removed as an orphan.
+        let mut observed = Observed {
+            enis: vec![eni(0, "10.0.0.1")],
+            nodes: vec![node("10.0.0.1", true, None), node("10.0.0.2", true, None)],
+            pods: BTreeMap::new(),
+        };
+        assert_eq!(missing_indexes(2, &observed.enis), [1]);
+        observed.enis.push(eni(1, "10.0.0.9"));
+        assert_eq!(
+            plan(2, &observed),
+            [Step::RemoveOrphan {
+                node: node_name("10.0.0.2", "gpu")
+            }]
+        );
+    }
+
+    #[test]
+    fn scale_down_cordons_first_then_waits_for_active_pods_highest_index_first() {
+        let observed = Observed {
+            enis: vec![eni(0, "10.0.0.1"), eni(1, "10.0.0.2"), eni(2, "10.0.0.3")],
+            nodes: vec![
+                node("10.0.0.1", true, None),
+                node("10.0.0.2", true, None),
+                node("10.0.0.3", true, Some("2026-11-30T11:59:00Z")),
+            ],
+            pods: BTreeMap::from([pods("10.0.0.3", &["Running", "Succeeded", "Pending"])]),
+        };
+        assert_eq!(
+            plan(1, &observed),
+            [
+                Step::Wait {
+                    node: node_name("10.0.0.3", "gpu"),
+                    active: 2
+                },
+                Step::Cordon {
+                    node: node_name("10.0.0.2", "gpu")
+                },
+            ]
+        );
+        assert_eq!(plan(3, &observed), []);
+    }
+
+    #[test]
+    fn a_drained_node_goes_and_so_does_one_past_the_drain_timeout_or_never_registered() {
+        let observed = Observed {
+            enis: vec![
+                eni(0, "10.0.0.1"),
+                eni(1, "10.0.0.2"),
+                eni(2, "10.0.0.3"),
+                eni(3, "10.0.0.4"),
+            ],
+            nodes: vec![
+                node("10.0.0.1", true, None),
+                // Only finished pods left.
+                node("10.0.0.2", true, Some("2026-11-30T11:59:00Z")),
+                // Cordoned more than the timeout ago, still running one pod.
+                node("10.0.0.3", true, Some("2026-11-30T11:50:00Z")),
+            ],
+            pods: BTreeMap::from([
+                pods("10.0.0.2", &["Succeeded", "Failed"]),
+                pods("10.0.0.3", &["Running"]),
+            ]),
+        };
+        let removed = |ip: &str, index: u32, left_running| Step::Remove {
+            node: node_name(ip, "gpu"),
+            eni_id: eni(index, ip).eni_id,
+            left_running,
+        };
+        assert_eq!(
+            plan(1, &observed),
+            [
+                removed("10.0.0.4", 3, 0),
+                removed("10.0.0.3", 2, 1),
+                removed("10.0.0.2", 1, 0)
+            ]
+        );
+        // An unreadable drain mark does not hold a node forever.
+        let observed = Observed {
+            enis: vec![eni(0, "10.0.0.1")],
+            nodes: vec![node("10.0.0.1", true, Some("yesterday"))],
+            pods: BTreeMap::from([pods("10.0.0.1", &["Running"])]),
+        };
+        assert_eq!(plan(0, &observed), [removed("10.0.0.1", 0, 1)]);
+    }
+
+    #[test]
+    fn the_summary_counts_ready_nodes_within_the_spec_and_every_pod_and_drops_stale_entries() {
+        let observed = Observed {
+            enis: vec![eni(0, "10.0.0.1"), eni(1, "10.0.0.2"), eni(2, "10.0.0.3")],
+            nodes: vec![
+                node("10.0.0.1", true, None),
+                node("10.0.0.2", false, None),
+                node("10.0.0.3", true, Some(NOW)),
+            ],
+            pods: BTreeMap::from([
+                pods("10.0.0.1", &["Running", "Running", "Pending"]),
+                pods("10.0.0.3", &["Succeeded"]),
+            ]),
+        };
+        let current = BTreeMap::from([(
+            "ip-10-0-0-7.gpu".to_string(),
+            serde_json::from_value(json!({"index": 4, "eniId": "eni-x", "privateIp": "10.0.0.7"})).unwrap(),
+        )]);
+        let summary = summarize("gpu", 2, &observed.enis, &observed, &current);
+        // The draining node (index 2) is Ready but past the spec: not counted.
+        assert_eq!((summary.ready_nodes, summary.all_ready), (1, false));
+        assert_eq!(summary.pods, 4);
+        assert_eq!(summary.phases["Running"], 2);
+        assert_eq!(summary.phases["Pending"], 1);
+        assert_eq!(summary.phases["Succeeded"], 1);
+        assert_eq!(summary.phases["Failed"], 0);
+        assert_eq!(summary.entries["ip-10-0-0-7.gpu"], Value::Null);
+        assert_eq!(
+            summary.entries[&node_name("10.0.0.1", "gpu")],
+            json!({"index": 0, "eniId": "eni-0-10.0.0.1", "privateIp": "10.0.0.1", "ready": true, "pods": 3})
+        );
+        assert!(summarize("gpu", 1, &observed.enis[..1], &observed, &BTreeMap::new()).all_ready);
+    }
+
+    #[test]
+    fn a_slimmed_pod_keeps_its_name_node_and_phase_only() {
+        let mut pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "web", "namespace": "a", "uid": "u1", "labels": {"app": "web"},
+                "annotations": {"big": "x".repeat(1000)}},
+            "spec": {"nodeName": "ip-10-0-0-1.gpu", "containers": [{"name": "c", "image": "i"}]},
+            "status": {"phase": "Running", "podIP": "10.0.0.5"},
+        }))
+        .unwrap();
+        slim_pod(&mut pod);
+        assert_eq!(
+            serde_json::to_value(&pod).unwrap(),
+            json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "web", "namespace": "a", "uid": "u1"},
+                "spec": {"containers": [], "nodeName": "ip-10-0-0-1.gpu"}, "status": {"phase": "Running"}})
         );
     }
 }
