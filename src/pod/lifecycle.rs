@@ -24,8 +24,8 @@ use crate::agent_client::AgentChannel;
 use crate::cloud::{self, Instance, LaunchRequest};
 use crate::crd::{Ec2PodTemplate, annotations, tags};
 use crate::faults;
+use crate::launch::plan;
 use crate::launch::settings::{self, InvalidSetting};
-use crate::launch::sizing;
 use crate::runtime::VirtualNode;
 use crate::runtime::backoff::Backoff;
 use crate::runtime::{Context, Error, Result};
@@ -74,46 +74,6 @@ async fn existing_instance(
     Ok(found.first().map(|i| (*i).clone()))
 }
 
-/// The template's `Ready=False` condition when the template controller found it invalid (not
-/// when it is only in use).
-fn invalid_condition(
-    template: &Ec2PodTemplate,
-) -> Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
-    template
-        .status
-        .as_ref()?
-        .conditions
-        .iter()
-        .find(|c| c.type_ == "Ready" && c.status == "False" && c.reason != "InUse")
-}
-
-/// A template whose image does not fit the pool's `os`/`arch` (an x86_64 image for an arm64
-/// pool, a Linux image for a darwin pool): its instances would not be what the nodes claim.
-fn architecture_mismatch(
-    template: &Ec2PodTemplate,
-    pool: &crate::crd::Ec2NodePoolSpec,
-) -> Option<InvalidSetting> {
-    let image_arch = template.status.as_ref()?.architecture.as_deref()?;
-    let (cpu, mac) = match image_arch.strip_suffix("_mac") {
-        Some(cpu) => (cpu, true),
-        None => (image_arch, false),
-    };
-    let darwin = pool.os.as_str() == "darwin";
-    if cpu == pool.arch.ec2_name() && mac == darwin {
-        return None;
-    }
-    Some(InvalidSetting {
-        field: annotations::TEMPLATE.into(),
-        message: format!(
-            "Ec2PodTemplate {}/{} launches {image_arch} images, but the pool's nodes are {}/{}: use a template whose image matches the pool's os and arch",
-            template.namespace().unwrap_or_default(),
-            template.name_any(),
-            pool.os.as_str(),
-            pool.arch.as_str()
-        ),
-    })
-}
-
 /// What to launch for a pod: the request (with the first choice of instance type), the types
 /// to fall back to in order when EC2 has no capacity, and why the first was chosen.
 struct Launch {
@@ -122,146 +82,56 @@ struct Launch {
     why: String,
 }
 
-/// Resolves the launch request for a pod: settings, then the instance type.
+/// Resolves the launch request for a pod: reads the template its settings name and the
+/// instance types EC2 offers, and leaves the decisions to `crate::launch::plan`.
 async fn launch_request(
     ctx: &Context,
     node: &VirtualNode,
     pod: &Pod,
 ) -> Result<Result<Launch, InvalidSetting>> {
     let namespace = pod.namespace().unwrap_or_default();
-    let pod_annotations = pod.annotations().clone();
-    let template_ref = match settings::template_ref(&namespace, &pod_annotations, &node.spec) {
-        Ok(template_ref) => template_ref,
-        Err(invalid) => return Ok(Err(invalid)),
-    };
-    let template = match template_ref {
-        Some((template_namespace, name)) => {
+    let template = match settings::template_ref(&namespace, pod.annotations(), &node.spec) {
+        Ok(None) => plan::Template::NotNamed,
+        Ok(Some((template_namespace, name))) => {
             let templates: Api<Ec2PodTemplate> = Api::namespaced(ctx.client.clone(), &template_namespace);
             match templates.get_opt(&name).await? {
-                // A template the controller found invalid launches nothing else instead.
-                Some(ref template) if let Some(invalid) = invalid_condition(template) => {
-                    return Ok(Err(InvalidSetting {
-                        field: annotations::TEMPLATE.into(),
-                        message: format!(
-                            "Ec2PodTemplate {template_namespace}/{name} is invalid ({}): {}",
-                            invalid.reason, invalid.message
-                        ),
-                    }));
-                }
-                Some(template) => Some(template),
-                None => {
-                    return Ok(Err(InvalidSetting {
-                        field: annotations::TEMPLATE.into(),
-                        message: format!("Ec2PodTemplate {template_namespace}/{name} not found"),
-                    }));
-                }
+                Some(template) => plan::Template::Found(Box::new(template)),
+                None => plan::Template::Missing(template_namespace, name),
             }
         }
-        None => None,
+        Err(invalid) => return Ok(Err(invalid)),
     };
-    let resolved_image = template
-        .as_ref()
-        .and_then(|t| t.status.as_ref())
-        .and_then(|s| s.resolved_image_id.clone());
-    if let Some(mismatch) = template
-        .as_ref()
-        .and_then(|t| architecture_mismatch(t, &node.spec))
-    {
-        return Ok(Err(mismatch));
-    }
-    let node_subnet = node.spec.subnet_ids[node.index as usize % node.spec.subnet_ids.len().max(1)].clone();
-    let uid = pod.uid().unwrap_or_default();
-    let settings = match settings::resolve(
-        &node.spec,
-        template.as_ref().map(|t| &t.spec),
-        resolved_image.as_deref(),
-        &pod_annotations,
-        &uid,
-        &node_subnet,
-    ) {
+    let node_subnet = &node.spec.subnet_ids[node.index as usize % node.spec.subnet_ids.len().max(1)];
+    let settings = match plan::settings_for(&node.spec, node_subnet, pod, &template) {
         Ok(settings) => settings,
         Err(invalid) => return Ok(Err(invalid)),
     };
-    let mut fallbacks = Vec::new();
-    let (instance_type, why) = match &settings.requested_type {
-        Some(requested) => {
-            let known = ctx
-                .compute
-                .instance_types(std::slice::from_ref(requested))
-                .await?;
-            if known.is_empty() {
-                return Ok(Err(InvalidSetting {
-                    field: annotations::INSTANCE_TYPE.into(),
-                    message: format!("{requested} is not offered by EC2 in this region"),
-                }));
-            }
-            (
-                requested.clone(),
-                format!(
-                    "{requested}: set by the {} annotation",
-                    annotations::INSTANCE_TYPE
-                ),
-            )
-        }
-        None if !settings.allowed_types.is_empty() => {
-            let needs = match sizing::pod_needs(pod) {
-                Ok(needs) => needs,
-                Err(message) => {
-                    return Ok(Err(InvalidSetting {
-                        field: "spec.containers".into(),
-                        message,
-                    }));
-                }
-            };
-            let catalogue = ctx.compute.instance_types(&settings.allowed_types).await?;
-            match sizing::smallest_fit(&catalogue, &needs, node.spec.arch) {
-                Ok((info, why)) => {
-                    fallbacks = sizing::candidates(&catalogue, &needs, node.spec.arch)
-                        .into_iter()
-                        .skip(1)
-                        .map(|i| i.name.clone())
-                        .collect();
-                    (info.name.clone(), why)
-                }
-                Err(message) => match &settings.default_type {
-                    Some(default) => (
-                        default.clone(),
-                        format!("{default}: the template default ({message})"),
-                    ),
-                    None => {
-                        return Ok(Err(InvalidSetting {
-                            field: "spec.containers".into(),
-                            message,
-                        }));
-                    }
-                },
-            }
-        }
-        None => {
-            match &settings.default_type {
-                Some(default) => (default.clone(), format!("{default}: the template default")),
-                None => {
-                    return Ok(Err(InvalidSetting {
-                    field: annotations::INSTANCE_TYPE.into(),
-                    message: "no instance type: set the annotation, or instanceTypes/instanceType in the template".into(),
-                }));
-                }
-            }
-        }
+    let types = plan::types_to_describe(&settings);
+    let offered = match types.is_empty() {
+        true => Vec::new(),
+        false => ctx.compute.instance_types(&types).await?,
+    };
+    let choice = match plan::choose_type(&settings, pod, &offered, node.spec.arch) {
+        Ok(choice) => choice,
+        Err(invalid) => return Ok(Err(invalid)),
+    };
+    let placement = match &template {
+        plan::Template::Found(template) => template.spec.placement.clone(),
+        _ => None,
     };
     let request = LaunchRequest {
-        pod_uid: uid,
+        pod_uid: pod.uid().unwrap_or_default(),
         pool: node.pool.clone(),
         node: node.name.clone(),
         namespace,
         name: pod.name_any(),
-        placement: template.as_ref().and_then(|t| t.spec.placement.clone()),
-        ..settings.into_request(instance_type, ctx.agents.tls().map(|tls| tls.enrollment()))
+        placement,
+        ..settings.into_request(choice.instance_type, ctx.agents.tls().map(|tls| tls.enrollment()))
     };
     Ok(Ok(Launch {
         request,
-        fallbacks,
-        why,
+        fallbacks: choice.fallbacks,
+        why: choice.why,
     }))
 }
 
