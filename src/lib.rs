@@ -6,6 +6,7 @@
 //! `e2e/testbed`. docs/architecture.md has the picture.
 
 pub mod agent_client;
+pub mod cli;
 pub mod cloud;
 pub mod config;
 pub mod controller;

@@ -5,7 +5,7 @@ use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::ResourceExt;
@@ -72,14 +72,13 @@ async fn run_controller(ctx: Arc<Context>) {
         .reflect(node_writer)
         .touched_objects()
         .predicate_filter(node_trigger, Default::default());
-    // And the pods from this one, each slimmed to its node and phase. Pod changes trigger
-    // nothing (the resync and the node tasks' writes do).
+    // And every pod's node and phase from this one (not whole pods: pool::PodPlacement). Pod
+    // changes trigger nothing (the resync and the node tasks' writes do).
     let (pod_reader, pod_writer) = reflector::store();
-    let pod_store = watcher(Api::<Pod>::all(ctx.client.clone()), watcher::Config::default())
+    let pod_events = watcher(Api::<Pod>::all(ctx.client.clone()), watcher::Config::default())
         .default_backoff()
-        .modify(pool::slim_pod)
-        .reflect(pod_writer)
-        .for_each(|_| std::future::ready(()));
+        .map_ok(pool::PodPlacement::event);
+    let pod_store = reflector::reflector(pod_writer, pod_events).for_each(|_| std::future::ready(()));
     let warm_pools = crate::warm::run(ctx.clone(), reader.clone());
     let referring = reader.clone();
     let pool_controller = Controller::for_stream(pool_events, reader)
@@ -343,19 +342,5 @@ pub async fn compute(
             let compute = LocalCompute::new(options).map_err(|e| format!("local compute backend: {e}"))?;
             Ok(Arc::new(compute))
         }
-    }
-}
-
-/// Resolves on SIGINT or SIGTERM.
-pub async fn wait_for_termination() {
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = async {
-            match terminate.as_mut() {
-                Some(signal) => { signal.recv().await; }
-                None => std::future::pending::<()>().await,
-            }
-        } => {}
     }
 }

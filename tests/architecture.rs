@@ -165,14 +165,12 @@ fn non_test_code(text: &str) -> String {
         .join("\n")
 }
 
-/// The crate-level module names a file's code refers to. A file at depth `d` below `src/`
-/// reaches the crate root with `d` `super::`s.
+/// The crate-level module names a file's code refers to. A file at `depth` (0 for `src/x.rs`
+/// and `src/x/mod.rs`, 1 for `src/x/y.rs`, ...) reaches the crate root with `depth + 1`
+/// `super::`s.
 fn crate_imports(code: &str, depth: usize) -> BTreeSet<String> {
     let mut found = BTreeSet::new();
-    let mut prefixes = vec!["crate::".to_string()];
-    if depth > 0 {
-        prefixes.push("super::".repeat(depth));
-    }
+    let prefixes = ["crate::".to_string(), "super::".repeat(depth + 1)];
     for prefix in prefixes {
         let mut rest = code;
         while let Some(at) = rest.find(&prefix) {
@@ -268,10 +266,16 @@ fn the_cycle_check_finds_a_cycle_and_the_parser_sees_groups_and_super() {
         ("c".to_string(), BTreeSet::from(["a".to_string()])),
     ]);
     assert_eq!(find_cycle(&graph).unwrap(), ["a", "b", "c", "a"]);
-    let code = "use crate::{cloud::Compute, crd};\nlet x = super::super::warm::claim();\nfoo_crate::bar;";
+    // In src/pod/lifecycle.rs (depth 1): super::super is the crate root, super is the pod module.
+    let code = "use crate::{cloud::Compute, crd};\nlet x = super::super::warm::claim();\nuse super::spec;\nfoo_crate::bar;";
     assert_eq!(
-        crate_imports(code, 2),
+        crate_imports(code, 1),
         BTreeSet::from(["cloud".to_string(), "crd".to_string(), "warm".to_string()])
+    );
+    // In src/pod/mod.rs or src/warm.rs (depth 0): super is the crate root.
+    assert_eq!(
+        crate_imports("use super::cloud;", 0),
+        BTreeSet::from(["cloud".to_string()])
     );
     assert_eq!(
         non_test_code("a // crate::x\n#[cfg(test)]\nmod tests { crate::y }"),

@@ -5,9 +5,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
+use ec2_kubelet::cli::{block_on, fail, wait_for_termination};
 use ec2_kubelet::config::LogFormat;
 use ec2_kubelet::crd;
-use ec2_kubelet::operator::wait_for_termination;
 use ec2_kubelet_protocol::telemetry;
 use ec2_kubelet_testbed::devcluster::{DevCluster, DevClusterOptions};
 
@@ -236,17 +236,4 @@ fn cluster(args: ClusterArgs) -> ExitCode {
         wait_for_termination().await;
         ExitCode::SUCCESS
     })
-}
-
-/// Runs `main` on a multi-threaded tokio runtime.
-fn block_on(main: impl std::future::Future<Output = ExitCode>) -> ExitCode {
-    match tokio::runtime::Runtime::new() {
-        Ok(runtime) => runtime.block_on(main),
-        Err(e) => fail(&format!("starting the async runtime: {e}")),
-    }
-}
-
-fn fail(message: &str) -> ExitCode {
-    eprintln!("error: {message}");
-    ExitCode::FAILURE
 }

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
+use ec2_kubelet::cli::{block_on, fail, wait_for_termination};
 use ec2_kubelet::config::{ComputeBackend, LogFormat, OperatorConfig};
 use ec2_kubelet::crd;
 use ec2_kubelet::operator;
@@ -169,7 +170,7 @@ fn run(config: OperatorConfig) -> ExitCode {
             };
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let running = tokio::spawn(operator::run(ctx, stopped));
-        operator::wait_for_termination().await;
+        wait_for_termination().await;
         tracing::info!("stopping: releasing leases");
         let _ = stop.send(true);
         let _ = running.await;
@@ -179,19 +180,6 @@ fn run(config: OperatorConfig) -> ExitCode {
         drop(enrollment);
         ExitCode::SUCCESS
     })
-}
-
-/// Runs `main` on a multi-threaded tokio runtime.
-fn block_on(main: impl std::future::Future<Output = ExitCode>) -> ExitCode {
-    match tokio::runtime::Runtime::new() {
-        Ok(runtime) => runtime.block_on(main),
-        Err(e) => fail(&format!("starting the async runtime: {e}")),
-    }
-}
-
-fn fail(message: &str) -> ExitCode {
-    eprintln!("error: {message}");
-    ExitCode::FAILURE
 }
 
 fn crdgen(out: &std::path::Path, chart: &std::path::Path, stdout: bool) -> ExitCode {
