@@ -102,11 +102,12 @@ fn nothing_shipped_depends_on_the_test_bed() {
     assert!(!agent.contains_key("jsonpath-rust"), "{agent:?}");
 }
 
-/// The operator's top-level modules (`src/<name>.rs` or `src/<name>/`) and the modules each one
-/// imports, read from its non-test code: `crate::<name>` paths, `use crate::{a, b}` groups and
-/// `super::` paths that climb out of the module.
-fn module_graph() -> BTreeMap<String, BTreeSet<String>> {
-    let src = common::repo_root().join("src");
+/// A crate's top-level modules (`<dir>/<name>.rs` or `<dir>/<name>/mod.rs`, but not its
+/// `roots`: lib.rs, main.rs, build.rs) and the modules each one imports, read from its non-test
+/// code: `crate::<name>` paths, `use crate::{a, b}` groups and `super::` paths that climb out of
+/// the module.
+fn module_graph(dir: &str, roots: &[&str]) -> BTreeMap<String, BTreeSet<String>> {
+    let src = common::repo_root().join(dir);
     let mut modules = BTreeMap::new();
     for entry in std::fs::read_dir(&src).unwrap() {
         let path = entry.unwrap().path();
@@ -114,7 +115,7 @@ fn module_graph() -> BTreeMap<String, BTreeSet<String>> {
         let is_module = if path.is_dir() {
             path.join("mod.rs").exists()
         } else {
-            name != "lib" && path.extension().is_some_and(|e| e == "rs")
+            !roots.contains(&name.as_str()) && path.extension().is_some_and(|e| e == "rs")
         };
         if is_module {
             modules.insert(name, path);
@@ -234,13 +235,23 @@ fn find_cycle(graph: &BTreeMap<String, BTreeSet<String>>) -> Option<Vec<String>>
         .find_map(|node| visit(node, graph, &mut Vec::new(), &mut done))
 }
 
+/// Fails naming the cycle, if `graph` has one.
+fn assert_acyclic(crate_name: &str, graph: &BTreeMap<String, BTreeSet<String>>) {
+    // The reader sees what was found, so a wrong parse shows.
+    for (module, imports) in graph {
+        println!("{crate_name}: {module} -> {imports:?}");
+    }
+    if let Some(cycle) = find_cycle(graph) {
+        panic!(
+            "{crate_name}: a cycle between top-level modules: {}. Move what both need one layer down (docs/architecture.md)",
+            cycle.join(" -> ")
+        );
+    }
+}
+
 #[test]
 fn the_operators_modules_import_downward_only() {
-    let graph = module_graph();
-    // The reader sees what it found, so a wrong parse shows.
-    for (module, imports) in &graph {
-        println!("{module} -> {imports:?}");
-    }
+    let graph = module_graph("src", &["lib"]);
     assert!(
         graph["operator"].contains("controller") && graph["pod"].contains("runtime"),
         "{graph:#?}"
@@ -250,12 +261,20 @@ fn the_operators_modules_import_downward_only() {
         "the custom resources import nothing of ours: {:?}",
         graph["crd"]
     );
-    if let Some(cycle) = find_cycle(&graph) {
-        panic!(
-            "a cycle between top-level modules: {}. Move what both need one layer down (docs/architecture.md)",
-            cycle.join(" -> ")
-        );
-    }
+    assert_acyclic("ec2-kubelet", &graph);
+}
+
+#[test]
+fn the_agent_the_protocol_and_the_test_bed_have_no_cycles_either() {
+    let agent = module_graph("src/agent", &["lib", "main"]);
+    assert!(agent["server"].contains("runtime"), "{agent:#?}");
+    assert_acyclic("ec2-kubelet-agent", &agent);
+    let protocol = module_graph("proto", &["lib", "build"]);
+    assert!(protocol["pki"].contains("util"), "{protocol:#?}");
+    assert_acyclic("ec2-kubelet-protocol", &protocol);
+    let testbed = module_graph("e2e/testbed", &["lib", "main", "bench"]);
+    assert!(testbed["demo"].contains("devcluster"), "{testbed:#?}");
+    assert_acyclic("ec2-kubelet-testbed", &testbed);
 }
 
 #[test]

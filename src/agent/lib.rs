@@ -6,7 +6,6 @@ pub mod enroll;
 pub mod exec;
 pub mod imds;
 pub mod logs;
-pub mod probes;
 pub mod runtime;
 pub mod server;
 pub mod shim;

@@ -3,6 +3,8 @@
 //! and a broadcast of every status change. Everything it starts is recorded in the state dir,
 //! and `recover` re-adopts it after an agent restart.
 
+pub mod probes;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -12,7 +14,6 @@ use tokio::sync::{broadcast, mpsc, watch};
 use tokio::task::JoinSet;
 
 use super::Error;
-use super::probes;
 use super::proto::{
     self, ContainerSpec, ContainerState, ContainerStatus, PodPhase, PodSpec, PodStatus, RestartPolicy,
     container_state,

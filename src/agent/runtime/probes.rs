@@ -10,8 +10,8 @@ use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
 use tokio::sync::mpsc;
 
-use super::proto::{Probe, probe::Handler};
-use super::runtime::PodRuntime;
+use super::PodRuntime;
+use crate::proto::{Probe, probe::Handler};
 
 /// Probe defaults of the Kubernetes API.
 fn period(probe: &Probe) -> Duration {
