@@ -491,12 +491,11 @@ pub struct Summary {
     pub all_ready: bool,
 }
 
-/// Counts the pool's status: `enis` are those left after the steps; `current` is the status's
-/// node list, whose nodes no longer in the pool are removed.
+/// Counts the pool's status from `observed` as the steps left it (their removed ENIs gone);
+/// `current` is the status's node list, whose nodes no longer in the pool are removed.
 pub fn summarize(
     pool: &str,
     wanted: u32,
-    enis: &[Eni],
     observed: &Observed,
     current: &BTreeMap<String, crate::crd::PoolNodeStatus>,
 ) -> Summary {
@@ -507,7 +506,7 @@ pub fn summarize(
         .into_iter()
         .map(|p| (p.to_string(), 0))
         .collect();
-    for eni in enis {
+    for eni in &observed.enis {
         let node = node_name(&eni.private_ip, pool);
         let ready = observed.node(&node).is_some_and(|n| n.ready);
         let on_node = observed.pods.get(&node).map(Vec::as_slice).unwrap_or_default();
@@ -604,7 +603,7 @@ async fn apply(pool: &Ec2NodePool, pc: &PoolContext) -> Result<Action> {
     collect_orphans(ctx, pool).await?;
 
     let current = pool.status.as_ref().map(|s| s.nodes.clone()).unwrap_or_default();
-    let summary = summarize(&name, wanted, &observed.enis, &observed, &current);
+    let summary = summarize(&name, wanted, &observed, &current);
     for (phase, count) in &summary.phases {
         let labels = crate::metrics::PoolPhaseLabels {
             pool: name.clone(),
@@ -1114,7 +1113,7 @@ mod tests {
             "ip-10-0-0-7.gpu".to_string(),
             serde_json::from_value(json!({"index": 4, "eniId": "eni-x", "privateIp": "10.0.0.7"})).unwrap(),
         )]);
-        let summary = summarize("gpu", 2, &observed.enis, &observed, &current);
+        let summary = summarize("gpu", 2, &observed, &current);
         // The draining node (index 2) is Ready but past the spec: not counted.
         assert_eq!((summary.ready_nodes, summary.all_ready), (1, false));
         assert_eq!(summary.pods, 4);
@@ -1127,7 +1126,11 @@ mod tests {
             summary.entries[&node_name("10.0.0.1", "gpu")],
             json!({"index": 0, "eniId": "eni-0-10.0.0.1", "privateIp": "10.0.0.1", "ready": true, "pods": 3})
         );
-        assert!(summarize("gpu", 1, &observed.enis[..1], &observed, &BTreeMap::new()).all_ready);
+        let first = Observed {
+            enis: observed.enis[..1].to_vec(),
+            ..observed.clone()
+        };
+        assert!(summarize("gpu", 1, &first, &BTreeMap::new()).all_ready);
     }
 
     #[test]
