@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The README's first command, end to end and non-interactive: `make demo` runs on the real
 # control plane until its pods are Running; the real kubectl then talks to a real Kubernetes
-# v1.34 API server (version, explain), reads a pod's logs and runs commands in it (through the
-# API server's kubelet proxy and the operator's kubelet API), and creates a Deployment that the
+# v1.34 API server (version, explain), reads a pod's logs, runs commands in it and forwards a
+# port to it (through the API server's kubelet proxy and the operator's kubelet API), and creates a Deployment that the
 # real controllers and scheduler put on two instances; Ctrl-C (SIGINT) stops the demo, and no
 # instance (agent process) and no control-plane process may be left behind.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source e2e/lib.sh
 
 kubectl=.tools/bin/kubectl
 export KUBECONFIG=.ec2-kubelet/dev/kubeconfig
@@ -51,6 +52,10 @@ echoed=$(echo "piped" | "$kubectl" exec -i hello -- cat)
 [[ "$echoed" == "piped" ]] || fail "kubectl exec -i printed: $echoed"
 # kubectl exec -it on a terminal (e2e/terminal.py): prompt, tty, size and resize, Ctrl-D.
 term_out=$(python3 e2e/terminal.py "$kubectl" exec -it hello -- sh -i 2>&1) || fail "kubectl exec -it: $term_out"
+
+# kubectl port-forward (e2e/lib.sh): a pod's HTTP server reached by two connections at once,
+# and a closed port named in kubectl's error.
+check_port_forward default
 
 # A pod that failed before it had an instance: kubectl logs names why.
 "$kubectl" run bad --image=local/shell --restart=Never \
@@ -98,5 +103,5 @@ for dir in $state_dirs; do
   fi
   [ ! -e "$dir/control-plane" ] || fail "the control plane left $dir/control-plane behind"
 done
-echo "e2e/demo.sh: the demo ran on Kubernetes $server, kubectl logs, exec and a Deployment worked, and Ctrl-C left nothing behind"
+echo "e2e/demo.sh: the demo ran on Kubernetes $server, kubectl logs, exec, port-forward and a Deployment worked, and Ctrl-C left nothing behind"
 echo "e2e: 1 passed, 0 failed"

@@ -8,7 +8,7 @@
 #     the real RBAC authorizer checks the chart grants enough;
 #  3. a pool's nodes Ready under the real node lifecycle controller; a Deployment of 3 scheduled
 #     by kube-scheduler, each pod Running and Ready on its own instance; logs -f, exec, attach
-#     through the API server's kubelet proxy; scale 1 and back; rollout restart;
+#     and port-forward through the API server's kubelet proxy; scale 1 and back; rollout restart;
 #  4. the operator stopped past the node lease: nodes Unknown and tainted by the real node
 #     lifecycle controller, back Ready on restart with no instance relaunched; stopped past a
 #     short tolerationSeconds: pods evicted, their instances terminated, replacements on new
@@ -245,6 +245,9 @@ grep -q "Error from server (BadRequest): pod $app_ns/bad has no instance: Invali
   || fail "kubectl logs bad printed: $out"
 say "kubectl logs bad: $out"
 "$kubectl" -n "$app_ns" delete pod bad --wait=false
+
+phase "kubectl port-forward through the API server"
+check_port_forward "$app_ns"
 
 phase "scale to 1 and back to 3"
 "$kubectl" -n "$app_ns" scale deploy/web --replicas=1

@@ -9,8 +9,9 @@ use ec2_kubelet_protocol::v1::agent_client::AgentClient;
 use ec2_kubelet_protocol::v1::{
     ContainerSpec, ContainerStatus, EnvVar, ExecAction, ExecInput, ExecStart, File, FilesVolume,
     GetLogsRequest, GetStatsRequest, HttpGetAction, LaunchPodRequest, PingRequest, PodPhase, PodSpec,
-    PodStatus, Probe, RestartPolicy, TerminalSize, TerminatePodRequest, Volume, VolumeMount,
-    WatchPodStatusRequest, container_state, exec_input, exec_output, probe, volume,
+    PodStatus, PortForwardInput, PortForwardStart, Probe, RestartPolicy, TerminalSize, TerminatePodRequest,
+    Volume, VolumeMount, WatchPodStatusRequest, container_state, exec_input, exec_output, port_forward_input,
+    probe, volume,
 };
 use tonic::transport::Channel;
 
@@ -265,6 +266,123 @@ async fn exec_streams_stdin_stdout_stderr_and_the_exit_code() {
     assert_eq!(stdout, "hello stdin\nfrom-env\n");
     assert_eq!(stderr, "bad\n");
     assert_eq!(code, 7);
+}
+
+/// One port-forward call of `inputs` (after its start): the bytes the port sent, until the
+/// stream ended, or the call's error status.
+async fn port_forward_session(
+    client: &mut AgentClient<Channel>,
+    pod_uid: &str,
+    port: u32,
+    inputs: Vec<port_forward_input::Input>,
+) -> Result<Vec<u8>, tonic::Status> {
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let start = PortForwardStart {
+        pod_uid: pod_uid.into(),
+        port,
+    };
+    let input = |i| PortForwardInput { input: Some(i) };
+    tx.send(input(port_forward_input::Input::Start(start)))
+        .await
+        .unwrap();
+    for i in inputs {
+        tx.send(input(i)).await.unwrap();
+    }
+    let mut outputs = client
+        .port_forward(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    let mut received = Vec::new();
+    tokio::time::timeout(DEADLINE, async {
+        while let Some(output) = outputs.message().await? {
+            received.extend(output.data);
+        }
+        Ok::<_, tonic::Status>(())
+    })
+    .await
+    .expect("the port-forward stream ends")?;
+    Ok(received)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn port_forward_carries_bytes_both_ways_and_half_closes() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut f = start_agent().await;
+    launch(
+        &mut f.client,
+        pod("pf", RestartPolicy::Always, vec![shell("main", "sleep 60")]),
+    )
+    .await;
+    watch_until(&mut f.client, "pf", |s| is_running(container(s, "main"))).await;
+    // A server that answers once its client has sent everything (it reads to EOF): only a
+    // half-close (the client's `close_write`) gets the answer back on the same connection.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = tokio::spawn(async move {
+        for _ in 0..3 {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut request = Vec::new();
+            socket.read_to_end(&mut request).await.unwrap();
+            let answer = [b"got ".as_slice(), &request].concat();
+            socket.write_all(&answer).await.unwrap();
+        }
+    });
+    let sent = vec![
+        port_forward_input::Input::Data(b"hello ".to_vec()),
+        port_forward_input::Input::Data(vec![b'x'; 100_000]),
+        port_forward_input::Input::CloseWrite(true),
+    ];
+    let received = port_forward_session(&mut f.client, "pf", port.into(), sent)
+        .await
+        .expect("PortForward");
+    assert_eq!(received.len(), 4 + 6 + 100_000);
+    assert!(received.starts_with(b"got hello xxx"));
+    // Two calls at once are two connections.
+    let mut other = f.client.clone();
+    let (a, b) = tokio::join!(
+        port_forward_session(
+            &mut f.client,
+            "pf",
+            port.into(),
+            vec![
+                port_forward_input::Input::Data(b"a".to_vec()),
+                port_forward_input::Input::CloseWrite(true),
+            ]
+        ),
+        port_forward_session(
+            &mut other,
+            "pf",
+            port.into(),
+            vec![
+                port_forward_input::Input::Data(b"b".to_vec()),
+                port_forward_input::Input::CloseWrite(true),
+            ]
+        ),
+    );
+    assert_eq!((a.unwrap(), b.unwrap()), (b"got a".to_vec(), b"got b".to_vec()));
+    server.await.unwrap();
+
+    // A port nobody listens on: the call fails, saying so.
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let closed_port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let refused = port_forward_session(&mut f.client, "pf", closed_port.into(), vec![])
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert_eq!(
+        refused.message(),
+        format!("dial tcp localhost:{closed_port}: connect: connection refused")
+    );
+    // Another pod's UID, or a port that is not one: refused before any dial.
+    let unknown = port_forward_session(&mut f.client, "nope", port.into(), vec![])
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), tonic::Code::NotFound, "{unknown:?}");
+    let zero = port_forward_session(&mut f.client, "pf", 0, vec![])
+        .await
+        .unwrap_err();
+    assert_eq!(zero.code(), tonic::Code::InvalidArgument, "{zero:?}");
 }
 
 /// Runs one exec session of `inputs` (after its start) and returns stdout, stderr and the exit.

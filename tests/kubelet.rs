@@ -180,7 +180,7 @@ async fn kubectl_logs_exec_and_stats_reach_the_pods_agent_through_the_kubelet_ap
     assert!(stats["cpu"]["time"].is_string());
     let (status, body) = common::kubelet_get(
         kubelet.address,
-        "10.255.255.1:10250",
+        &format!("10.255.255.1:{}", kubelet.address.port()),
         "/stats/summary",
         common::As::Token(&metrics_token),
     )
@@ -241,6 +241,55 @@ async fn kubectl_logs_exec_and_stats_reach_the_pods_agent_through_the_kubelet_ap
         .await
         .unwrap();
     assert_eq!((status, body.as_str()), (200, "line-1\nline-2\nline-3\n"));
+    // Port-forward over WebSocket (`v4.channel.k8s.io`, the ports in the query), as a client that
+    // dials the kubelet itself does it: a request reaches the HTTP server the pod runs on its
+    // instance, and a port nobody listens on is an error on the port's error channel.
+    let served = common::free_port();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/e2e/portforward.py");
+    let server = common::virtual_pod(
+        "server",
+        None,
+        &["/bin/sh", "-c", &format!("exec python3 {script} serve {served}")],
+        json!({}),
+    );
+    pods.create(&PostParams::default(), &server).await.unwrap();
+    common::phase_of(&pods, "server", "Running").await;
+    common::eventually(30, "the pod's server listening", || async move {
+        tokio::net::TcpStream::connect(("127.0.0.1", served)).await.ok()
+    })
+    .await;
+    let request = "GET /through-the-kubelet HTTP/1.1\r\nHost: pod\r\nConnection: close\r\n\r\n";
+    let channels = websocket_port_forward(address, &host, "server", served, &admin, request.as_bytes()).await;
+    let port_bytes = served.to_le_bytes().to_vec();
+    assert_eq!(
+        &channels[0][..2],
+        port_bytes.as_slice(),
+        "the data channel starts with the port"
+    );
+    assert_eq!(
+        channels[1], port_bytes,
+        "the error channel has the port and nothing else"
+    );
+    let answer = String::from_utf8_lossy(&channels[0][2..]);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.ends_with("served /through-the-kubelet\n"), "{answer}");
+    let closed = common::free_port();
+    let channels = websocket_port_forward(address, &host, "server", closed, &admin, b"hello").await;
+    let error = String::from_utf8_lossy(&channels[1][2..]);
+    assert!(
+        error.starts_with(&format!(
+            "error forwarding port {closed} to pod default/server, uid "
+        )) && error.ends_with(&format!(
+            "dial tcp localhost:{closed}: connect: connection refused"
+        )),
+        "{error}"
+    );
+    assert_eq!(
+        channels[0],
+        closed.to_le_bytes().to_vec(),
+        "no data from a closed port"
+    );
+
     assert_eq!(
         common::kubelet_get(address, &host, "/healthz", common::As::Token(&metrics_token))
             .await
@@ -250,6 +299,58 @@ async fn kubectl_logs_exec_and_stats_reach_the_pods_agent_through_the_kubelet_ap
 
     replica.stop().await;
     kubelet.shutdown().await;
+}
+
+/// One port-forward session over WebSocket to `port` of `pod` (default namespace), with a
+/// client certificate: sends `request` on the data channel, then reads until the kubelet closes
+/// the session; returns what each channel (data, error) carried.
+async fn websocket_port_forward(
+    address: std::net::SocketAddr,
+    host: &str,
+    pod: &str,
+    port: u16,
+    caller: &ec2_kubelet_testbed::devcluster::auth::ClientCertificate,
+    request: &[u8],
+) -> [Vec<u8>; 2] {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let tls =
+        ec2_kubelet::kubelet::tls::insecure_client_config_with_identity(&caller.cert_pem, &caller.key_pem)
+            .unwrap();
+    let tcp = tokio::net::TcpStream::connect(address).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(tls)
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let mut upgrade = format!("wss://{host}/portForward/default/{pod}?port={port}")
+        .into_client_request()
+        .unwrap();
+    upgrade
+        .headers_mut()
+        .insert("Sec-WebSocket-Protocol", "v4.channel.k8s.io".parse().unwrap());
+    let (mut socket, response) = tokio_tungstenite::client_async(upgrade, tls).await.unwrap();
+    assert_eq!(
+        response.headers().get("Sec-WebSocket-Protocol").unwrap(),
+        "v4.channel.k8s.io"
+    );
+    let mut channels = [Vec::new(), Vec::new()];
+    let mut data = vec![0u8];
+    data.extend_from_slice(request);
+    socket.send(Message::binary(data)).await.unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        while let Some(message) = socket.next().await {
+            match message.unwrap() {
+                Message::Binary(bytes) => channels[usize::from(bytes[0])].extend_from_slice(&bytes[1..]),
+                Message::Close(_) => break,
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("the kubelet ends the session when the port closes its side");
+    channels
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -324,7 +324,7 @@ pub async fn start(options: &DemoOptions) -> Result<Demo, String> {
     let operator = tokio::spawn(ec2_kubelet::operator::run(ctx, stopped));
     println!("operator:     running (compute backend: local)");
     println!(
-        "kubelet API:  https://{} (kubectl logs and exec)",
+        "kubelet API:  https://{} (kubectl logs, exec and port-forward)",
         kubelet.address
     );
 

@@ -128,6 +128,7 @@ fn demo(args: DemoArgs) -> ExitCode {
             println!("  kubectl get ecnp,nodes,pods -o wide");
             println!("  kubectl logs -f worker-0");
             println!("  kubectl exec hello -- uname -a");
+            println!("  kubectl exec -it hello -- sh");
             println!("  kubectl patch ecnp default --type merge -p '{{\"spec\":{{\"nodes\":3}}}}'");
             if args.control_plane.is_some() {
                 println!(

@@ -28,7 +28,8 @@ use ec2_kubelet_protocol::v1::agent_server::{Agent, AgentServer};
 use ec2_kubelet_protocol::v1::{
     ContainerState, ContainerStatus, ExecInput, ExecOutput, GetLogsRequest, GetStatsRequest,
     LaunchPodRequest, LaunchPodResponse, LogChunk, PingRequest, PingResponse, PodStats, PodStatus,
-    TerminatePodRequest, TerminatePodResponse, WatchPodStatusRequest, container_state,
+    PortForwardInput, PortForwardOutput, TerminatePodRequest, TerminatePodResponse, WatchPodStatusRequest,
+    container_state,
 };
 
 /// An EC2 token bucket: `capacity` calls at once, refilled by `refill_per_second`.
@@ -754,6 +755,15 @@ impl Agent for SimAgents {
         _: Request<Streaming<ExecInput>>,
     ) -> std::result::Result<Response<Self::ExecStream>, Status> {
         Err(Status::unimplemented("simulated agents run no processes"))
+    }
+
+    type PortForwardStream = ServerStream<PortForwardOutput>;
+
+    async fn port_forward(
+        &self,
+        _: Request<Streaming<PortForwardInput>>,
+    ) -> std::result::Result<Response<Self::PortForwardStream>, Status> {
+        Err(Status::unimplemented("simulated agents listen on no ports"))
     }
 
     async fn get_stats(

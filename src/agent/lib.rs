@@ -1,11 +1,12 @@
 //! The agent: the gRPC server on every instance that runs one pod's containers as supervised
 //! processes (each under a shim that owns its logs), reports their state, streams logs and
-//! runs exec sessions. State lives in a directory, so a restarted agent re-adopts its pods.
+//! runs exec sessions and port forwards. State lives in a directory, so a restarted agent re-adopts its pods.
 
 pub mod enroll;
 pub mod exec;
 pub mod imds;
 pub mod logs;
+pub mod portforward;
 pub mod runtime;
 pub mod server;
 pub mod shim;

@@ -14,12 +14,12 @@ use super::logs::{FOLLOW_INTERVAL, LogFilter, read_and_follow};
 use super::proto::agent_server::{Agent, AgentServer};
 use super::proto::{
     ContainerStats, ExecInput, ExecOutput, GetLogsRequest, GetStatsRequest, LaunchPodRequest,
-    LaunchPodResponse, LogChunk, PingRequest, PingResponse, PodStats, PodStatus, TerminatePodRequest,
-    TerminatePodResponse, WatchPodStatusRequest, exec_input,
+    LaunchPodResponse, LogChunk, PingRequest, PingResponse, PodStats, PodStatus, PortForwardInput,
+    PortForwardOutput, TerminatePodRequest, TerminatePodResponse, WatchPodStatusRequest, exec_input,
 };
 use super::runtime::Runtime;
 use super::state::now_ms;
-use super::{Error, exec, stats};
+use super::{Error, exec, portforward, stats};
 
 type ServerStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
@@ -236,6 +236,22 @@ impl Agent for AgentService {
         let (tx, rx) = mpsc::channel(64);
         let runtime = self.runtime.clone();
         tokio::spawn(async move { exec::run(&runtime, start, inputs, tx).await });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    type PortForwardStream = ServerStream<PortForwardOutput>;
+
+    /// Dials before answering, so a closed port is the call's error status.
+    async fn port_forward(
+        &self,
+        request: Request<Streaming<PortForwardInput>>,
+    ) -> Result<Response<Self::PortForwardStream>, Status> {
+        let mut inputs = request.into_inner();
+        let start = portforward::start(&mut inputs).await?;
+        self.runtime.pod(&start.pod_uid)?;
+        let connection = portforward::dial(start.port as u16).await?;
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(portforward::run(connection, inputs, tx));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 

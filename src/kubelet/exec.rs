@@ -35,11 +35,22 @@ use ec2_kubelet_protocol::v1::exec_input::Input;
 use ec2_kubelet_protocol::v1::exec_output::Output;
 use ec2_kubelet_protocol::v1::{ExecInput, ExecStart, GetLogsRequest, TerminalSize};
 
-/// The WebSocket sub-protocols served, in order of preference.
-const PROTOCOLS: [&str; 2] = ["v5.channel.k8s.io", "v4.channel.k8s.io"];
-/// The SPDY stream protocol served (the newest a kubelet serves over SPDY).
-const SPDY_PROTOCOL: &str = "v4.channel.k8s.io";
-const STREAM_PROTOCOL_HEADER: &str = "x-stream-protocol-version";
+/// What a streaming endpoint speaks: its WebSocket sub-protocols in order of preference (`""`:
+/// a client that offers none is served) and its stream protocol over SPDY.
+pub(crate) struct Protocols {
+    pub(crate) what: &'static str,
+    pub(crate) websocket: &'static [&'static str],
+    pub(crate) spdy: &'static str,
+}
+
+/// `exec` and `attach`: SPDY carries v4 only (the newest a kubelet serves over SPDY).
+const EXEC: Protocols = Protocols {
+    what: "exec and attach",
+    websocket: &[V5, "v4.channel.k8s.io"],
+    spdy: "v4.channel.k8s.io",
+};
+const V5: &str = "v5.channel.k8s.io";
+pub(crate) const STREAM_PROTOCOL_HEADER: &str = "x-stream-protocol-version";
 
 const STDIN: u8 = 0;
 const STDOUT: u8 = 1;
@@ -73,13 +84,13 @@ impl Target {
 
 /// The upgrade the client asked for.
 #[derive(Debug, PartialEq, Eq)]
-enum Transport {
+pub(crate) enum Transport {
     WebSocket { accept: String, protocol: &'static str },
-    Spdy,
+    Spdy { protocol: &'static str },
 }
 
 /// Checks the upgrade and picks the transport and its protocol.
-fn negotiate(headers: &HeaderMap) -> Result<Transport, Reply> {
+pub(crate) fn negotiate(headers: &HeaderMap, protocols: &Protocols) -> Result<Transport, Reply> {
     let upgrade = headers
         .get(header::UPGRADE)
         .and_then(|v| v.to_str().ok())
@@ -91,20 +102,28 @@ fn negotiate(headers: &HeaderMap) -> Result<Transport, Reply> {
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(',').map(str::trim))
             .collect();
-        if !offered.contains(&SPDY_PROTOCOL) {
+        if !offered.contains(&protocols.spdy) {
             return Err(Reply(
                 StatusCode::FORBIDDEN,
                 format!(
-                    "no supported stream protocol among {offered:?}; this kubelet speaks {SPDY_PROTOCOL} over SPDY"
+                    "no supported stream protocol among {offered:?}; this kubelet speaks {} over SPDY",
+                    protocols.spdy
                 ),
             ));
         }
-        return Ok(Transport::Spdy);
+        return Ok(Transport::Spdy {
+            protocol: protocols.spdy,
+        });
     }
     if !upgrade.eq_ignore_ascii_case("websocket") {
         return Err(Reply(
             StatusCode::BAD_REQUEST,
-            "exec and attach need an upgrade: WebSocket (v5.channel.k8s.io, v4.channel.k8s.io) or SPDY/3.1 (v4.channel.k8s.io)".into(),
+            format!(
+                "{} need an upgrade: WebSocket ({}) or SPDY/3.1 ({})",
+                protocols.what,
+                protocols.websocket.join(", "),
+                protocols.spdy
+            ),
         ));
     }
     let key = headers
@@ -116,13 +135,14 @@ fn negotiate(headers: &HeaderMap) -> Result<Transport, Reply> {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(',').map(|p| p.trim().to_string()))
         .collect();
-    let protocol = PROTOCOLS
+    let protocol = protocols
+        .websocket
         .iter()
-        .find(|p| offered.iter().any(|o| o == *p))
+        .find(|p| offered.iter().any(|o| o == *p) || (p.is_empty() && offered.is_empty()))
         .ok_or_else(|| {
             Reply::bad_request(format!(
                 "no supported sub-protocol among {offered:?}; this kubelet speaks {}",
-                PROTOCOLS.join(", ")
+                protocols.websocket.join(", ")
             ))
         })?;
     Ok(Transport::WebSocket {
@@ -131,7 +151,7 @@ fn negotiate(headers: &HeaderMap) -> Result<Transport, Reply> {
     })
 }
 
-fn switching_protocols(transport: &Transport) -> Response<Body> {
+pub(crate) fn switching_protocols(transport: &Transport) -> Response<Body> {
     let mut response = Response::new(full(""));
     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let headers = response.headers_mut();
@@ -142,25 +162,27 @@ fn switching_protocols(transport: &Transport) -> Response<Body> {
             if let Ok(accept) = HeaderValue::from_str(accept) {
                 headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
             }
-            headers.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(protocol));
+            if !protocol.is_empty() {
+                headers.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(protocol));
+            }
         }
-        Transport::Spdy => {
+        Transport::Spdy { protocol } => {
             headers.insert(header::UPGRADE, HeaderValue::from_static("SPDY/3.1"));
-            headers.insert(STREAM_PROTOCOL_HEADER, HeaderValue::from_static(SPDY_PROTOCOL));
+            headers.insert(STREAM_PROTOCOL_HEADER, HeaderValue::from_static(protocol));
         }
     }
     response
 }
 
 /// A close with code 1000: clients (client-go) take anything else as an error.
-fn normal_close() -> Message {
+pub(crate) fn normal_close() -> Message {
     Message::Close(Some(CloseFrame {
         code: CloseCode::Normal,
         reason: "".into(),
     }))
 }
 
-fn framed(channel: u8, data: &[u8]) -> Message {
+pub(crate) fn framed(channel: u8, data: &[u8]) -> Message {
     let mut message = Vec::with_capacity(data.len() + 1);
     message.push(channel);
     message.extend_from_slice(data);
@@ -263,9 +285,9 @@ where
         match transport {
             Transport::WebSocket { protocol, .. } => {
                 let socket = WebSocketStream::from_raw_socket(upgraded, Role::Server, None).await;
-                over_websocket(socket, protocol == PROTOCOLS[0], session).await;
+                over_websocket(socket, protocol == V5, session).await;
             }
-            Transport::Spdy => {
+            Transport::Spdy { .. } => {
                 if let Err(error) = over_spdy(upgraded, wanted, session).await {
                     tracing::debug!(%error, "exec over SPDY");
                 }
@@ -465,7 +487,7 @@ pub(crate) async fn exec(
     if command.is_empty() {
         return Err(Reply::bad_request("command is required"));
     }
-    let transport = negotiate(request.headers())?;
+    let transport = negotiate(request.headers(), &EXEC)?;
     let wanted = Wanted::from(&query);
     let (pod, mut agent) = pod_agent(&ctx, &target.node, &target.namespace, &target.name).await?;
     let (inputs, input_rx) = mpsc::channel::<ExecInput>(16);
@@ -550,7 +572,7 @@ pub(crate) async fn attach(
     target: Target,
     query: Query,
 ) -> Result<Response<Body>, Reply> {
-    let transport = negotiate(request.headers())?;
+    let transport = negotiate(request.headers(), &EXEC)?;
     let wanted = Wanted::from(&query);
     let (pod, mut agent) = pod_agent(&ctx, &target.node, &target.namespace, &target.name).await?;
     let logs = GetLogsRequest {
@@ -604,7 +626,7 @@ mod tests {
             header::SEC_WEBSOCKET_PROTOCOL,
             HeaderValue::from_static("v4.channel.k8s.io, v5.channel.k8s.io, channel.k8s.io"),
         );
-        let transport = negotiate(&headers).unwrap_or_else(|r| panic!("{}", r.1));
+        let transport = negotiate(&headers, &EXEC).unwrap_or_else(|r| panic!("{}", r.1));
         assert_eq!(
             transport,
             Transport::WebSocket {
@@ -619,18 +641,20 @@ mod tests {
             STREAM_PROTOCOL_HEADER,
             HeaderValue::from_static("v5.channel.k8s.io"),
         );
-        let refused = negotiate(&headers).unwrap_err();
+        let refused = negotiate(&headers, &EXEC).unwrap_err();
         assert_eq!(refused.0, StatusCode::FORBIDDEN);
         headers.append(
             STREAM_PROTOCOL_HEADER,
             HeaderValue::from_static("v4.channel.k8s.io"),
         );
         assert_eq!(
-            negotiate(&headers).unwrap_or_else(|r| panic!("{}", r.1)),
-            Transport::Spdy
+            negotiate(&headers, &EXEC).unwrap_or_else(|r| panic!("{}", r.1)),
+            Transport::Spdy {
+                protocol: "v4.channel.k8s.io"
+            }
         );
         headers.insert(header::UPGRADE, HeaderValue::from_static("h2c"));
-        assert_eq!(negotiate(&headers).unwrap_err().0, StatusCode::BAD_REQUEST);
+        assert_eq!(negotiate(&headers, &EXEC).unwrap_err().0, StatusCode::BAD_REQUEST);
     }
 
     #[test]

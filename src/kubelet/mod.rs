@@ -1,6 +1,6 @@
 //! The kubelet API of the virtual nodes, served by the operator over HTTPS on
 //! `server.kubeletAddress` (the port every virtual node publishes in `daemonEndpoints`). The API
-//! server proxies `kubectl logs`, `kubectl exec`/`attach` and metrics-server's scrapes here, and
+//! server proxies `kubectl logs`, `kubectl exec`/`attach`/`port-forward` and metrics-server's scrapes here, and
 //! each request is answered by the pod's agent:
 //!
 //! | path | agent call |
@@ -8,6 +8,7 @@
 //! | `GET /containerLogs/{ns}/{pod}/{container}` | `GetLogs` (follow, tailLines, sinceSeconds, sinceTime, timestamps, previous, limitBytes) |
 //! | `GET/POST /exec/{ns}/{pod}/{container}?command=...` | `Exec`, over WebSocket (`v5.channel.k8s.io`, `v4.channel.k8s.io`) |
 //! | `GET/POST /attach/{ns}/{pod}/{container}` | `GetLogs` with follow: the container's output (read-only) |
+//! | `GET/POST /portForward/{ns}/{pod}` | `PortForward` per connection, over SPDY (`portforward.k8s.io`) or WebSocket (`?port=`) |
 //! | `GET /stats/summary` | `GetStats` of every pod on the node the request is addressed to |
 //! | `GET /healthz` | none |
 //!
@@ -17,6 +18,7 @@
 
 pub mod auth;
 mod exec;
+mod portforward;
 mod spdy;
 mod stats;
 pub mod tls;
@@ -144,34 +146,56 @@ impl Query {
     }
 }
 
-/// The virtual node whose InternalIP the request's `Host` names (the API server and
-/// metrics-server dial a node's InternalIP).
-async fn addressed_node(ctx: &Context, request: &Request<Incoming>) -> Result<Node, Reply> {
+/// The addresses a request may be for, in order: the IP of `Host` (the API server and
+/// metrics-server dial a node's InternalIP and name it there). When `Host` names a server on
+/// another port than the one the request reached (the API server forwards a port-forward upgrade
+/// with its own client's `Host`, such as `127.0.0.1:6443`), the IP the connection was made to
+/// (`local`) comes first.
+fn addressed_ips(host: Option<&str>, local: SocketAddr) -> Vec<String> {
+    let host = host.unwrap_or_default();
+    let (ip, port) = match host.rsplit_once(':') {
+        // A bare IPv6 address has colons and no port; a port follows `]` or an IPv4 or name.
+        Some((ip, port)) if !ip.contains(':') || ip.ends_with(']') => (ip, port.parse::<u16>().ok()),
+        _ => (host, None),
+    };
+    let ip = ip.trim_matches(['[', ']']).to_string();
+    let connected = local.ip().to_canonical().to_string();
+    if ip.is_empty() {
+        vec![connected]
+    } else if port.is_some_and(|port| port != local.port()) {
+        vec![connected, ip]
+    } else {
+        vec![ip]
+    }
+}
+
+/// The virtual node the request is addressed to (see [`addressed_ips`]).
+async fn addressed_node(
+    ctx: &Context,
+    request: &Request<Incoming>,
+    local: SocketAddr,
+) -> Result<Node, Reply> {
     let host = request
         .headers()
         .get(hyper::header::HOST)
         .and_then(|h| h.to_str().ok())
-        .or_else(|| request.uri().host())
-        .unwrap_or_default();
-    let ip = host
-        .rsplit_once(':')
-        .map_or(host, |(ip, _)| ip)
-        .trim_matches(['[', ']']);
+        .or_else(|| request.uri().host());
+    let ips = addressed_ips(host, local);
     let nodes: Api<Node> = Api::all(ctx.client.clone());
     let virtual_nodes = nodes
         .list(&ListParams::default().labels(labels::POOL))
         .await
         .map_err(|e| Reply::unavailable(format!("listing nodes: {e}")))?;
-    virtual_nodes
-        .items
-        .into_iter()
-        .find(|node| {
-            node.status
-                .as_ref()
-                .and_then(|s| s.addresses.as_ref())
-                .is_some_and(|a| a.iter().any(|a| a.type_ == "InternalIP" && a.address == ip))
-        })
-        .ok_or_else(|| Reply::not_found(format!("no virtual node has the address {ip:?}")))
+    let has = |node: &Node, ip: &str| {
+        node.status
+            .as_ref()
+            .and_then(|s| s.addresses.as_ref())
+            .is_some_and(|a| a.iter().any(|a| a.type_ == "InternalIP" && a.address == ip))
+    };
+    ips.iter()
+        .find_map(|ip| virtual_nodes.items.iter().find(|node| has(node, ip)))
+        .cloned()
+        .ok_or_else(|| Reply::not_found(format!("no virtual node has the address {:?}", ips[0])))
 }
 
 /// The pod (on `node`) and a connection to its instance's agent.
@@ -288,6 +312,7 @@ async fn route(
     ctx: Arc<Context>,
     auth: Arc<auth::Authenticator>,
     certified: Option<auth::Caller>,
+    local: SocketAddr,
     request: Request<Incoming>,
 ) -> Result<Response<Body>, Reply> {
     let caller = auth.authenticate(certified.as_ref(), request.headers()).await?;
@@ -304,7 +329,7 @@ async fn route(
     if method == Method::GET && path == ["healthz"] {
         return Ok(text(StatusCode::OK, "ok"));
     }
-    let node = addressed_node(&ctx, &request).await?;
+    let node = addressed_node(&ctx, &request, local).await?;
     let node_name = node.name_any();
     let (verb, subresource) = auth::attributes(&method, request.uri().path());
     auth.authorize(&caller, verb, subresource, &node_name).await?;
@@ -318,6 +343,9 @@ async fn route(
         (Method::GET | Method::POST, ["attach", namespace, name, container]) => {
             let target = exec::Target::new(&node_name, namespace, name, container);
             exec::attach(ctx.clone(), request, target, query).await
+        }
+        (Method::GET | Method::POST, ["portForward", rest @ ..]) => {
+            portforward::port_forward(ctx.clone(), request, &node_name, rest, &query).await
         }
         (Method::GET, ["stats", "summary"]) => stats::summary(&ctx, &node).await,
         (_, _) => Err(Reply::not_found(format!(
@@ -358,6 +386,9 @@ impl KubeletServer {
                     },
                 };
                 let (ctx, auth) = (ctx.clone(), auth.clone());
+                let Ok(local) = stream.get_ref().0.local_addr() else {
+                    continue;
+                };
                 tokio::spawn(async move {
                     // A presented certificate was verified against the client CA in the handshake.
                     let certified = stream
@@ -370,7 +401,7 @@ impl KubeletServer {
                         let (ctx, auth, certified) = (ctx.clone(), auth.clone(), certified.clone());
                         async move {
                             let path = request.uri().path().to_string();
-                            let response = route(ctx, auth, certified, request).await.unwrap_or_else(|reply| {
+                            let response = route(ctx, auth, certified, local, request).await.unwrap_or_else(|reply| {
                                 tracing::debug!(%path, status = %reply.0, message = %reply.1, "kubelet API request failed");
                                 reply.into_response()
                             });
@@ -402,6 +433,26 @@ mod tests {
 
     fn pod(status: serde_json::Value) -> Pod {
         serde_json::from_value(serde_json::json!({"metadata": {"name": "bad"}, "status": status})).unwrap()
+    }
+
+    #[test]
+    fn a_request_is_for_the_node_its_host_names_or_the_address_it_reached() {
+        let local: SocketAddr = "127.0.0.2:10250".parse().unwrap();
+        assert_eq!(addressed_ips(Some("10.0.1.7:10250"), local), ["10.0.1.7"]);
+        assert_eq!(addressed_ips(Some("10.0.1.7"), local), ["10.0.1.7"]);
+        assert_eq!(addressed_ips(Some("[fd00::7]:10250"), local), ["fd00::7"]);
+        assert_eq!(addressed_ips(Some("fd00::1:7"), local), ["fd00::1:7"]);
+        // The API server's own address, passed on by a proxied upgrade: the connection's first.
+        assert_eq!(
+            addressed_ips(Some("127.0.0.1:6443"), local),
+            ["127.0.0.2", "127.0.0.1"]
+        );
+        assert_eq!(addressed_ips(None, local), ["127.0.0.2"]);
+        let mapped: SocketAddr = "[::ffff:10.0.1.9]:10250".parse().unwrap();
+        assert_eq!(
+            addressed_ips(Some("api.example.com:443"), mapped),
+            ["10.0.1.9", "api.example.com"]
+        );
     }
 
     #[test]
