@@ -155,3 +155,81 @@ EOF
   "$kubectl" -n "$ns" delete pod server --wait=false >/dev/null
   rm -rf "$dir"
 }
+
+# sa_kubeconfig <namespace> <serviceaccount> <file>: a kubeconfig that authenticates as the
+# ServiceAccount (a 2 h token from the TokenRequest API), for a process run outside the cluster.
+sa_kubeconfig() {
+  local ns=$1 sa=$2 file=$3 token ca
+  token=$("$kubectl" -n "$ns" create token "$sa" --duration=2h)
+  ca=$(mktemp)
+  "$kubectl" config view --raw --minify -o jsonpath='{.clusters[0].cluster.certificate-authority-data}' | base64 -d >"$ca"
+  KUBECONFIG="$file" "$kubectl" config set-cluster e2e --server="$server" --certificate-authority="$ca" --embed-certs >/dev/null
+  KUBECONFIG="$file" "$kubectl" config set-credentials "$sa" --token="$token" >/dev/null
+  KUBECONFIG="$file" "$kubectl" config set-context e2e --cluster=e2e --user="$sa" >/dev/null
+  KUBECONFIG="$file" "$kubectl" config use-context e2e >/dev/null
+  rm -f "$ca"
+}
+
+# start_metrics_server <dir>: the real metrics-server on the host, registered as the cluster's
+# metrics.k8s.io (e2e/metrics-server.yaml), scraping every node's kubelet API at the address and
+# port the node publishes (InternalIP, daemonEndpoints), every 10 s; sets metrics_server_pid.
+start_metrics_server() {
+  local dir=$1 port
+  port=$(free_port)
+  mkdir -p "$dir"
+  sed "s/METRICS_SERVER_PORT/$port/" "$root/e2e/metrics-server.yaml" | "$kubectl" apply -f - >/dev/null
+  sa_kubeconfig kube-system metrics-server "$dir/kubeconfig"
+  "$root/.tools/bin/metrics-server" --secure-port="$port" --bind-address=127.0.0.1 --cert-dir="$dir/certs" \
+    --kubeconfig="$dir/kubeconfig" --authentication-kubeconfig="$dir/kubeconfig" \
+    --authorization-kubeconfig="$dir/kubeconfig" --kubelet-insecure-tls \
+    --kubelet-preferred-address-types=InternalIP --kubelet-use-node-status-port \
+    --metric-resolution=10s --kubelet-request-timeout=5s >"$dir/metrics-server.log" 2>&1 &
+  metrics_server_pid=$!
+}
+# Unregisters metrics.k8s.io first: an aggregated API that is registered but down fails the
+# namespace controller's discovery, and no namespace could be deleted.
+stop_metrics_server() {
+  [ -n "${metrics_server_pid:-}" ] || return 0
+  "$kubectl" delete apiservice v1beta1.metrics.k8s.io --ignore-not-found >/dev/null 2>&1 || true
+  kill "$metrics_server_pid" 2>/dev/null || true
+  wait "$metrics_server_pid" 2>/dev/null || true
+  metrics_server_pid=
+}
+
+# check_kubectl_top <namespace> <metrics-server dir>: a pod that uses some CPU; kubectl top pod
+# and kubectl top node show its usage and its node's, as metrics-server computed them from the
+# kubelet API's /metrics/resource. Removes its pod.
+check_kubectl_top() {
+  local ns=$1 dir=$2 node pod_top node_top
+  "$kubectl" -n "$ns" apply -f - >/dev/null <<'EOF'
+apiVersion: v1
+kind: Pod
+metadata: {name: busy}
+spec:
+  nodeSelector: {type: virtual-kubelet}
+  tolerations: [{key: virtual-kubelet.io/provider, operator: Exists}]
+  containers:
+    - name: work
+      image: local/shell
+      command: [/bin/sh, -c, 'while true; do i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done; sleep 1; done']
+EOF
+  "$kubectl" -n "$ns" wait --for=condition=Ready pod/busy --timeout=90s >/dev/null
+  node=$("$kubectl" -n "$ns" get pod busy -o jsonpath='{.spec.nodeName}')
+  top_pod() { "$kubectl" -n "$ns" top pod busy --no-headers | grep -Eq '^busy +[1-9][0-9]*m +[1-9][0-9]*Mi *$'; }
+  top_node() { "$kubectl" top node "$node" --no-headers | grep -Eq "^$node +[1-9][0-9]*m +[0-9]+% +[1-9][0-9]*Mi +[0-9]+% *$"; }
+  local deadline=$((SECONDS + 120))
+  until top_pod && top_node; do
+    if [ $SECONDS -ge $deadline ] || ! kill -0 "$metrics_server_pid" 2>/dev/null; then
+      "$kubectl" -n "$ns" top pod busy || true
+      "$kubectl" top node || true
+      tail -n 30 "$dir/metrics-server.log" >&2
+      fail "kubectl top showed no usage for pod busy and node $node in 120 s"
+    fi
+    sleep 2
+  done
+  pod_top=$("$kubectl" -n "$ns" top pod busy --no-headers)
+  node_top=$("$kubectl" top node "$node" --no-headers)
+  say "kubectl top pod: $(echo $pod_top)"
+  say "kubectl top node: $(echo $node_top)"
+  "$kubectl" -n "$ns" delete pod busy --wait=false >/dev/null
+}

@@ -8,7 +8,8 @@
 #     the real RBAC authorizer checks the chart grants enough;
 #  3. a pool's nodes Ready under the real node lifecycle controller; a Deployment of 3 scheduled
 #     by kube-scheduler, each pod Running and Ready on its own instance; logs -f, exec, attach
-#     and port-forward through the API server's kubelet proxy; scale 1 and back; rollout restart;
+#     and port-forward through the API server's kubelet proxy; kubectl top through the real
+#     metrics-server scraping the kubelet API; scale 1 and back; rollout restart;
 #  4. the operator stopped past the node lease: nodes Unknown and tainted by the real node
 #     lifecycle controller, back Ready on restart with no instance relaunched; stopped past a
 #     short tolerationSeconds: pods evicted, their instances terminated, replacements on new
@@ -43,6 +44,7 @@ fail() {
 }
 
 cleanup() {
+  stop_metrics_server
   stop_operator
   stop_control_plane
   # Any agent the scenarios left running (a failure): killed by process group, state removed.
@@ -138,13 +140,7 @@ phase "helm install and upgrade"
 [[ "$("$helm" status ec2-kubelet --namespace "$release_ns")" == *"REVISION: 2"* ]] || fail "not at revision 2"
 
 phase "the operator as the chart's ServiceAccount"
-token=$("$kubectl" -n "$release_ns" create token ec2-kubelet --duration=2h)
-"$kubectl" config view --raw --minify -o jsonpath='{.clusters[0].cluster.certificate-authority-data}' | base64 -d >"$work/ca.crt"
-KUBECONFIG="$work/operator.kubeconfig" "$kubectl" config set-cluster e2e --server="$server" \
-  --certificate-authority="$work/ca.crt" --embed-certs >/dev/null
-KUBECONFIG="$work/operator.kubeconfig" "$kubectl" config set-credentials operator --token="$token" >/dev/null
-KUBECONFIG="$work/operator.kubeconfig" "$kubectl" config set-context e2e --cluster=e2e --user=operator >/dev/null
-KUBECONFIG="$work/operator.kubeconfig" "$kubectl" config use-context e2e >/dev/null
+sa_kubeconfig "$release_ns" ec2-kubelet "$work/operator.kubeconfig"
 kubelet_port=$(free_port)
 cat >"$work/operator.yaml" <<EOF
 clusterName: e2e
@@ -248,6 +244,11 @@ say "kubectl logs bad: $out"
 
 phase "kubectl port-forward through the API server"
 check_port_forward "$app_ns"
+
+phase "kubectl top through the real metrics-server"
+start_metrics_server "$work/metrics-server"
+check_kubectl_top "$app_ns" "$work/metrics-server"
+stop_metrics_server
 
 phase "scale to 1 and back to 3"
 "$kubectl" -n "$app_ns" scale deploy/web --replicas=1

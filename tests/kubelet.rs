@@ -178,6 +178,30 @@ async fn kubectl_logs_exec_and_stats_reach_the_pods_agent_through_the_kubelet_ap
             > 0
     );
     assert!(stats["cpu"]["time"].is_string());
+    // /metrics/resource, what metrics-server scrapes (it needs nodes/metrics): the container's
+    // usage with the time its agent sampled it.
+    grant_node_subresource(&client, "metrics-server", "metrics").await;
+    let (status, body) = common::kubelet_get(
+        address,
+        &host,
+        "/metrics/resource",
+        common::As::Token(&metrics_token),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let memory = body
+        .lines()
+        .find_map(|line| {
+            line.strip_prefix(
+                "container_memory_working_set_bytes{container=\"main\",namespace=\"default\",pod=\"talker\"} ",
+            )
+        })
+        .unwrap_or_else(|| panic!("no working set for talker's container in\n{body}"));
+    let (bytes, sampled_ms) = memory.split_once(' ').unwrap();
+    assert!(bytes.parse::<f64>().unwrap() > 0.0, "{memory}");
+    assert!(sampled_ms.parse::<i64>().unwrap() > 1_700_000_000_000, "{memory}");
+    assert!(body.contains("\nnode_cpu_usage_seconds_total "), "{body}");
     let (status, body) = common::kubelet_get(
         kubelet.address,
         &format!("10.255.255.1:{}", kubelet.address.port()),

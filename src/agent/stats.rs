@@ -44,7 +44,7 @@ pub fn process_alive(pid: i32) -> bool {
     stat_fields(&stat).is_none_or(|fields| fields.first() != Some(&"Z"))
 }
 
-/// Usage of every process whose process group is `pgid`.
+/// Usage of every process whose process group is `pgid`, with its reaped children's CPU time.
 pub fn group_usage(pgid: i32) -> GroupUsage {
     let mut usage = GroupUsage::default();
     let Ok(entries) = std::fs::read_dir("/proc") else {
@@ -61,12 +61,14 @@ pub fn group_usage(pgid: i32) -> GroupUsage {
         let Some(fields) = stat_fields(&stat) else {
             continue;
         };
-        // After the name: state(0) ppid(1) pgrp(2) ... utime(11) stime(12) ... rss(21)
+        // After the name: state(0) ppid(1) pgrp(2) ... utime(11) stime(12) cutime(13)
+        // cstime(14) ... rss(21). The children's times are those of reaped children: a shell
+        // loop's short-lived commands count, as a cgroup counts them.
         if fields.get(2).and_then(|g| g.parse::<i32>().ok()) != Some(pgid) || fields.first() == Some(&"Z") {
             continue;
         }
         let number = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
-        let ticks = number(11) + number(12);
+        let ticks = number(11) + number(12) + number(13) + number(14);
         usage.cpu_nanoseconds += ticks * 1_000_000_000 / clock_ticks_per_second();
         usage.memory_bytes += number(21) * page_size();
         usage.processes += 1;
@@ -85,6 +87,33 @@ mod tests {
         let usage = group_usage(pgid);
         assert!(usage.processes >= 1);
         assert!(usage.memory_bytes > 0);
+    }
+
+    #[test]
+    fn reaped_childrens_cpu_time_counts() {
+        use std::os::unix::process::CommandExt;
+        let dir = tempfile::tempdir().unwrap();
+        let done = dir.path().join("done");
+        // A subshell that burns CPU and is reaped; then only `sh` and `sleep` are left, idle.
+        let script = format!(
+            "(i=0; while [ $i -lt 300000 ]; do i=$((i+1)); done); touch {}; sleep 30",
+            done.display()
+        );
+        let mut group = std::process::Command::new("/bin/sh")
+            .args(["-c", &script])
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        while !done.exists() {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let usage = group_usage(group.id() as i32);
+        let _ = group.kill();
+        let _ = group.wait();
+        assert!(
+            usage.cpu_nanoseconds >= 20_000_000,
+            "the reaped subshell's CPU time: {usage:?}"
+        );
     }
 
     #[test]

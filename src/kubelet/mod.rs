@@ -10,6 +10,7 @@
 //! | `GET/POST /attach/{ns}/{pod}/{container}` | `GetLogs` with follow: the container's output (read-only) |
 //! | `GET/POST /portForward/{ns}/{pod}` | `PortForward` per connection, over SPDY (`portforward.k8s.io`) or WebSocket (`?port=`) |
 //! | `GET /stats/summary` | `GetStats` of every pod on the node the request is addressed to |
+//! | `GET /metrics/resource` | the same, as the Prometheus resource metrics metrics-server scrapes |
 //! | `GET /healthz` | none |
 //!
 //! Every caller is authenticated (client certificate or bearer token) and authorized for
@@ -348,6 +349,7 @@ async fn route(
             portforward::port_forward(ctx.clone(), request, &node_name, rest, &query).await
         }
         (Method::GET, ["stats", "summary"]) => stats::summary(&ctx, &node).await,
+        (Method::GET, ["metrics", "resource"]) => stats::metrics_resource(&ctx, &node).await,
         (_, _) => Err(Reply::not_found(format!(
             "{} is not served by the ec2-kubelet kubelet API",
             request.uri().path()
