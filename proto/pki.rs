@@ -472,8 +472,18 @@ pub fn tls_incoming(
 ) -> tokio_stream::wrappers::ReceiverStream<
     std::io::Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>,
 > {
+    tls_incoming_with(listener, move |_| config.clone())
+}
+
+/// [`tls_incoming`] with the configuration `choose` picks for each connection (by the address
+/// it was made to, say: one listener serving several identities).
+pub fn tls_incoming_with(
+    listener: tokio::net::TcpListener,
+    choose: impl Fn(&tokio::net::TcpStream) -> Arc<rustls::ServerConfig> + Send + Sync + 'static,
+) -> tokio_stream::wrappers::ReceiverStream<
+    std::io::Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>,
+> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
-    let acceptor = tokio_rustls::TlsAcceptor::from(config);
     let mut backoff = crate::net::AcceptBackoff::default();
     tokio::spawn(async move {
         loop {
@@ -482,7 +492,8 @@ pub fn tls_incoming(
                 _ = tx.closed() => return,
                 accepted = backoff.accept("TLS", || listener.accept()) => accepted,
             };
-            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            let acceptor = tokio_rustls::TlsAcceptor::from(choose(&stream));
+            let tx = tx.clone();
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                     Ok(Ok(tls)) => {

@@ -164,8 +164,8 @@ pub struct ServerConfig {
     pub kubelet_address: String,
     /// Agents' enrollment endpoint (gRPC over TLS), with `agentTls.mode: mutual`.
     pub enroll_address: String,
-    /// PEM certificate chain the kubelet API serves (with `kubeletTlsKeyFile`); default: a
-    /// self-signed certificate made at start.
+    /// PEM certificate chain the kubelet API serves for every node (with `kubeletTlsKeyFile`);
+    /// when set, `kubeletServing` is not used.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kubelet_tls_cert_file: Option<PathBuf>,
     /// PEM private key of `kubeletTlsCertFile`.
@@ -173,6 +173,43 @@ pub struct ServerConfig {
     pub kubelet_tls_key_file: Option<PathBuf>,
     /// Who may call the kubelet API, and how they prove it.
     pub kubelet_auth: KubeletAuthConfig,
+    /// Where each virtual node's kubelet serving certificate comes from (without
+    /// `kubeletTlsCertFile`).
+    pub kubelet_serving: KubeletServingConfig,
+}
+
+/// Each virtual node's kubelet serving certificate, as a kubelet with `serverTLSBootstrap`
+/// gets it: a CertificateSigningRequest to `kubernetes.io/kubelet-serving` (subject
+/// `system:node:<node>` in `system:nodes`, the node's name and InternalIP as SANs), signed by the
+/// cluster's CA, kept in a Secret per node and renewed before it expires. Until it is issued,
+/// and with `mode: SelfSigned`, the node serves a self-signed certificate.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct KubeletServingConfig {
+    pub mode: KubeletServingMode,
+    /// Approve the operator's own CSRs (after checking they are its nodes'), as no built-in
+    /// controller approves kubelet-serving requests. Off: an approver of the cluster's does.
+    pub approve: bool,
+}
+
+impl Default for KubeletServingConfig {
+    fn default() -> Self {
+        KubeletServingConfig {
+            mode: KubeletServingMode::Csr,
+            approve: true,
+        }
+    }
+}
+
+/// Where the kubelet serving certificates come from.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KubeletServingMode {
+    /// A certificate per node from the cluster's `kubernetes.io/kubelet-serving` signer.
+    #[serde(rename = "CSR")]
+    Csr,
+    /// One self-signed certificate made at start (API servers without
+    /// `--kubelet-certificate-authority` accept it).
+    SelfSigned,
 }
 
 /// Authentication and authorization of the kubelet API's callers, as a kubelet's
@@ -225,6 +262,7 @@ impl Default for ServerConfig {
             kubelet_tls_cert_file: None,
             kubelet_tls_key_file: None,
             kubelet_auth: KubeletAuthConfig::default(),
+            kubelet_serving: KubeletServingConfig::default(),
         }
     }
 }

@@ -80,6 +80,9 @@ async fn run_controller(ctx: Arc<Context>) {
         .map_ok(pool::PodPlacement::event);
     let pod_store = reflector::reflector(pod_writer, pod_events).for_each(|_| std::future::ready(()));
     let warm_pools = crate::warm::run(ctx.clone(), reader.clone());
+    // Serving certificates are issued while this replica leads.
+    let _serving = serving_certificates_from_csr(&ctx.config)
+        .then(|| crate::task::AbortOnDrop(tokio::spawn(crate::kubelet::serving::run(ctx.clone()))));
     let referring = reader.clone();
     let pool_controller = Controller::for_stream(pool_events, reader)
         .owns_stream(node_events)
@@ -217,19 +220,33 @@ pub async fn run(ctx: Arc<Context>, mut stop: watch::Receiver<bool>) {
     }
 }
 
-/// Starts the kubelet API of the virtual nodes on `server.kubeletAddress`, with the configured
-/// serving certificate or a self-signed one, and its callers' authentication (`server.kubeletAuth`).
+/// Whether each virtual node gets its serving certificate from the cluster's kubelet-serving
+/// signer (`server.kubeletServing.mode: CSR` and no `kubeletTlsCertFile`).
+pub fn serving_certificates_from_csr(config: &crate::config::OperatorConfig) -> bool {
+    config.server.kubelet_tls_cert_file.is_none()
+        && config.server.kubelet_serving.mode == crate::config::KubeletServingMode::Csr
+}
+
+/// Starts the kubelet API of the virtual nodes on `server.kubeletAddress`: with the configured
+/// certificate, or each node's from the cluster's signer (`server.kubeletServing`) with a
+/// self-signed one until it is issued; and its callers' authentication (`server.kubeletAuth`).
 pub async fn start_kubelet(ctx: Arc<Context>) -> Result<crate::kubelet::KubeletServer, String> {
     let server = &ctx.config.server;
     let auth = crate::kubelet::auth::Authenticator::new(ctx.client.clone(), server.kubelet_auth.clone());
     let client_ca = auth.client_ca().await?;
-    let tls = crate::kubelet::tls::server_config(
+    let fallback = crate::kubelet::tls::server_config(
         server.kubelet_tls_cert_file.as_deref(),
         server.kubelet_tls_key_file.as_deref(),
         client_ca.as_deref(),
     )?;
+    let certificates = crate::kubelet::serving::Certificates::new(fallback, client_ca);
+    let follow = serving_certificates_from_csr(&ctx.config).then(|| {
+        certificates
+            .clone()
+            .watch(ctx.client.clone(), ctx.config.namespace.clone())
+    });
     let address = server.kubelet_address.clone();
-    crate::kubelet::KubeletServer::start(ctx, &address, tls, Arc::new(auth))
+    crate::kubelet::KubeletServer::start(ctx, &address, certificates, follow, Arc::new(auth))
         .await
         .map_err(|e| format!("serving the kubelet API on {address}: {e}"))
 }

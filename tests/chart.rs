@@ -290,9 +290,23 @@ async fn the_chart_grants_exactly_what_the_operator_uses() {
     // when the same event repeats (its series count), and no event repeats here; the dev
     // cluster adds no kube-api-access volume to pods, so no service-account token is requested
     // (make e2e exercises both grants on the real control plane, as the chart's ServiceAccount).
+    // Nor has it a CSR signer: the tests' operators serve self-signed certificates, and make
+    // e2e requests, approves and stores serving certificates as the chart's ServiceAccount
+    // (`approve` on the signer is checked by the API server's admission, not requested).
     let not_exercised = [
         ("events.k8s.io", "events", "patch"),
         ("", "serviceaccounts/token", "create"),
+        ("certificates.k8s.io", "certificatesigningrequests", "create"),
+        ("certificates.k8s.io", "certificatesigningrequests", "get"),
+        (
+            "certificates.k8s.io",
+            "certificatesigningrequests/approval",
+            "patch",
+        ),
+        ("certificates.k8s.io", "signers", "approve"),
+        ("", "secrets", "list"),
+        ("", "secrets", "watch"),
+        ("", "secrets", "patch"),
     ];
     let unused: Vec<_> = cluster_wide
         .iter()

@@ -331,6 +331,8 @@ impl Operator {
             };
             // Simulated agents share gRPC servers: plain text (the figures leave TLS out).
             operator_config.agent_tls.mode = ec2_kubelet::config::AgentTlsMode::Disabled;
+            // The dev cluster has no CSR signer; the figures leave serving certificates out.
+            operator_config.server.kubelet_serving.mode = ec2_kubelet::config::KubeletServingMode::SelfSigned;
             let ctx = Arc::new(Context::new(client, compute, operator_config, IDENTITY));
             ec2_kubelet::operator::run(ctx, stopped).await;
         });

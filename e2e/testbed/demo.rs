@@ -292,6 +292,11 @@ pub async fn start(options: &DemoOptions) -> Result<Demo, String> {
         kubelet_address = probe.local_addr().map_err(|e| e.to_string())?;
     }
     config.server.kubelet_address = kubelet_address.to_string();
+    // Serving certificates from the cluster's CSR signer on the real control plane; the dev
+    // cluster has none.
+    if matches!(cluster, Cluster::Dev(_)) {
+        config.server.kubelet_serving.mode = ec2_kubelet::config::KubeletServingMode::SelfSigned;
+    }
     // Agents enroll on loopback.
     config.server.enroll_address = "127.0.0.1:0".into();
     let namespaces: Api<Namespace> = Api::all(client.clone());

@@ -20,6 +20,7 @@
 pub mod auth;
 mod exec;
 mod portforward;
+pub mod serving;
 mod spdy;
 mod stats;
 pub mod tls;
@@ -365,19 +366,29 @@ pub struct KubeletServer {
 }
 
 impl KubeletServer {
-    /// Binds `address` and serves the kubelet API over TLS.
+    /// Binds `address` and serves the kubelet API over TLS, each connection with the
+    /// certificate of the node whose address it was made to; `follow` (run while the server
+    /// runs) keeps `certificates` up to date.
     pub async fn start(
         ctx: Arc<Context>,
         address: &str,
-        tls: Arc<rustls::ServerConfig>,
+        certificates: Arc<serving::Certificates>,
+        follow: Option<impl std::future::Future<Output = ()> + Send + 'static>,
         auth: Arc<auth::Authenticator>,
     ) -> std::io::Result<KubeletServer> {
         let listener = tokio::net::TcpListener::bind(address).await?;
+        let following = follow.map(tokio::spawn);
         let address = listener.local_addr()?;
         // Handshakes each in their own task and bounded in time, accept errors backed off.
-        let mut incoming = ec2_kubelet_protocol::pki::tls_incoming(listener, tls);
+        let mut incoming =
+            ec2_kubelet_protocol::pki::tls_incoming_with(listener, move |stream| match stream.local_addr() {
+                Ok(local) => certificates.for_address(local.ip()),
+                Err(_) => certificates.for_address(std::net::Ipv4Addr::UNSPECIFIED.into()),
+            });
         let (stop, mut stopped) = watch::channel(false);
         let task = tokio::spawn(async move {
+            // Certificates are followed as long as connections are taken.
+            let _following = following.map(crate::task::AbortOnDrop);
             loop {
                 let stream = tokio::select! {
                     _ = stopped.changed() => return,

@@ -37,6 +37,16 @@ pub fn server_config(
             );
         }
     };
+    with_certificate(certs, key, client_ca)
+}
+
+/// A kubelet API server configuration serving `certs` (a chain) with `key`; client
+/// certificates as [`server_config`] says.
+pub fn with_certificate(
+    certs: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    client_ca: Option<&str>,
+) -> Result<Arc<rustls::ServerConfig>, String> {
     let builder = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?;
@@ -58,6 +68,19 @@ pub fn server_config(
         .map_err(|e| format!("kubelet serving certificate: {e}"))?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
+}
+
+/// [`with_certificate`] from PEM text (a chain and its key).
+pub fn with_pem_certificate(
+    cert_pem: &[u8],
+    key_pem: &[u8],
+    client_ca: Option<&str>,
+) -> Result<Arc<rustls::ServerConfig>, String> {
+    let certs = CertificateDer::pem_slice_iter(cert_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("certificate: {e}"))?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| format!("key: {e}"))?;
+    with_certificate(certs, key, client_ca)
 }
 
 /// A self-signed certificate for `ec2-kubelet`, `localhost` and 127.0.0.1.

@@ -681,6 +681,8 @@ pub fn fast_config() -> ec2_kubelet::config::OperatorConfig {
     config.lease.renew_interval_seconds = 1;
     config.sync.node_status_seconds = 2;
     config.server.enroll_address = enroll_address();
+    // The dev cluster has no CSR signer (make e2e checks serving certificates from one).
+    config.server.kubelet_serving.mode = ec2_kubelet::config::KubeletServingMode::SelfSigned;
     config
 }
 
