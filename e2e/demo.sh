@@ -53,6 +53,9 @@ echoed=$(echo "piped" | "$kubectl" exec -i hello -- cat)
 # kubectl exec -it on a terminal (e2e/terminal.py): prompt, tty, size and resize, Ctrl-D.
 term_out=$(python3 e2e/terminal.py "$kubectl" exec -it hello -- sh -i 2>&1) || fail "kubectl exec -it: $term_out"
 
+# kubectl attach -it to a container with a terminal (tty: true, stdin: true), e2e/lib.sh.
+check_attach_terminal default
+
 # kubectl port-forward (e2e/lib.sh): a pod's HTTP server reached by two connections at once,
 # and a closed port named in kubectl's error.
 check_port_forward default

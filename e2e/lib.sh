@@ -170,18 +170,19 @@ sa_kubeconfig() {
   rm -f "$ca"
 }
 
-# start_metrics_server <dir>: the real metrics-server on the host, registered as the cluster's
-# metrics.k8s.io (e2e/metrics-server.yaml), scraping every node's kubelet API at the address and
-# port the node publishes (InternalIP, daemonEndpoints), every 10 s; sets metrics_server_pid.
+# start_metrics_server <dir> <kubelet CA>: the real metrics-server on the host, registered as the
+# cluster's metrics.k8s.io (e2e/metrics-server.yaml), scraping every node's kubelet API at the
+# address and port the node publishes (InternalIP, daemonEndpoints) every 10 s, verifying its
+# certificate with the CA; sets metrics_server_pid.
 start_metrics_server() {
-  local dir=$1 port
+  local dir=$1 kubelet_ca=$2 port
   port=$(free_port)
   mkdir -p "$dir"
   sed "s/METRICS_SERVER_PORT/$port/" "$root/e2e/metrics-server.yaml" | "$kubectl" apply -f - >/dev/null
   sa_kubeconfig kube-system metrics-server "$dir/kubeconfig"
   "$root/.tools/bin/metrics-server" --secure-port="$port" --bind-address=127.0.0.1 --cert-dir="$dir/certs" \
     --kubeconfig="$dir/kubeconfig" --authentication-kubeconfig="$dir/kubeconfig" \
-    --authorization-kubeconfig="$dir/kubeconfig" --kubelet-insecure-tls \
+    --authorization-kubeconfig="$dir/kubeconfig" --kubelet-certificate-authority="$kubelet_ca" \
     --kubelet-preferred-address-types=InternalIP --kubelet-use-node-status-port \
     --metric-resolution=10s --kubelet-request-timeout=5s >"$dir/metrics-server.log" 2>&1 &
   metrics_server_pid=$!
@@ -232,4 +233,48 @@ EOF
   say "kubectl top pod: $(echo $pod_top)"
   say "kubectl top node: $(echo $node_top)"
   "$kubectl" -n "$ns" delete pod busy --wait=false >/dev/null
+}
+
+# verify_kubelet_certificate <ip> <port> <CA file>: a TLS handshake with the kubelet API at the
+# node's address that verifies its certificate (chain to the CA, the IP among its SANs); prints
+# its subject and issuer.
+verify_kubelet_certificate() {
+  python3 - "$@" <<'PY'
+import socket, ssl, sys
+ip, port, ca = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+context = ssl.create_default_context(cafile=ca)
+with socket.create_connection((ip, port), timeout=10) as raw:
+    with context.wrap_socket(raw, server_hostname=ip) as tls:
+        cert = tls.getpeercert()
+name = lambda rdns: ", ".join(f"{k}={v}" for rdn in rdns for k, v in rdn)
+print(f"verified: subject {name(cert['subject'])}; issuer {name(cert['issuer'])}")
+PY
+}
+
+# check_attach_terminal <namespace>: kubectl attach -it to a container that runs `sh -i` on a
+# terminal of its own (tty: true, stdin: true), driven on a terminal of the test's own
+# (e2e/terminal.py --attach): a prompt, a tty, its size and a resize, Ctrl-D ending the shell,
+# whose exit code (1, from `false`) is the container's. Removes its pod.
+check_attach_terminal() {
+  local ns=$1 out
+  "$kubectl" -n "$ns" apply -f - >/dev/null <<'EOF'
+apiVersion: v1
+kind: Pod
+metadata: {name: console}
+spec:
+  restartPolicy: Never
+  nodeSelector: {type: virtual-kubelet}
+  tolerations: [{key: virtual-kubelet.io/provider, operator: Exists}]
+  containers:
+    - {name: shell, image: local/shell, command: [/bin/sh, -i], stdin: true, tty: true}
+EOF
+  "$kubectl" -n "$ns" wait --for=condition=Ready pod/console --timeout=90s >/dev/null
+  out=$(python3 "$root/e2e/terminal.py" --attach "$kubectl" -n "$ns" attach -it console 2>&1) \
+    || { echo "$out" >&2; fail "kubectl attach -it console"; }
+  say "$(tail -n 1 <<<"$out")"
+  console_exited() {
+    [ "$("$kubectl" -n "$ns" get pod console -o jsonpath='{.status.containerStatuses[0].state.terminated.exitCode}')" = "$1" ]
+  }
+  wait_for 30 "the attached shell's exit code (1) as the container's" console_exited 1
+  "$kubectl" -n "$ns" delete pod console --wait=false >/dev/null
 }

@@ -6,7 +6,8 @@
 #  1. the CRDs and every sample through the real schema and CEL checks; helm install, upgrade;
 #  2. the operator binary (local backend) outside the cluster as the chart's ServiceAccount, so
 #     the real RBAC authorizer checks the chart grants enough;
-#  3. a pool's nodes Ready under the real node lifecycle controller; a Deployment of 3 scheduled
+#  3. a pool's nodes Ready under the real node lifecycle controller, each with a serving
+#     certificate from the cluster's CSR signer, which the API server verifies; a Deployment of 3 scheduled
 #     by kube-scheduler, each pod Running and Ready on its own instance; logs -f, exec, attach
 #     and port-forward through the API server's kubelet proxy; kubectl top through the real
 #     metrics-server scraping the kubelet API; scale 1 and back; rollout restart;
@@ -100,6 +101,9 @@ being_deleted() { [ -n "$("$kubectl" -n "$app_ns" get "$1" -o jsonpath='{.metada
 node_count_is() { [ "$(virtual_nodes | grep -c . || true)" -eq "$1" ]; }
 eni_count_is() { [ "$(enis)" -eq "$1" ]; }
 no_pods() { [ -z "$("$kubectl" get pods -A -o name)" ]; }
+serving_certificates_are() {
+  [ "$("$kubectl" -n "$release_ns" get secrets -l ec2-kubelet.io/kubelet-serving -o name | grep -c . || true)" -eq "$1" ]
+}
 
 # ---------------------------------------------------------------------------------------------
 phase "building the operator and the control plane"
@@ -110,7 +114,10 @@ phase "starting the real control plane"
 # One ordinary node beside the virtual ones (heartbeated by the control plane as its kubelet
 # would): with every node of a cluster Unknown, the node lifecycle controller assumes it is
 # itself cut off and evicts nothing. A real cluster has the nodes the operator runs on.
-start_control_plane --node-monitor-period=2s --node-monitor-grace-period=20s --node=worker-a
+# The API server verifies kubelet serving certificates with the cluster CA, which signs the
+# virtual nodes' through their CSRs (kubernetes.io/kubelet-serving).
+start_control_plane --node-monitor-period=2s --node-monitor-grace-period=20s --node=worker-a \
+  --apiserver-arg=--kubelet-certificate-authority="$work/control-plane/pki/ca.crt"
 "$kubectl" version
 [[ "$("$kubectl" version -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)["serverVersion"]["gitVersion"])')" == v1.34.* ]] \
   || fail "the server is not Kubernetes v1.34"
@@ -165,6 +172,12 @@ phase "a pool of 2 virtual nodes, Ready under the node lifecycle controller"
 "$kubectl" apply -f config/samples/pool.yaml
 wait_for 90 "2 virtual nodes" node_count_is 2
 wait_for 60 "both nodes Ready" all_nodes_are True
+wait_for 60 "each node's serving certificate issued (CSR, kubernetes.io/kubelet-serving)" serving_certificates_are 2
+for node in $(virtual_nodes); do
+  ip=$("$kubectl" get node "$node" -o jsonpath='{.status.addresses[?(@.type=="InternalIP")].address}')
+  say "kubelet API of $node: $(verify_kubelet_certificate "$ip" "$kubelet_port" "$work/control-plane/pki/ca.crt")"
+done
+say "CSRs: $("$kubectl" get csr -o jsonpath='{range .items[*]}{.metadata.name} {.spec.signerName} {.status.conditions[0].type}{"\n"}{end}' | grep -c 'kubernetes.io/kubelet-serving Approved') approved kubelet-serving requests"
 sleep 25 # longer than the node monitor grace period: the nodes must stay Ready on their leases
 all_nodes_are True || fail "a node left Ready while the operator renews its lease"
 
@@ -221,6 +234,8 @@ grep -q '^tick ' <<<"$attached" || fail "kubectl attach printed: $attached"
 python3 e2e/terminal.py "$kubectl" -n "$app_ns" exec -it "$pod" -- sh -i >"$work/terminal.out" 2>&1 \
   || { cat "$work/terminal.out" >&2; fail "kubectl exec -it"; }
 say "$(tail -n 1 "$work/terminal.out")"
+# kubectl attach -it to a container with a terminal of its own (tty: true, stdin: true).
+check_attach_terminal "$app_ns"
 # A pod that fails before it has an instance: kubectl logs names why (a 400 from the kubelet
 # API, which the API server turns into a BadRequest with its text), not a NotFound.
 "$kubectl" -n "$app_ns" apply -f - <<'EOF'
@@ -246,7 +261,7 @@ phase "kubectl port-forward through the API server"
 check_port_forward "$app_ns"
 
 phase "kubectl top through the real metrics-server"
-start_metrics_server "$work/metrics-server"
+start_metrics_server "$work/metrics-server" "$work/control-plane/pki/ca.crt"
 check_kubectl_top "$app_ns" "$work/metrics-server"
 stop_metrics_server
 
@@ -312,6 +327,7 @@ phase "deleting the pool, helm uninstall: nothing left"
 "$kubectl" delete ec2nodepool default --timeout=120s
 wait_for 60 "no virtual node" node_count_is 0
 wait_for 30 "no ENI" eni_count_is 0
+wait_for 60 "the serving certificates gone with their nodes (garbage collector)" serving_certificates_are 0
 if grep -a 'forbidden: User "system:serviceaccount' "$operator_log"; then
   fail "the RBAC authorizer refused the chart's ServiceAccount a request (above)"
 fi

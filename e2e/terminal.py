@@ -4,7 +4,11 @@ terminal would: waits for the prompt, asks `tty` and `stty size`, resizes the te
 again, then types Ctrl-D after a failing command. Checks each answer and that kubectl ends with
 the shell's exit code (1, from `false`). Prints the transcript; exits 1 naming what was wrong.
 
-usage: terminal.py kubectl [args...] -- sh -i
+With --attach, drives `kubectl attach -it POD` to a container running `sh -i` with `tty: true`
+the same way: Enter first for a fresh prompt (the shell printed its first one before kubectl
+attached), and any exit code of kubectl's (the shell's is the container's, checked by the caller).
+
+usage: terminal.py [--attach] kubectl [args...]
 """
 import fcntl
 import os
@@ -25,6 +29,9 @@ def set_size(fd, rows, cols):
 
 def main():
     command = sys.argv[1:]
+    attach = command[:1] == ["--attach"]
+    if attach:
+        command = command[1:]
     pid, master = pty.fork()
     if pid == 0:
         set_size(0, 33, 101)  # the size kubectl reads at start and sends first
@@ -53,6 +60,9 @@ def main():
                     fail(f"kubectl ended before {what}")
                 transcript += data
 
+    if attach:
+        expect(rb"press(ing)? enter", "kubectl attach's hint")
+        os.write(master, b"\r")
     expect(rb"[#$] $", "prompt")
     os.write(master, b"tty\r")
     expect(rb"/dev/pts/\d+\r\n", "a tty device")
@@ -93,6 +103,9 @@ def main():
         fail("kubectl did not end after Ctrl-D")
     code = os.waitstatus_to_exitcode(status)
     sys.stdout.write(transcript.decode(errors="replace"))
+    if attach:
+        print(f"\nterminal.py: attached: prompt, tty, stty size 33 101 then 44 132 after a resize, Ctrl-D ended the shell (kubectl {code})")
+        return
     if code != 1:
         sys.exit(f"terminal.py: kubectl ended with {code}, not the shell's 1")
     print("\nterminal.py: prompt, tty, stty size 33 101 then 44 132 after a resize, Ctrl-D ended with 1")

@@ -7,11 +7,11 @@ use std::time::Duration;
 
 use ec2_kubelet_protocol::v1::agent_client::AgentClient;
 use ec2_kubelet_protocol::v1::{
-    ContainerSpec, ContainerStatus, EnvVar, ExecAction, ExecInput, ExecStart, File, FilesVolume,
-    GetLogsRequest, GetStatsRequest, HttpGetAction, LaunchPodRequest, PingRequest, PodPhase, PodSpec,
-    PodStatus, PortForwardInput, PortForwardStart, Probe, RestartPolicy, TerminalSize, TerminatePodRequest,
-    Volume, VolumeMount, WatchPodStatusRequest, container_state, exec_input, exec_output, port_forward_input,
-    probe, volume,
+    AttachInput, AttachStart, ContainerSpec, ContainerStatus, EnvVar, ExecAction, ExecInput, ExecStart, File,
+    FilesVolume, GetLogsRequest, GetStatsRequest, HttpGetAction, LaunchPodRequest, PingRequest, PodPhase,
+    PodSpec, PodStatus, PortForwardInput, PortForwardStart, Probe, RestartPolicy, TerminalSize,
+    TerminatePodRequest, Volume, VolumeMount, WatchPodStatusRequest, attach_input, attach_output,
+    container_state, exec_input, exec_output, port_forward_input, probe, volume,
 };
 use tonic::transport::Channel;
 
@@ -266,6 +266,141 @@ async fn exec_streams_stdin_stdout_stderr_and_the_exit_code() {
     assert_eq!(stdout, "hello stdin\nfrom-env\n");
     assert_eq!(stderr, "bad\n");
     assert_eq!(code, 7);
+}
+
+/// An attach call to `container` of `pod_uid`: a sender for its input, and its output.
+async fn attach(
+    client: &mut AgentClient<Channel>,
+    pod_uid: &str,
+    container: &str,
+) -> (
+    tokio::sync::mpsc::Sender<AttachInput>,
+    tonic::Streaming<ec2_kubelet_protocol::v1::AttachOutput>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let start = attach_input::Input::Start(AttachStart {
+        pod_uid: pod_uid.into(),
+        container: container.into(),
+    });
+    tx.send(AttachInput { input: Some(start) }).await.unwrap();
+    let outputs = client
+        .attach(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect("Attach")
+        .into_inner();
+    (tx, outputs)
+}
+
+/// Reads attach output until it contains every one of `wanted` (or the stream ends); returns it.
+async fn read_until(
+    outputs: &mut tonic::Streaming<ec2_kubelet_protocol::v1::AttachOutput>,
+    wanted: &[&str],
+) -> String {
+    let mut seen = Vec::new();
+    tokio::time::timeout(DEADLINE, async {
+        while !wanted.iter().all(|w| String::from_utf8_lossy(&seen).contains(w)) {
+            match outputs.message().await.expect("attach stream") {
+                Some(output) => match output.output {
+                    Some(attach_output::Output::Stdout(data) | attach_output::Output::Stderr(data)) => {
+                        seen.extend(data)
+                    }
+                    None => {}
+                },
+                None => break,
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no {wanted:?} in: {}", String::from_utf8_lossy(&seen)));
+    String::from_utf8_lossy(&seen).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attach_reaches_a_terminal_container_and_a_stdin_container() {
+    let mut f = start_agent().await;
+    // `tty: true`: the container runs on a terminal; attach types into it and resizes it.
+    let mut interactive = shell("main", "exec sh -i");
+    (interactive.tty, interactive.stdin) = (true, true);
+    launch(&mut f.client, pod("tty", RestartPolicy::Never, vec![interactive])).await;
+    watch_until(&mut f.client, "tty", |s| is_running(container(s, "main"))).await;
+    let (input, mut outputs) = attach(&mut f.client, "tty", "main").await;
+    let send = |i| AttachInput { input: Some(i) };
+    input
+        .send(send(attach_input::Input::Resize(TerminalSize {
+            width: 120,
+            height: 40,
+        })))
+        .await
+        .unwrap();
+    input
+        .send(send(attach_input::Input::Stdin(b"stty size; tty\n".to_vec())))
+        .await
+        .unwrap();
+    let seen = read_until(&mut outputs, &["40 120", "/dev/pts/"]).await;
+    assert!(seen.contains("\r\n"), "a terminal's output: {seen:?}");
+    input
+        .send(send(attach_input::Input::Stdin(b"exit 3\n".to_vec())))
+        .await
+        .unwrap();
+    // The shell's end ends the attach stream.
+    let ended = tokio::time::timeout(DEADLINE, async {
+        while outputs.message().await.expect("attach stream").is_some() {}
+    })
+    .await;
+    assert!(ended.is_ok(), "the attach stream ends with the container");
+    let statuses = watch_until(&mut f.client, "tty", |s| {
+        terminated(container(s, "main")).is_some()
+    })
+    .await;
+    let status = statuses.last().unwrap();
+    assert_eq!(terminated(container(status, "main")).unwrap().exit_code, 3);
+    // The terminal's output is the container's log (stdout), lines without their \r.
+    let logs = read_logs(
+        &mut f.client,
+        GetLogsRequest {
+            pod_uid: "tty".into(),
+            container: "main".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert!(logs.lines().any(|l| l.ends_with("40 120")), "{logs:?}");
+
+    // `stdin: true, stdinOnce: true` (no terminal): attach feeds the container's standard
+    // input, and its end closes it.
+    let mut cat = shell("main", "cat; echo cat-done");
+    (cat.stdin, cat.stdin_once) = (true, true);
+    launch(&mut f.client, pod("stdin", RestartPolicy::Never, vec![cat])).await;
+    watch_until(&mut f.client, "stdin", |s| is_running(container(s, "main"))).await;
+    let (input, mut outputs) = attach(&mut f.client, "stdin", "main").await;
+    input
+        .send(send(attach_input::Input::Stdin(
+            b"hello through attach\n".to_vec(),
+        )))
+        .await
+        .unwrap();
+    read_until(&mut outputs, &["hello through attach\n"]).await;
+    drop(input);
+    read_until(&mut outputs, &["cat-done"]).await;
+    let statuses = watch_until(&mut f.client, "stdin", |s| {
+        terminated(container(s, "main")).is_some()
+    })
+    .await;
+    let status = statuses.last().unwrap();
+    assert_eq!(terminated(container(status, "main")).unwrap().exit_code, 0);
+    // A container that is not running has nothing to attach to.
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let start = attach_input::Input::Start(AttachStart {
+        pod_uid: "stdin".into(),
+        container: "main".into(),
+    });
+    tx.send(AttachInput { input: Some(start) }).await.unwrap();
+    let refused = f
+        .client
+        .attach(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused:?}");
 }
 
 /// One port-forward call of `inputs` (after its start): the bytes the port sent, until the

@@ -26,10 +26,10 @@ use ec2_kubelet::cloud::{
 use ec2_kubelet::crd::{TagMap, tags};
 use ec2_kubelet_protocol::v1::agent_server::{Agent, AgentServer};
 use ec2_kubelet_protocol::v1::{
-    ContainerState, ContainerStatus, ExecInput, ExecOutput, GetLogsRequest, GetStatsRequest,
-    LaunchPodRequest, LaunchPodResponse, LogChunk, PingRequest, PingResponse, PodStats, PodStatus,
-    PortForwardInput, PortForwardOutput, TerminatePodRequest, TerminatePodResponse, WatchPodStatusRequest,
-    container_state,
+    AttachInput, AttachOutput, ContainerState, ContainerStatus, ExecInput, ExecOutput, GetLogsRequest,
+    GetStatsRequest, LaunchPodRequest, LaunchPodResponse, LogChunk, PingRequest, PingResponse, PodStats,
+    PodStatus, PortForwardInput, PortForwardOutput, TerminatePodRequest, TerminatePodResponse,
+    WatchPodStatusRequest, container_state,
 };
 
 /// An EC2 token bucket: `capacity` calls at once, refilled by `refill_per_second`.
@@ -754,6 +754,15 @@ impl Agent for SimAgents {
         &self,
         _: Request<Streaming<ExecInput>>,
     ) -> std::result::Result<Response<Self::ExecStream>, Status> {
+        Err(Status::unimplemented("simulated agents run no processes"))
+    }
+
+    type AttachStream = ServerStream<AttachOutput>;
+
+    async fn attach(
+        &self,
+        _: Request<Streaming<AttachInput>>,
+    ) -> std::result::Result<Response<Self::AttachStream>, Status> {
         Err(Status::unimplemented("simulated agents run no processes"))
     }
 

@@ -223,13 +223,14 @@ pub async fn run(
 }
 
 /// A pseudo-terminal pair.
-struct Terminal {
-    master: std::fs::File,
-    slave: OwnedFd,
+/// A pseudo-terminal: the master side for the agent (or shim), the slave side for the command.
+pub(crate) struct Terminal {
+    pub(crate) master: std::fs::File,
+    pub(crate) slave: OwnedFd,
 }
 
 impl Terminal {
-    fn open() -> std::io::Result<Terminal> {
+    pub(crate) fn open() -> std::io::Result<Terminal> {
         let (mut master, mut slave) = (-1, -1);
         // SAFETY: openpty writes two new descriptors, which we own from here on.
         let opened = unsafe {

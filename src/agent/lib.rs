@@ -2,6 +2,7 @@
 //! processes (each under a shim that owns its logs), reports their state, streams logs and
 //! runs exec sessions and port forwards. State lives in a directory, so a restarted agent re-adopts its pods.
 
+pub mod attach;
 pub mod enroll;
 pub mod exec;
 pub mod imds;

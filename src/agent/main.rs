@@ -89,6 +89,18 @@ enum ShimCommand {
         log_max_bytes: u64,
         #[arg(long)]
         working_dir: Option<PathBuf>,
+        /// Keep the container's standard input open for attach.
+        #[arg(long)]
+        stdin: bool,
+        /// Close it when the first attach ends.
+        #[arg(long)]
+        stdin_once: bool,
+        /// Run the container on a pseudo-terminal.
+        #[arg(long)]
+        tty: bool,
+        /// The Unix socket attach reaches the container's streams on.
+        #[arg(long)]
+        attach_socket: Option<PathBuf>,
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
@@ -101,6 +113,10 @@ fn main() -> ExitCode {
         log_file,
         log_max_bytes,
         working_dir,
+        stdin,
+        stdin_once,
+        tty,
+        attach_socket,
         command,
     }) = cli.shim
     {
@@ -110,6 +126,10 @@ fn main() -> ExitCode {
             log_max_bytes,
             working_dir,
             command,
+            stdin,
+            stdin_once,
+            tty,
+            attach_socket,
         });
         return ExitCode::from(code as u8);
     }

@@ -13,13 +13,14 @@ use tonic::{Request, Response, Status, Streaming};
 use super::logs::{FOLLOW_INTERVAL, LogFilter, read_and_follow};
 use super::proto::agent_server::{Agent, AgentServer};
 use super::proto::{
-    ContainerStats, ExecInput, ExecOutput, GetLogsRequest, GetStatsRequest, LaunchPodRequest,
-    LaunchPodResponse, LogChunk, PingRequest, PingResponse, PodStats, PodStatus, PortForwardInput,
-    PortForwardOutput, TerminatePodRequest, TerminatePodResponse, WatchPodStatusRequest, exec_input,
+    AttachInput, AttachOutput, ContainerStats, ExecInput, ExecOutput, GetLogsRequest, GetStatsRequest,
+    LaunchPodRequest, LaunchPodResponse, LogChunk, PingRequest, PingResponse, PodStats, PodStatus,
+    PortForwardInput, PortForwardOutput, TerminatePodRequest, TerminatePodResponse, WatchPodStatusRequest,
+    attach_input, attach_output, exec_input,
 };
 use super::runtime::Runtime;
 use super::state::now_ms;
-use super::{Error, exec, portforward, stats};
+use super::{Error, attach, exec, portforward, stats};
 
 type ServerStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
@@ -236,6 +237,79 @@ impl Agent for AgentService {
         let (tx, rx) = mpsc::channel(64);
         let runtime = self.runtime.clone();
         tokio::spawn(async move { exec::run(&runtime, start, inputs, tx).await });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    type AttachStream = ServerStream<AttachOutput>;
+
+    /// Connects to the shim of the container's current run, which holds its streams.
+    async fn attach(
+        &self,
+        request: Request<Streaming<AttachInput>>,
+    ) -> Result<Response<Self::AttachStream>, Status> {
+        let mut inputs = request.into_inner();
+        let start = match inputs.message().await? {
+            Some(AttachInput {
+                input: Some(attach_input::Input::Start(start)),
+            }) => start,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "attach: the first message must be `start`",
+                ));
+            }
+        };
+        let pod = self.runtime.pod(&start.pod_uid)?;
+        if !pod.spec.containers.iter().any(|c| c.name == start.container) {
+            return Err(Error::ContainerNotFound {
+                pod: start.pod_uid,
+                container: start.container,
+            }
+            .into());
+        }
+        let not_running =
+            || Status::failed_precondition(format!("container {} is not running", start.container));
+        let run = pod
+            .dir
+            .latest_run(&start.container)
+            .map(|n| pod.dir.run(&start.container, n))
+            .filter(|run| run.exit().is_none())
+            .ok_or_else(not_running)?;
+        let socket = tokio::net::UnixStream::connect(pod.attach_socket(&run))
+            .await
+            .map_err(|_| not_running())?;
+        let (mut from_shim, mut to_shim) = socket.into_split();
+        let (tx, rx) = mpsc::channel(64);
+        let upstream = tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            while let Ok(Some(input)) = inputs.message().await {
+                let frame = match input.input {
+                    Some(attach_input::Input::Stdin(data)) => attach::frame(attach::STDIN, &data),
+                    Some(attach_input::Input::Resize(size)) => attach::frame(
+                        attach::RESIZE,
+                        &attach::resize_payload(size.width as u16, size.height as u16),
+                    ),
+                    Some(attach_input::Input::CloseStdin(true)) => attach::frame(attach::CLOSE_STDIN, &[]),
+                    _ => continue,
+                };
+                if to_shim.write_all(&frame).await.is_err() {
+                    return;
+                }
+            }
+        });
+        tokio::spawn(async move {
+            while let Ok(Some((kind, data))) = attach::read_frame_async(&mut from_shim).await {
+                let output = match kind {
+                    attach::STDOUT => attach_output::Output::Stdout(data),
+                    attach::STDERR => attach_output::Output::Stderr(data),
+                    _ => continue,
+                };
+                if tx.send(Ok(AttachOutput { output: Some(output) })).await.is_err() {
+                    break;
+                }
+            }
+            // The run ended (or the client left): the client's input goes nowhere now.
+            upstream.abort();
+        });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 

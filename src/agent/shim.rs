@@ -6,13 +6,17 @@
 //!
 //! The container runs in its own process group (the agent signals the whole group) and dies
 //! with its shim (`PR_SET_PDEATHSIG` on Linux), so killing an instance leaves nothing behind.
+//! With `tty`, it runs on a pseudo-terminal whose master side the shim holds; with `stdin`, its
+//! standard input is a pipe the shim holds. Attach reaches both through the shim ([`attach`]).
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 
+use super::attach;
+use super::exec::Terminal;
 use super::state::{ExitRecord, RunDir, exit_code_and_signal, now_ms};
 
 /// What the shim needs to run one container run.
@@ -23,6 +27,14 @@ pub struct ShimArgs {
     pub log_max_bytes: u64,
     pub working_dir: Option<PathBuf>,
     pub command: Vec<String>,
+    /// Keep the container's standard input open for attach (closed after the first with
+    /// `stdin_once`).
+    pub stdin: bool,
+    pub stdin_once: bool,
+    /// Run the container on a pseudo-terminal of its own.
+    pub tty: bool,
+    /// Where attach reaches the container's streams (none: no attach).
+    pub attach_socket: Option<PathBuf>,
 }
 
 /// Appends CRI log lines to a file, rotating it to `<file>.1` when it grows past the limit.
@@ -79,22 +91,51 @@ pub fn rotated_path(log: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
-fn pump(reader: impl Read, stream: &'static str, log: Arc<Mutex<LogWriter>>) {
-    let mut reader = BufReader::new(reader);
+/// A line longer than this without a newline is logged in pieces.
+const MAX_LINE: usize = 16 * 1024;
+
+/// Copies one output stream of the container to the log, line by line, and raw to the attached
+/// clients. On a terminal, lines end with `\r\n`: the log keeps the line without either.
+fn pump(
+    mut reader: impl Read,
+    stream: &'static str,
+    kind: u8,
+    terminal: bool,
+    log: Arc<Mutex<LogWriter>>,
+    streams: Arc<attach::Streams>,
+) {
+    let mut buffer = vec![0u8; 32 * 1024];
     let mut line = Vec::new();
-    loop {
-        line.clear();
-        match reader.read_until(b'\n', &mut line) {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {
-                if line.last() == Some(&b'\n') {
-                    line.pop();
-                }
-                if let Ok(mut log) = log.lock() {
-                    let _ = log.write_line(stream, &line);
-                }
-            }
+    let write = |line: &mut Vec<u8>| {
+        if terminal && line.last() == Some(&b'\r') {
+            line.pop();
         }
+        if let Ok(mut log) = log.lock() {
+            let _ = log.write_line(stream, line);
+        }
+        line.clear();
+    };
+    loop {
+        // A terminal's master side reads EIO once the container side is closed.
+        let n = match reader.read(&mut buffer) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let chunk = &buffer[..n];
+        streams.broadcast(kind, chunk);
+        let mut rest = chunk;
+        while let Some(end) = rest.iter().position(|b| *b == b'\n') {
+            line.extend_from_slice(&rest[..end]);
+            write(&mut line);
+            rest = &rest[end + 1..];
+        }
+        line.extend_from_slice(rest);
+        if line.len() >= MAX_LINE {
+            write(&mut line);
+        }
+    }
+    if !line.is_empty() {
+        write(&mut line);
     }
 }
 
@@ -149,26 +190,61 @@ pub fn run(args: ShimArgs) -> i32 {
         return record_failure("the container has no command".into());
     };
     let mut command = Command::new(program);
-    command
-        .args(rest)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0);
+    command.args(rest);
+    // With a terminal: the container's stdio is its slave side, in a session of its own (and so
+    // a process group of its own) whose controlling terminal it is; the master side is ours.
+    let terminal = if args.tty {
+        match Terminal::open() {
+            Ok(terminal) => Some(terminal),
+            Err(e) => return record_failure(format!("cannot allocate a terminal: {e}")),
+        }
+    } else {
+        None
+    };
+    match &terminal {
+        Some(terminal) => {
+            let stdio = || terminal.slave.try_clone().map(Stdio::from);
+            match (stdio(), stdio(), stdio()) {
+                (Ok(stdin), Ok(stdout), Ok(stderr)) => {
+                    command.stdin(stdin).stdout(stdout).stderr(stderr);
+                }
+                _ => return record_failure("cannot share the terminal".into()),
+            }
+            if std::env::var_os("TERM").is_none() {
+                command.env("TERM", "xterm");
+            }
+        }
+        None => {
+            command
+                .stdin(if args.stdin { Stdio::piped() } else { Stdio::null() })
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .process_group(0);
+        }
+    }
     if let Some(dir) = &args.working_dir {
         command.current_dir(dir);
     }
-    // SAFETY: the closure only calls async-signal-safe functions (prctl, signal).
+    let tty = args.tty;
+    // SAFETY: the closure only calls async-signal-safe functions (prctl, signal, setsid, ioctl).
     unsafe {
-        command.pre_exec(|| {
+        command.pre_exec(move || {
             #[cfg(target_os = "linux")]
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0);
             libc::signal(libc::SIGINT, libc::SIG_DFL);
             libc::signal(libc::SIGHUP, libc::SIG_DFL);
+            if tty && (libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY as _, 0) < 0) {
+                return Err(std::io::Error::last_os_error());
+            }
             Ok(())
         });
     }
-    let mut child = match command.spawn() {
+    let spawned = command.spawn();
+    // The parent keeps no copy of the terminal's slave side: the master reads EIO once the
+    // container's processes have closed theirs.
+    drop(command);
+    let master = terminal.map(|terminal| terminal.master);
+    let mut child = match spawned {
         Ok(child) => child,
         Err(e) => {
             if let Ok(mut log) = log.lock() {
@@ -190,18 +266,50 @@ pub fn run(args: ShimArgs) -> i32 {
         }
         return record_failure(format!("cannot record the container's pid: {error}"));
     }
+    // Attach: input to the terminal or the stdin pipe, output from the pumps.
+    let (input, output) = match master {
+        Some(master) => match master.try_clone() {
+            Ok(reader) => (attach::Input::Terminal(master), Some(reader)),
+            Err(e) => {
+                eprintln!("ec2-kubelet-agent shim: sharing the terminal: {e}");
+                (attach::Input::Terminal(master), None)
+            }
+        },
+        None => (attach::Input::Pipe(child.stdin.take()), None),
+    };
+    let streams = attach::Streams::new(input, args.stdin_once);
+    if let Some(socket) = &args.attach_socket
+        && let Err(error) = streams.serve(socket)
+    {
+        // Attach is unavailable; the container runs and logs all the same.
+        eprintln!(
+            "ec2-kubelet-agent shim: serving attach on {}: {error}",
+            socket.display()
+        );
+    }
     let mut pumps = Vec::new();
+    let mut start_pump = |reader: Box<dyn Read + Send>, stream: &'static str, kind: u8| {
+        let (log, streams) = (log.clone(), streams.clone());
+        pumps.push(std::thread::spawn(move || {
+            pump(reader, stream, kind, tty, log, streams)
+        }));
+    };
+    if let Some(terminal) = output {
+        start_pump(Box::new(terminal), "stdout", attach::STDOUT);
+    }
     if let Some(stdout) = child.stdout.take() {
-        let log = log.clone();
-        pumps.push(std::thread::spawn(move || pump(stdout, "stdout", log)));
+        start_pump(Box::new(stdout), "stdout", attach::STDOUT);
     }
     if let Some(stderr) = child.stderr.take() {
-        let log = log.clone();
-        pumps.push(std::thread::spawn(move || pump(stderr, "stderr", log)));
+        start_pump(Box::new(stderr), "stderr", attach::STDERR);
     }
     let status = child.wait();
     for pump in pumps {
         let _ = pump.join();
+    }
+    streams.close();
+    if let Some(socket) = &args.attach_socket {
+        let _ = std::fs::remove_file(socket);
     }
     let (exit_code, signal) = status.map(exit_code_and_signal).unwrap_or((255, 0));
     let reason = if exit_code == 0 { "Completed" } else { "Error" };

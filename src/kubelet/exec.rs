@@ -476,6 +476,17 @@ where
     Ok(())
 }
 
+/// An agent call refused before its stream began: a missing container, or one that is not
+/// running, is the user's 400 (kubectl shows it); anything else is the agent's failure.
+fn refused(status: tonic::Status) -> Reply {
+    match status.code() {
+        tonic::Code::NotFound | tonic::Code::InvalidArgument | tonic::Code::FailedPrecondition => {
+            Reply::bad_request(status.message().to_string())
+        }
+        _ => Reply::unavailable(status.message().to_string()),
+    }
+}
+
 /// `exec`: runs a command in the container through the agent's `Exec` stream.
 pub(crate) async fn exec(
     ctx: Arc<Context>,
@@ -507,12 +518,7 @@ pub(crate) async fn exec(
     let mut outputs = agent
         .exec(tokio_stream::wrappers::ReceiverStream::new(input_rx))
         .await
-        .map_err(|status| match status.code() {
-            tonic::Code::NotFound | tonic::Code::InvalidArgument | tonic::Code::FailedPrecondition => {
-                Reply::bad_request(status.message().to_string())
-            }
-            _ => Reply::unavailable(status.message().to_string()),
-        })?
+        .map_err(refused)?
         .into_inner();
     Ok(upgrade(
         request,
@@ -564,8 +570,9 @@ pub(crate) async fn exec(
     ))
 }
 
-/// `attach`: the container's output from now on (the agent runs containers without a terminal
-/// to attach stdin to), until the container's run ends or the client leaves.
+/// `attach`: for a container with `tty` or `stdin` in its spec, its streams through the agent's
+/// `Attach` (input, terminal resizes, raw output); for any other, its output from now on (the
+/// log, followed). Either way until the container's run ends or the client leaves.
 pub(crate) async fn attach(
     ctx: Arc<Context>,
     request: Request<Incoming>,
@@ -575,6 +582,19 @@ pub(crate) async fn attach(
     let transport = negotiate(request.headers(), &EXEC)?;
     let wanted = Wanted::from(&query);
     let (pod, mut agent) = pod_agent(&ctx, &target.node, &target.namespace, &target.name).await?;
+    let container = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.containers.iter().find(|c| c.name == target.container))
+        .ok_or_else(|| {
+            Reply::bad_request(format!(
+                "container {} is not valid for pod {}",
+                target.container, target.name
+            ))
+        })?;
+    if container.tty.unwrap_or(false) || container.stdin.unwrap_or(false) {
+        return attach_streams(request, transport, wanted, &pod, agent, &target.container).await;
+    }
     let logs = GetLogsRequest {
         pod_uid: pod.uid().unwrap_or_default(),
         container: target.container.clone(),
@@ -605,6 +625,78 @@ pub(crate) async fn attach(
                     }
                 }
                 exit_status(&[], 0, "")
+            })
+        },
+    ))
+}
+
+/// Attach to a container that has a terminal or an open standard input: the agent's `Attach`.
+async fn attach_streams(
+    request: Request<Incoming>,
+    transport: Transport,
+    wanted: Wanted,
+    pod: &k8s_openapi::api::core::v1::Pod,
+    mut agent: crate::agent_client::AgentChannel,
+    container: &str,
+) -> Result<Response<Body>, Reply> {
+    use ec2_kubelet_protocol::v1::attach_input::Input as AttachIn;
+    use ec2_kubelet_protocol::v1::attach_output::Output as AttachOut;
+    use ec2_kubelet_protocol::v1::{AttachInput, AttachStart};
+    let (inputs, input_rx) = mpsc::channel::<AttachInput>(16);
+    let start = AttachIn::Start(AttachStart {
+        pod_uid: pod.uid().unwrap_or_default(),
+        container: container.to_string(),
+    });
+    let _ = inputs.send(AttachInput { input: Some(start) }).await;
+    let mut outputs = agent
+        .attach(tokio_stream::wrappers::ReceiverStream::new(input_rx))
+        .await
+        .map_err(refused)?
+        .into_inner();
+    Ok(upgrade(
+        request,
+        transport,
+        wanted,
+        move |mut from_client, to_client| {
+            Box::pin(async move {
+                let mut forward = tokio::spawn(async move {
+                    while let Some(input) = from_client.recv().await {
+                        let input = match input {
+                            FromClient::Stdin(data) => AttachIn::Stdin(data),
+                            FromClient::CloseStdin => AttachIn::CloseStdin(true),
+                            FromClient::Resize(size) => AttachIn::Resize(size),
+                        };
+                        if inputs.send(AttachInput { input: Some(input) }).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+                let mut status = exit_status(&[], 0, "");
+                loop {
+                    let output = tokio::select! {
+                        output = outputs.next() => output,
+                        // The client left: detach (the container runs on).
+                        _ = &mut forward => break,
+                    };
+                    let message = match output {
+                        Some(Ok(output)) => match output.output {
+                            Some(AttachOut::Stdout(data)) => ToClient::Stdout(data),
+                            Some(AttachOut::Stderr(data)) => ToClient::Stderr(data),
+                            None => continue,
+                        },
+                        Some(Err(error)) => {
+                            status = exit_status(&[], 0, &format!("attach: {}", error.message()));
+                            break;
+                        }
+                        // The container's run ended.
+                        None => break,
+                    };
+                    if to_client.send(message).await.is_err() {
+                        break;
+                    }
+                }
+                forward.abort();
+                status
             })
         },
     ))

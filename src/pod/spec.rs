@@ -546,6 +546,9 @@ pub fn agent_spec(pod: &Pod, sources: &Sources, placement: &Placement) -> Result
                 container.startup_probe.as_ref(),
                 &format!("{field}.startupProbe"),
             )?,
+            stdin: container.stdin.unwrap_or(false),
+            stdin_once: container.stdin_once.unwrap_or(false),
+            tty: container.tty.unwrap_or(false),
         });
     }
     let mut volumes = Vec::new();

@@ -752,6 +752,11 @@ impl PodRuntime {
         });
     }
 
+    /// The socket on which the shim of `run` serves attach.
+    pub fn attach_socket(&self, run: &RunDir) -> std::path::PathBuf {
+        super::attach::socket_path(&self.config.state_dir, &run.root)
+    }
+
     /// Starts a run of `container` under a shim.
     async fn spawn_run(
         &self,
@@ -772,7 +777,18 @@ impl PodRuntime {
             .arg("--log-max-bytes")
             .arg(self.config.log_max_bytes.to_string())
             .arg("--working-dir")
-            .arg(self.working_dir(container))
+            .arg(self.working_dir(container));
+        command.arg("--attach-socket").arg(self.attach_socket(run));
+        for (on, flag) in [
+            (container.stdin, "--stdin"),
+            (container.stdin_once, "--stdin-once"),
+            (container.tty, "--tty"),
+        ] {
+            if on {
+                command.arg(flag);
+            }
+        }
+        command
             .arg("--")
             .args(&argv)
             .env_clear()
