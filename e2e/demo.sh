@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The README's first command, end to end and non-interactive: `make demo` runs on the real
 # control plane until its pods are Running; the real kubectl then talks to a real Kubernetes
-# v1.34 API server (version, explain), reads a pod's logs, runs commands in it and forwards a
-# port to it (through the API server's kubelet proxy and the operator's kubelet API), and creates a Deployment that the
-# real controllers and scheduler put on two instances; Ctrl-C (SIGINT) stops the demo, and no
-# instance (agent process) and no control-plane process may be left behind.
+# v1.34 API server (version, explain), reads a pod's logs, runs commands in it, attaches to a
+# terminal and forwards a port (through the API server's kubelet proxy and the operator's kubelet
+# API), and creates a Deployment that the real controllers and scheduler put on two instances;
+# Ctrl-C (SIGINT) stops the demo, and no instance (agent process) and no control-plane process may
+# be left behind.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source e2e/lib.sh
@@ -106,5 +107,5 @@ for dir in $state_dirs; do
   fi
   [ ! -e "$dir/control-plane" ] || fail "the control plane left $dir/control-plane behind"
 done
-echo "e2e/demo.sh: the demo ran on Kubernetes $server, kubectl logs, exec, port-forward and a Deployment worked, and Ctrl-C left nothing behind"
+echo "e2e/demo.sh: the demo ran on Kubernetes $server, kubectl logs, exec, attach, port-forward and a Deployment worked, and Ctrl-C left nothing behind"
 echo "e2e: 1 passed, 0 failed"

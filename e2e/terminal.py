@@ -61,9 +61,22 @@ def main():
                 transcript += data
 
     if attach:
+        # kubectl prints its hint before it connects (and before its terminal is raw): press
+        # Enter until a prompt answers.
         expect(rb"press(ing)? enter", "kubectl attach's hint")
-        os.write(master, b"\r")
-    expect(rb"[#$] $", "prompt")
+        deadline = time.monotonic() + TIMEOUT
+        while not re.search(rb"[#$] $", transcript):
+            if time.monotonic() > deadline:
+                fail(f"no prompt in {TIMEOUT} s of pressing Enter")
+            os.write(master, b"\r")
+            ready, _, _ = select.select([master], [], [], 1)
+            if ready:
+                try:
+                    transcript += os.read(master, 4096)
+                except OSError:
+                    fail("kubectl ended before a prompt")
+    else:
+        expect(rb"[#$] $", "prompt")
     os.write(master, b"tty\r")
     expect(rb"/dev/pts/\d+\r\n", "a tty device")
 

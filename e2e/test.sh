@@ -15,7 +15,7 @@ phase() {
   echo "test: $name took $((SECONDS - begun)) s"
 }
 
-phase "tools (kubectl, helm, moto, control plane)" bash e2e/tools.sh
+phase "tools (kubectl, helm, moto, control plane, metrics-server)" bash e2e/tools.sh
 phase "cargo fmt --check" cargo fmt --all -- --check
 phase "cargo build (every binary of the workspace)" cargo build --locked --bins
 phase "cargo test (build and suites)" cargo test --locked

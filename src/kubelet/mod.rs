@@ -6,16 +6,20 @@
 //! | path | agent call |
 //! | --- | --- |
 //! | `GET /containerLogs/{ns}/{pod}/{container}` | `GetLogs` (follow, tailLines, sinceSeconds, sinceTime, timestamps, previous, limitBytes) |
-//! | `GET/POST /exec/{ns}/{pod}/{container}?command=...` | `Exec`, over WebSocket (`v5.channel.k8s.io`, `v4.channel.k8s.io`) |
-//! | `GET/POST /attach/{ns}/{pod}/{container}` | `GetLogs` with follow: the container's output (read-only) |
+//! | `GET/POST /exec/{ns}/{pod}/{container}?command=...` | `Exec`, over WebSocket (`v5.channel.k8s.io`, `v4.channel.k8s.io`) or SPDY/3.1 (`v4.channel.k8s.io`) |
+//! | `GET/POST /attach/{ns}/{pod}/{container}` | `Attach` for a container with `tty` or `stdin`; else `GetLogs` with follow (its output) |
 //! | `GET/POST /portForward/{ns}/{pod}` | `PortForward` per connection, over SPDY (`portforward.k8s.io`) or WebSocket (`?port=`) |
 //! | `GET /stats/summary` | `GetStats` of every pod on the node the request is addressed to |
 //! | `GET /metrics/resource` | the same, as the Prometheus resource metrics metrics-server scrapes |
 //! | `GET /healthz` | none |
 //!
+//! Each connection is served with the certificate of the node whose address it was made to
+//! ([`serving`]).
+//!
 //! Every caller is authenticated (client certificate or bearer token) and authorized for
-//! `nodes/<subresource>` of the node the request is addressed to (its `Host` is the node's
-//! InternalIP), as a kubelet does: see [`auth`]. A pod is only served through its own node.
+//! `nodes/<subresource>` of the node the request is addressed to (the node whose InternalIP
+//! its `Host` names, or the connection reached), as a kubelet does: see [`auth`]. A pod is only
+//! served through its own node.
 
 pub mod auth;
 mod exec;
