@@ -175,6 +175,18 @@ fn addressed_ips(host: Option<&str>, local: SocketAddr) -> Vec<String> {
     }
 }
 
+/// A node's InternalIPs, as the API server and metrics-server dial them.
+pub(crate) fn internal_ips(node: &Node) -> Vec<std::net::IpAddr> {
+    node.status
+        .as_ref()
+        .and_then(|s| s.addresses.as_ref())
+        .into_iter()
+        .flatten()
+        .filter(|a| a.type_ == "InternalIP")
+        .filter_map(|a| a.address.parse().ok())
+        .collect()
+}
+
 /// The virtual node the request is addressed to (see [`addressed_ips`]).
 async fn addressed_node(
     ctx: &Context,
@@ -192,14 +204,14 @@ async fn addressed_node(
         .list(&ListParams::default().labels(labels::POOL))
         .await
         .map_err(|e| Reply::unavailable(format!("listing nodes: {e}")))?;
-    let has = |node: &Node, ip: &str| {
-        node.status
-            .as_ref()
-            .and_then(|s| s.addresses.as_ref())
-            .is_some_and(|a| a.iter().any(|a| a.type_ == "InternalIP" && a.address == ip))
-    };
     ips.iter()
-        .find_map(|ip| virtual_nodes.items.iter().find(|node| has(node, ip)))
+        .filter_map(|ip| ip.parse::<std::net::IpAddr>().ok())
+        .find_map(|ip| {
+            virtual_nodes
+                .items
+                .iter()
+                .find(|node| internal_ips(node).contains(&ip))
+        })
         .cloned()
         .ok_or_else(|| Reply::not_found(format!("no virtual node has the address {:?}", ips[0])))
 }

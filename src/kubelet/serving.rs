@@ -31,6 +31,7 @@ use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use serde_json::json;
 
+use super::internal_ips;
 use crate::crd::labels;
 use crate::runtime::Context;
 
@@ -50,18 +51,6 @@ const RENEW_AT: f64 = 0.7;
 /// The Secret holding `node`'s serving certificate.
 pub fn secret_name(node: &str) -> String {
     format!("{node}-kubelet-serving")
-}
-
-/// A node's InternalIPs, as the API server dials them.
-fn internal_ips(node: &Node) -> Vec<IpAddr> {
-    node.status
-        .as_ref()
-        .and_then(|s| s.addresses.as_ref())
-        .into_iter()
-        .flatten()
-        .filter(|a| a.type_ == "InternalIP")
-        .filter_map(|a| a.address.parse().ok())
-        .collect()
 }
 
 /// What an issued certificate covers and when it is valid (Unix seconds).
