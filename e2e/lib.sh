@@ -98,13 +98,17 @@ enis() { ls "$cloud/enis" 2>/dev/null | grep -c '\.json$' || true; }
 # kubectl's error naming the pod and the refusal. Removes its pod. The pod runs on a node whose
 # InternalIP is not the API server's address: the API server passes its own client's Host
 # (127.0.0.1:6443) on with this upgrade, and the kubelet API must still find the right node.
-# forwarding <pid> <port> <log>: waits until kubectl port-forward (pid) listens on the port.
-forwarding() {
-  local pid=$1 port=$2 log=$3 deadline=$((SECONDS + 30))
-  until grep -q "Forwarding from 127.0.0.1:$port" "$log"; do
-    if ! kill -0 "$pid" 2>/dev/null || [ $SECONDS -ge "$deadline" ]; then
+# start_forward <namespace> <pod port> <log>: kubectl port-forward pod/server from a free local
+# port, waited for until it listens; sets pf (its pid) and local_port.
+start_forward() {
+  local ns=$1 remote=$2 log=$3 deadline=$((SECONDS + 30))
+  local_port=$(free_port)
+  "$kubectl" -n "$ns" port-forward pod/server "$local_port:$remote" >"$log" 2>&1 &
+  pf=$!
+  until grep -q "Forwarding from 127.0.0.1:$local_port" "$log"; do
+    if ! kill -0 "$pf" 2>/dev/null || [ $SECONDS -ge "$deadline" ]; then
       cat "$log" >&2
-      fail "kubectl port-forward did not listen on $port"
+      fail "kubectl port-forward did not listen on $local_port"
     fi
     sleep 0.2
   done
@@ -133,18 +137,12 @@ spec:
       readinessProbe: {tcpSocket: {port: $remote}, periodSeconds: 1}
 EOF
   "$kubectl" -n "$ns" wait --for=condition=Ready pod/server --timeout=90s >/dev/null
-  local_port=$(free_port)
-  "$kubectl" -n "$ns" port-forward pod/server "$local_port:$remote" >"$dir/forward.log" 2>&1 &
-  pf=$!
-  forwarding "$pf" "$local_port" "$dir/forward.log"
+  start_forward "$ns" "$remote" "$dir/forward.log"
   python3 "$root/e2e/portforward.py" check "$local_port" \
     || { cat "$dir/forward.log" >&2; fail "kubectl port-forward pod/server $local_port:$remote"; }
   kill "$pf" 2>/dev/null || true
   wait "$pf" 2>/dev/null || true
-  local_port=$(free_port)
-  "$kubectl" -n "$ns" port-forward pod/server "$local_port:$closed" >"$dir/refused.log" 2>&1 &
-  pf=$!
-  forwarding "$pf" "$local_port" "$dir/refused.log"
+  start_forward "$ns" "$closed" "$dir/refused.log"
   python3 "$root/e2e/portforward.py" refused "$local_port" \
     || { cat "$dir/refused.log" >&2; fail "kubectl port-forward to a closed port"; }
   wait_for 30 "kubectl naming the refused port" grep -q \

@@ -476,6 +476,20 @@ where
     Ok(())
 }
 
+/// Passes what the client sends on to an agent call's input (as `message` makes it), until the
+/// client leaves or the call ends.
+async fn forward_input<T>(
+    mut from_client: mpsc::Receiver<FromClient>,
+    inputs: mpsc::Sender<T>,
+    message: impl Fn(FromClient) -> T,
+) {
+    while let Some(input) = from_client.recv().await {
+        if inputs.send(message(input)).await.is_err() {
+            break;
+        }
+    }
+}
+
 /// An agent call refused before its stream began: a missing container, or one that is not
 /// running, is the user's 400 (kubectl shows it); anything else is the agent's failure.
 fn refused(status: tonic::Status) -> Reply {
@@ -524,20 +538,16 @@ pub(crate) async fn exec(
         request,
         transport,
         wanted,
-        move |mut from_client, to_client| {
+        move |from_client, to_client| {
             Box::pin(async move {
-                let forward = tokio::spawn(async move {
-                    while let Some(input) = from_client.recv().await {
-                        let input = match input {
-                            FromClient::Stdin(data) => Input::Stdin(data),
-                            FromClient::CloseStdin => Input::CloseStdin(true),
-                            FromClient::Resize(size) => Input::Resize(size),
-                        };
-                        if inputs.send(ExecInput { input: Some(input) }).await.is_err() {
-                            break;
-                        }
-                    }
-                });
+                let forward = tokio::spawn(forward_input(from_client, inputs, |input| {
+                    let input = match input {
+                        FromClient::Stdin(data) => Input::Stdin(data),
+                        FromClient::CloseStdin => Input::CloseStdin(true),
+                        FromClient::Resize(size) => Input::Resize(size),
+                    };
+                    ExecInput { input: Some(input) }
+                }));
                 let mut status = exit_status(
                     &command,
                     0,
@@ -657,20 +667,16 @@ async fn attach_streams(
         request,
         transport,
         wanted,
-        move |mut from_client, to_client| {
+        move |from_client, to_client| {
             Box::pin(async move {
-                let mut forward = tokio::spawn(async move {
-                    while let Some(input) = from_client.recv().await {
-                        let input = match input {
-                            FromClient::Stdin(data) => AttachIn::Stdin(data),
-                            FromClient::CloseStdin => AttachIn::CloseStdin(true),
-                            FromClient::Resize(size) => AttachIn::Resize(size),
-                        };
-                        if inputs.send(AttachInput { input: Some(input) }).await.is_err() {
-                            break;
-                        }
-                    }
-                });
+                let mut forward = tokio::spawn(forward_input(from_client, inputs, |input| {
+                    let input = match input {
+                        FromClient::Stdin(data) => AttachIn::Stdin(data),
+                        FromClient::CloseStdin => AttachIn::CloseStdin(true),
+                        FromClient::Resize(size) => AttachIn::Resize(size),
+                    };
+                    AttachInput { input: Some(input) }
+                }));
                 let mut status = exit_status(&[], 0, "");
                 loop {
                     let output = tokio::select! {

@@ -69,11 +69,7 @@ pub async fn check(pod: &PodRuntime, container_index: usize, probe: &Probe) -> R
                 }
             }
             Some(Handler::HttpGet(http)) => {
-                let host = if http.host.is_empty() {
-                    "127.0.0.1"
-                } else {
-                    http.host.as_str()
-                };
+                let host = probe_host(&http.host);
                 let path = if http.path.is_empty() {
                     "/"
                 } else {
@@ -105,11 +101,7 @@ pub async fn check(pod: &PodRuntime, container_index: usize, probe: &Probe) -> R
                 }
             }
             Some(Handler::TcpSocket(tcp)) => {
-                let host = if tcp.host.is_empty() {
-                    "127.0.0.1"
-                } else {
-                    tcp.host.as_str()
-                };
+                let host = probe_host(&tcp.host);
                 tokio::net::TcpStream::connect((host, tcp.port as u16))
                     .await
                     .map(|_| ())
@@ -122,6 +114,12 @@ pub async fn check(pod: &PodRuntime, container_index: usize, probe: &Probe) -> R
         Ok(result) => result,
         Err(_) => Err(format!("probe timed out after {}s", limit.as_secs())),
     }
+}
+
+/// The host a probe dials: the one it names, else the instance itself (the pod is the
+/// instance, as a kubelet's default is the pod's IP).
+fn probe_host(host: &str) -> &str {
+    if host.is_empty() { "127.0.0.1" } else { host }
 }
 
 /// Probes one container run until it is aborted (when the run ends).
