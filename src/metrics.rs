@@ -67,7 +67,7 @@ pub struct Metrics {
     pub throttled: Family<PoolLabels, Counter>,
     pub agent_reconnects: Family<PoolLabels, Counter>,
     pub pod_status_writes: Counter,
-    pub binding_writes: Counter,
+    pub record_writes: Counter,
     pub warm_hits: Family<PoolLabels, Counter>,
     pub warm_misses: Family<PoolLabels, Counter>,
     pub warm_refill_duration: Family<PoolLabels, Histogram, fn() -> Histogram>,
@@ -94,7 +94,7 @@ impl Metrics {
             throttled: Family::default(),
             agent_reconnects: Family::default(),
             pod_status_writes: Counter::default(),
-            binding_writes: Counter::default(),
+            record_writes: Counter::default(),
             warm_hits: Family::default(),
             warm_misses: Family::default(),
             warm_refill_duration: Family::new_with_constructor(duration_histogram as fn() -> Histogram),
@@ -172,9 +172,9 @@ impl Metrics {
             metrics.pod_status_writes.clone(),
         );
         registry.register(
-            "binding_writes",
-            "Pool status patches carrying pod bindings (batched per pool)",
-            metrics.binding_writes.clone(),
+            "record_writes",
+            "Writes of Ec2Instance records (create, status, finalizer, delete)",
+            metrics.record_writes.clone(),
         );
         Metrics { registry, ..metrics }
     }

@@ -80,6 +80,8 @@ async fn run_controller(ctx: Arc<Context>) {
         .map_ok(pool::PodPlacement::event);
     let pod_store = reflector::reflector(pod_writer, pod_events).for_each(|_| std::future::ready(()));
     let warm_pools = crate::warm::run(ctx.clone(), reader.clone());
+    let finalizer = crate::controller::instance::run(ctx.clone());
+    let counts = crate::controller::counts::run(ctx.clone(), reader.clone(), pod_reader.clone());
     // Serving certificates are issued while this replica leads.
     let _serving = serving_certificates_from_csr(&ctx.config)
         .then(|| crate::task::AbortOnDrop(tokio::spawn(crate::kubelet::serving::run(ctx.clone()))));
@@ -117,7 +119,14 @@ async fn run_controller(ctx: Arc<Context>) {
                 tracing::debug!(%error, "pool controller");
             }
         });
-    futures::join!(pool_controller, template_controller, warm_pools, pod_store);
+    futures::join!(
+        pool_controller,
+        template_controller,
+        warm_pools,
+        pod_store,
+        finalizer,
+        counts
+    );
 }
 
 fn hash_of(value: impl Hash) -> u64 {
@@ -188,6 +197,9 @@ async fn keep_leading(lease: &LeaseLock, every: Duration, deadline: Duration) {
 /// Runs the operator until `stop` turns true; then stops every node task and releases the
 /// leases this replica holds.
 pub async fn run(ctx: Arc<Context>, mut stop: watch::Receiver<bool>) {
+    let records = ctx.records.clone();
+    let client = ctx.client.clone();
+    let _records = crate::task::AbortOnDrop(tokio::spawn(async move { records.run(client).await }));
     let nodes = tokio::spawn(supervisor::run(ctx.clone(), stop.clone()));
     let renew = Duration::from_secs(u64::from(ctx.config.lease.renew_interval_seconds.max(1)));
     let duration = Duration::from_secs(u64::from(ctx.config.lease.duration_seconds.max(1)));

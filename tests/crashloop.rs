@@ -1,8 +1,9 @@
 //! The crash loop: a workload of pod creates and deletes runs while the operator process is
 //! SIGKILLed at random moments and started again, over and over. At the end, with one last
 //! operator left to converge, nothing may be lost, leaked or launched twice:
-//! - every live pod is Running on exactly one live instance, with exactly one binding;
-//! - every binding names a pod that exists;
+//! - every live pod is Running on exactly one live instance, with exactly one `Ec2Instance`
+//!   record, which names that instance;
+//! - every record names a pod that exists;
 //! - no live instance without a pod, and no pod with more than one instance ever launched;
 //! - no pod stuck Terminating.
 //!

@@ -118,7 +118,7 @@ async fn ec2_errors_timeouts_and_lost_answers_end_with_one_instance_per_pod() {
     create("lost-answer").await;
     let running = common::phase_of(&pods, "lost-answer", "Running").await;
     assert_eq!(proxy.injected("RunInstances").len(), 8);
-    let recorded = running.annotations()["ec2-kubelet.io/instance-id"].clone();
+    let recorded = common::instance_of(&client, &running).await;
     common::eventually(60, "the duplicate instance terminated", || {
         let (direct, running, recorded) = (&direct, &running, &recorded);
         async move { (instances_of(direct, running).await == [recorded.clone()]).then_some(()) }

@@ -174,26 +174,23 @@ async fn a_pod_runs_on_its_own_right_sized_instance_and_is_cleaned_up_on_delete(
         status.host_ip.as_deref().unwrap().starts_with("127.0."),
         "hostIP is the node ENI"
     );
+    let record = common::record_of(&env.client, &running.uid().unwrap())
+        .await
+        .expect("the pod's Ec2Instance record");
     assert_eq!(
-        running.annotations()["ec2-kubelet.io/instance-id"],
-        instance.instance_id
+        record.metadata.name, running.metadata.uid,
+        "named by the pod's UID"
+    );
+    assert_eq!(record.instance_id(), Some(instance.instance_id.as_str()));
+    assert_eq!(record.phase(), Some(ec2_kubelet::crd::InstancePhase::Running));
+    assert_eq!(record.spec.pool, "pods");
+    assert_eq!(record.spec.pod.as_ref().unwrap().name, "web");
+    assert_eq!(
+        record.finalizers(),
+        [ec2_kubelet::crd::INSTANCE_FINALIZER.to_string()]
     );
     let container = &status.container_statuses.unwrap()[0];
     assert!(container.ready && container.state.as_ref().unwrap().running.is_some());
-    let pool = Api::<Ec2NodePool>::all(env.client.clone())
-        .get("pods")
-        .await
-        .unwrap();
-    let bindings = pool.status.unwrap().bindings;
-    let binding = bindings
-        .values()
-        .flat_map(|b| b.values())
-        .next()
-        .expect("a binding");
-    assert_eq!(
-        binding.instance_id.as_deref(),
-        Some(instance.instance_id.as_str())
-    );
     // The scheduler's event and ours (recorded before the pod was handed to its agent).
     for reason in ["Scheduled", "LaunchedInstance"] {
         common::wait_event(&env.client, "web", reason, |_| true).await;
@@ -205,13 +202,9 @@ async fn a_pod_runs_on_its_own_right_sized_instance_and_is_cleaned_up_on_delete(
         live_instances(&env.compute).await.is_empty(),
         "the instance is terminated"
     );
-    let pool = Api::<Ec2NodePool>::all(env.client.clone())
-        .get("pods")
-        .await
-        .unwrap();
     assert!(
-        pool.status.unwrap().bindings.values().all(|b| b.is_empty()),
-        "the binding is gone"
+        common::all_records(&env.client).await.is_empty(),
+        "the record is gone"
     );
 
     // What /metrics says about that lifecycle.
@@ -412,15 +405,6 @@ async fn launched_for(compute: &LocalCompute, uid: &str) -> Vec<ec2_kubelet::clo
         .collect()
 }
 
-/// The pool's binding of a pod UID, if any.
-async fn binding_of(client: &Client, uid: &str) -> Option<ec2_kubelet::crd::PodBinding> {
-    let pool = Api::<Ec2NodePool>::all(client.clone()).get("pods").await.unwrap();
-    pool.status?
-        .bindings
-        .into_values()
-        .find_map(|mut node| node.remove(uid))
-}
-
 /// Replaces the (dead) replica with a new one once the old one's leases expire.
 fn restart(env: &mut Env, identity: &str) {
     if let Some(replica) = env.replica.take() {
@@ -460,27 +444,26 @@ async fn crashes_between_launch_and_record_and_between_terminate_and_release_lea
     let mut env = start().await;
     let pods: Api<Pod> = Api::default_namespaced(env.client.clone());
 
-    // 1. The operator dies right after RunInstances returned, before the binding records the
+    // 1. The operator dies right after RunInstances returned, before the record has the
     //    instance.
     let uid = crash_at(&mut env, ec2_kubelet::faults::POD_LAUNCHED, "crashy").await;
-    let binding = binding_of(&env.client, &uid)
+    let record = common::record_of(&env.client, &uid)
         .await
-        .expect("the binding was written first");
-    assert_eq!(binding.phase, ec2_kubelet::crd::BindingPhase::Launching);
-    assert_eq!(binding.instance_id, None, "the crash came before the record");
+        .expect("the record was written first");
+    assert_eq!(
+        record.status, None,
+        "the crash came before the record had the instance"
+    );
     assert_eq!(launched_for(&env.compute, &uid).await.len(), 1);
 
     restart(&mut env, "replica-b");
     common::phase_of(&pods, "crashy", "Running").await;
     let instances = launched_for(&env.compute, &uid).await;
     assert_eq!(instances.len(), 1, "launched exactly once: {instances:?}");
-    let binding = binding_of(&env.client, &uid).await.unwrap();
-    assert_eq!(
-        binding.instance_id.as_deref(),
-        Some(instances[0].instance_id.as_str())
-    );
+    let record = common::record_of(&env.client, &uid).await.unwrap();
+    assert_eq!(record.instance_id(), Some(instances[0].instance_id.as_str()));
 
-    // 2. The operator dies right after TerminateInstances, before the binding goes and the pod
+    // 2. The operator dies right after TerminateInstances, before the record goes and the pod
     //    is released.
     let terminated = ec2_kubelet::faults::arm(ec2_kubelet::faults::POD_TERMINATED, "default/crashy");
     pods.delete("crashy", &DeleteParams::default()).await.unwrap();
@@ -498,7 +481,10 @@ async fn crashes_between_launch_and_record_and_between_terminate_and_release_lea
 
     restart(&mut env, "replica-c");
     wait_gone(&pods, "crashy").await;
-    assert_eq!(binding_of(&env.client, &uid).await, None, "the binding is gone");
+    assert!(
+        common::record_of(&env.client, &uid).await.is_none(),
+        "the record is gone"
+    );
     assert_eq!(
         launched_for(&env.compute, &uid).await.len(),
         1,
@@ -525,7 +511,7 @@ async fn a_launch_cut_short_before_the_instance_booted_is_completed_not_repeated
     assert_eq!(instances.len(), 1, "launched exactly once: {instances:?}");
     assert_eq!(instances[0].instance_id, interrupted[0].instance_id);
     assert_eq!(
-        running.annotations()["ec2-kubelet.io/instance-id"],
+        common::instance_of(&env.client, &running).await,
         interrupted[0].instance_id
     );
 
@@ -564,16 +550,12 @@ async fn a_frozen_agent_makes_its_pod_unready_then_lost_and_a_vanished_instance_
     }
     let frozen = common::phase_of(&pods, "frozen", "Running").await;
     let vanished = common::phase_of(&pods, "vanished", "Running").await;
-    let instance_of = |pod: &Pod| pod.annotations()["ec2-kubelet.io/instance-id"].clone();
+    let frozen_id = common::instance_of(&env.client, &frozen).await;
+    let vanished_id = common::instance_of(&env.client, &vanished).await;
 
     // Freeze one agent (the process lives, it answers nothing): Ready=False, then InstanceLost.
     let record: Value = serde_json::from_slice(
-        &std::fs::read(
-            env.local_dir
-                .join("instances")
-                .join(format!("{}.json", instance_of(&frozen))),
-        )
-        .unwrap(),
+        &std::fs::read(env.local_dir.join("instances").join(format!("{frozen_id}.json"))).unwrap(),
     )
     .unwrap();
     let pid = record["agent_pid"].as_i64().unwrap() as i32;
@@ -600,18 +582,14 @@ async fn a_frozen_agent_makes_its_pod_unready_then_lost_and_a_vanished_instance_
 
     // Terminate the other pod's instance behind the operator's back: InstanceLost at once.
     env.compute
-        .terminate_instances(&[instance_of(&vanished)])
+        .terminate_instances(std::slice::from_ref(&vanished_id))
         .await
         .unwrap();
     let lost = common::phase_of(&pods, "vanished", "Failed").await;
     let status = lost.status.unwrap();
     assert_eq!(status.reason.as_deref(), Some("InstanceLost"));
     assert!(
-        status
-            .message
-            .as_deref()
-            .unwrap()
-            .contains(&instance_of(&vanished)),
+        status.message.as_deref().unwrap().contains(&vanished_id),
         "{status:?}"
     );
     let ready = status
@@ -761,7 +739,7 @@ async fn a_cut_agent_connection_resumes_the_status_stream_without_relaunching_an
     .await;
     let started = |pod: &Pod| container_state(pod, "main").and_then(|s| s.running?.started_at);
     let main_started = started(&running).expect("main's start time");
-    let instance = running.annotations()["ec2-kubelet.io/instance-id"].clone();
+    let instance = common::instance_of(&env.client, &running).await;
 
     // Cut the network between the operator and the agent, then let a container exit: the
     // exit reaches the pod's status through the stream the operator opens again.
@@ -860,7 +838,7 @@ async fn instance_types_follow_annotation_template_and_requests_and_survive_capa
     }
     for (name, _, expected) in &cases {
         let running = common::phase_of(&pods, name, "Running").await;
-        let id = running.annotations()["ec2-kubelet.io/instance-id"].clone();
+        let id = common::instance_of(&env.client, &running).await;
         let instance = env
             .compute
             .describe_instances(&InstanceFilter::Ids(vec![id]))
@@ -925,7 +903,7 @@ async fn the_aws_backend_runs_a_pod_against_the_ec2_emulator() {
         .unwrap();
     let running = common::phase_of(&pods, "cloud", "Running").await;
     let status = running.status.clone().unwrap();
-    let id = running.annotations()["ec2-kubelet.io/instance-id"].clone();
+    let id = common::instance_of(&client, &running).await;
     let instance = aws
         .describe_instances(&InstanceFilter::Ids(vec![id.clone()]))
         .await
@@ -1098,9 +1076,9 @@ async fn a_pod_deleted_while_the_watch_was_down_is_cleaned_up_after_the_relist()
         async move { live_instances(&compute).await.is_empty().then_some(()) }
     })
     .await;
-    common::eventually(30, "the deleted pod's binding removed", || {
+    common::eventually(30, "the deleted pod's record removed", || {
         let (client, uid) = (env.client.clone(), uid.clone());
-        async move { binding_of(&client, &uid).await.is_none().then_some(()) }
+        async move { common::record_of(&client, &uid).await.is_none().then_some(()) }
     })
     .await;
     assert!(env.cluster.injected_faults().get("gone").is_some_and(|n| *n > 0));

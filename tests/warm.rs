@@ -9,9 +9,9 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use ec2_kubelet::cloud::{Compute, InstanceFilter, LaunchRequest};
-use ec2_kubelet::crd::{Ec2NodePool, WarmInstance, WarmState, tags};
+use ec2_kubelet::crd::{Ec2Instance, Ec2NodePool, InstancePhase, tags};
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 
@@ -36,20 +36,34 @@ async fn template_and_pool(client: &Client, subnet: &str, group: &str, image: &s
     .await;
 }
 
-fn warm_of(pool: &Ec2NodePool) -> BTreeMap<String, WarmInstance> {
-    pool.status.as_ref().map(|s| s.warm.clone()).unwrap_or_default()
+/// The pool's warm records no pod has claimed, by name.
+async fn warm_records(client: &Client) -> BTreeMap<String, Ec2Instance> {
+    common::all_records(client)
+        .await
+        .into_iter()
+        .filter(|r| r.spec.pool == "warm" && r.spec.pod.is_none() && r.metadata.deletion_timestamp.is_none())
+        .map(|r| (r.name_any(), r))
+        .collect()
 }
 
-/// Waits until the pool has exactly `size` warm instances, all Ready (and says so in
-/// `warmReady`), and returns their ids.
+/// Waits until the pool has exactly `size` warm instances, all Ready in their records (and
+/// the pool says so in `warmReady`), and returns their instance ids.
 async fn ready_warm(pools: &Api<Ec2NodePool>, size: usize) -> BTreeSet<String> {
-    common::eventually(90, &format!("{size} Ready warm instances"), || async move {
-        let pool = pools.get("warm").await.ok()?;
-        let status = pool.status.as_ref()?;
-        let warm = warm_of(&pool);
-        let all_ready = warm.values().all(|w| w.state == WarmState::Ready);
-        (warm.len() == size && all_ready && status.warm_ready == size as i32 && status.warm_launching == 0)
-            .then(|| warm.into_keys().collect())
+    let client = pools.clone().into_client();
+    common::eventually(90, &format!("{size} Ready warm instances"), || {
+        let client = client.clone();
+        async move {
+            let pool = pools.get("warm").await.ok()?;
+            let status = pool.status.as_ref()?;
+            let warm = warm_records(&client).await;
+            let all_ready = warm.values().all(|r| r.phase() == Some(InstancePhase::Ready));
+            let counted = status.warm_ready == size as i32 && status.warm_launching == 0;
+            (warm.len() == size && all_ready && counted).then(|| {
+                warm.values()
+                    .filter_map(|r| r.instance_id().map(String::from))
+                    .collect()
+            })
+        }
     })
     .await
 }
@@ -63,8 +77,12 @@ async fn alive(compute: &dyn Compute, id: &str) -> bool {
         .any(|i| i.state.is_alive())
 }
 
-fn instance_of(pod: &Pod) -> String {
-    pod.annotations()["ec2-kubelet.io/instance-id"].clone()
+/// The instance the pod's record names.
+async fn instance_of(client: &Client, pod: &Pod) -> String {
+    let record = common::record_of(client, &pod.uid().unwrap())
+        .await
+        .expect("a record");
+    record.instance_id().expect("an instance").to_string()
 }
 
 async fn create_pod(pods: &Api<Pod>, name: &str, extra: serde_json::Value) -> Pod {
@@ -116,7 +134,7 @@ async fn a_warm_pool_keeps_instances_ready_serves_matching_pods_and_refills() {
     for pod in &created {
         let name = pod.name_any();
         let running = common::phase_of(&pods, &name, "Running").await;
-        let id = instance_of(&running);
+        let id = instance_of(&client, &running).await;
         assert!(first.contains(&id), "{name} runs on {id}, not a warm instance");
         let events = common::events_of(&client, &name).await;
         assert!(
@@ -154,7 +172,7 @@ async fn a_warm_pool_keeps_instances_ready_serves_matching_pods_and_refills() {
     )
     .await;
     let cold = common::phase_of(&pods, "cold", "Running").await;
-    let id = instance_of(&cold);
+    let id = instance_of(&client, &cold).await;
     assert!(!first.contains(&id) && !second.contains(&id));
     let events = common::events_of(&client, "cold").await;
     assert!(
@@ -270,7 +288,7 @@ async fn a_warm_instance_whose_agent_goes_silent_or_that_ages_out_is_replaced() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_restarted_operator_re_adopts_warm_instances_by_tag_and_launches_none_twice() {
+async fn a_restarted_operator_finds_warm_instances_by_record_and_tag_and_launches_none_twice() {
     let cluster = common::operator_cluster(true).await;
     let client = cluster.client();
     let dir = tempfile::tempdir().unwrap();
@@ -280,23 +298,28 @@ async fn a_restarted_operator_re_adopts_warm_instances_by_tag_and_launches_none_
     let pools: Api<Ec2NodePool> = Api::all(client.clone());
     let before = ready_warm(&pools, 2).await;
 
-    // A crash, and one of the two was launched but never recorded (the write that records a
-    // launch came after it): only its tags know it.
+    // A crash, and one of the two was launched but its record never learned it (the crash
+    // came between RunInstances and the record's status): only its tags know it.
     replica.kill();
+    let records: Api<Ec2Instance> = Api::all(client.clone());
     let unrecorded = before.first().unwrap().clone();
-    pools
-        .patch_status(
-            "warm",
-            &PatchParams::default(),
-            &Patch::Merge(json!({"status": {"warm": {unrecorded.as_str(): null}, "warmReady": 1}})),
-        )
+    let (name, _) = warm_records(&client)
+        .await
+        .into_iter()
+        .find(|(_, r)| r.instance_id() == Some(unrecorded.as_str()))
+        .unwrap();
+    let forget = json!({"status": {"phase": null, "instanceId": null, "instanceType": null,
+        "privateIp": null, "launchTime": null, "readyTime": null, "conditions": null}});
+    records
+        .patch_status(&name, &PatchParams::default(), &Patch::Merge(&forget))
         .await
         .unwrap();
+    assert_eq!(records.get(&name).await.unwrap().instance_id(), None);
 
     let cloud = Arc::new(common::FlakyCompute::new(local.clone()));
     let replica = common::Replica::start(&cluster, common::lifecycle_config(), cloud.clone(), "replica-b");
     let after = ready_warm(&pools, 2).await;
-    assert_eq!(after, before, "both re-adopted");
+    assert_eq!(after, before, "both found again");
     assert_eq!(
         cloud.launch_calls.load(Ordering::SeqCst),
         0,
@@ -307,7 +330,7 @@ async fn a_restarted_operator_re_adopts_warm_instances_by_tag_and_launches_none_
     let pods: Api<Pod> = Api::default_namespaced(client.clone());
     create_pod(&pods, "after-restart", json!({})).await;
     let running = common::phase_of(&pods, "after-restart", "Running").await;
-    assert!(before.contains(&instance_of(&running)));
+    assert!(before.contains(&instance_of(&client, &running).await));
     let refilled = ready_warm(&pools, 2).await;
     assert_eq!(refilled.intersection(&before).count(), 1);
     assert_eq!(cloud.launch_calls.load(Ordering::SeqCst), 1);
@@ -332,7 +355,6 @@ async fn two_replicas_racing_for_the_last_warm_instance_never_both_get_it() {
         json!({"nodes": 0, "subnetIds": ["subnet-0a"], "securityGroupIds": ["sg-0a"], "warmPool": {"size": 1}}),
     )
     .await;
-    let pools: Api<Ec2NodePool> = Api::all(admin.clone());
     // Two replicas: each its own client and context.
     let replicas: Vec<Arc<ec2_kubelet::runtime::Context>> = ["replica-a", "replica-b"]
         .iter()
@@ -360,25 +382,48 @@ async fn two_replicas_racing_for_the_last_warm_instance_never_both_get_it() {
         ..Default::default()
     };
 
+    // Each replica follows the records, as the operator does.
+    let _watches: Vec<_> = replicas
+        .iter()
+        .map(|ctx| {
+            let ctx = ctx.clone();
+            ec2_kubelet::task::AbortOnDrop(tokio::spawn(
+                async move { ctx.records.run(ctx.client.clone()).await },
+            ))
+        })
+        .collect();
+    let records: Api<Ec2Instance> = Api::all(admin.clone());
     const ROUNDS: usize = 20;
     let mut winners = [0usize; 2];
     for round in 0..ROUNDS {
-        let mut warm_request = request(&format!("warm-token-{round}"));
+        let name = format!("warm-token-{round}");
+        let mut warm_request = request(&name);
         warm_request.tags.insert(tags::WARM.into(), "true".into());
+        warm_request.tags.insert(tags::RECORD.into(), name.clone());
+        let spec = ec2_kubelet::runtime::records::spec_of_request(&warm_request, None);
+        let record = ec2_kubelet::runtime::records::new_record(&name, spec, "");
+        records.create(&PostParams::default(), &record).await.unwrap();
         let instance = compute.launch_instance(&warm_request).await.unwrap();
-        let entry = json!({"instanceType": "t3.micro", "imageId": IMAGE, "subnetId": "subnet-0a",
-            "securityGroupIds": ["sg-0a"], "agentPort": 10350, "state": "Ready",
-            "launchTime": "2026-11-23T00:00:00Z", "readyTime": "2026-11-23T00:00:01Z"});
-        pools
-            .patch_status(
-                "warm",
-                &PatchParams::default(),
-                &Patch::Merge(
-                    json!({"status": {"warm": {instance.instance_id.as_str(): entry}, "warmReady": 1}}),
-                ),
-            )
+        let status = json!({"status": {"phase": "Ready", "instanceId": instance.instance_id,
+            "instanceType": "t3.micro", "launchTime": "2026-11-23T00:00:00Z",
+            "readyTime": "2026-11-23T00:00:01Z"}});
+        records
+            .patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
             .await
             .unwrap();
+        // Both replicas have seen it Ready: they race on the same resourceVersion.
+        for ctx in &replicas {
+            common::eventually(10, "the replica sees the warm record", || {
+                let (ctx, name) = (ctx.clone(), name.clone());
+                async move {
+                    ctx.records
+                        .get(&name)
+                        .filter(|r| r.phase() == Some(ec2_kubelet::crd::InstancePhase::Ready))
+                        .map(|_| ())
+                }
+            })
+            .await;
+        }
         let claims = replicas.iter().enumerate().map(|(i, ctx)| {
             let (ctx, request) = (ctx.clone(), request(&format!("pod-{round}-{i}")));
             tokio::spawn(async move { ec2_kubelet::warm::claim(&ctx, &request, &[]).await.unwrap() })
@@ -396,22 +441,23 @@ async fn two_replicas_racing_for_the_last_warm_instance_never_both_get_it() {
             outcomes[winner].as_ref().unwrap().instance.instance_id,
             instance.instance_id
         );
-        // The binding names the instance for the winner only; the warm set is empty.
-        let status = pools.get("warm").await.unwrap().status.unwrap();
-        assert!(status.warm.is_empty(), "round {round}: {:?}", status.warm);
-        assert_eq!(status.warm_ready, 0);
-        let bound: Vec<(&String, Option<&str>)> = status.bindings["node-1"]
-            .iter()
-            .filter(|(uid, _)| uid.starts_with(&format!("pod-{round}-")))
-            .map(|(uid, b)| (uid, b.instance_id.as_deref()))
-            .collect();
+        // The record names the winner's pod, and only the winner's.
+        let claimed = records.get(&name).await.unwrap();
+        let pod = claimed.spec.pod.as_ref().expect("claimed");
+        assert_eq!(pod.uid, format!("pod-{round}-{winner}"), "round {round}");
+        assert_eq!(claimed.spec.node, "node-1");
         assert_eq!(
-            bound,
-            vec![(
-                &format!("pod-{round}-{winner}"),
-                Some(instance.instance_id.as_str())
-            )]
+            claimed.labels().get(ec2_kubelet::crd::labels::POD_UID),
+            Some(&pod.uid)
         );
+        assert_eq!(claimed.labels()[ec2_kubelet::crd::labels::WARM], "false");
+        let loser = format!("pod-{round}-{}", 1 - winner);
+        let selector = format!("{}={loser}", ec2_kubelet::crd::labels::POD_UID);
+        let theirs = records
+            .list(&ListParams::default().labels(&selector))
+            .await
+            .unwrap();
+        assert!(theirs.items.is_empty(), "round {round}: the loser has no record");
         let tagged = compute
             .describe_instances(&InstanceFilter::Ids(vec![instance.instance_id.clone()]))
             .await
@@ -456,7 +502,7 @@ async fn the_aws_backend_keeps_a_warm_pool_against_the_ec2_emulator() {
     let pods: Api<Pod> = Api::default_namespaced(client.clone());
     let created = create_pod(&pods, "from-warm", json!({})).await;
     let running = common::phase_of(&pods, "from-warm", "Running").await;
-    let id = instance_of(&running);
+    let id = instance_of(&client, &running).await;
     assert!(first.contains(&id), "{id} is not one of {first:?}");
     assert_eq!(
         running.status.as_ref().unwrap().pod_ip,

@@ -12,7 +12,7 @@ use crate::events::EventType;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, EvictParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{self, Event as FinalizerEvent};
 use kube::runtime::reflector::Store;
@@ -21,8 +21,10 @@ use kube::{Resource, ResourceExt};
 use serde_json::{Value, json};
 
 use crate::cloud::{Eni, EniRequest, InstanceFilter};
-use crate::crd::{ConditionStatus, Ec2NodePool, Ec2NodePoolSpec, annotations, labels, set_condition, tags};
-use crate::runtime::{Context, Error, Result};
+use crate::crd::{
+    ConditionStatus, Ec2Instance, Ec2NodePool, Ec2NodePoolSpec, annotations, labels, set_condition, tags,
+};
+use crate::runtime::{Context, Error, Result, records};
 use crate::runtime::{NODE_LEASE_NAMESPACE, node_name};
 
 /// Held on every pool until its nodes and ENIs are gone.
@@ -401,9 +403,10 @@ pub fn missing_indexes(wanted: u32, enis: &[Eni]) -> Vec<u32> {
 /// One decision about a node of the pool.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Step {
-    /// Scale-down starts: cordon the node and record when its drain started.
+    /// Scale-down starts: cordon the node, record when its drain started, and evict its pods.
     Cordon { node: String },
-    /// Scale-down waits: the node still runs `active` pods.
+    /// Scale-down waits: the node still runs `active` pods (evictions a PodDisruptionBudget
+    /// refused are asked again).
     Wait { node: String, active: usize },
     /// Scale-down ends: remove the node, its leases and its ENI. `left_running` pods still ran
     /// when the drain timeout passed (they are released with the node).
@@ -543,6 +546,7 @@ async fn apply(pool: &Ec2NodePool, pc: &PoolContext) -> Result<Action> {
     let name = pool.name_any();
     let spec = &pool.spec;
     let resync = Action::requeue(Duration::from_secs(ctx.config.sync.pool_resync_seconds.into()));
+    super::upgrade::move_bindings(ctx, pool).await?;
     if let Err(error) = validate(spec) {
         report_invalid(ctx, pool, error.reason(), &error.to_string()).await?;
         return Ok(resync);
@@ -641,8 +645,9 @@ async fn act(ctx: &Context, pool: &Ec2NodePool, step: &Step) -> Result<()> {
             };
             let note = format!("cordoned {node} for scale-down");
             publish(ctx, pool, EventType::Normal, "DrainingNode", note, "ScaleDown").await;
+            evict_pods(ctx, pool, node).await?;
         }
-        Step::Wait { .. } => {}
+        Step::Wait { node, .. } => evict_pods(ctx, pool, node).await?,
         Step::Remove {
             node,
             eni_id,
@@ -663,6 +668,65 @@ async fn act(ctx: &Context, pool: &Ec2NodePool, step: &Step) -> Result<()> {
             let note = format!("removed {node}: its ENI no longer exists");
             publish(ctx, pool, EventType::Warning, "NodeEniLost", note, "Reconcile").await;
         }
+    }
+    Ok(())
+}
+
+/// Evicts the pods still running on a cordoned node through the Eviction API, as `kubectl
+/// drain` and Karpenter do: the API server refuses (429) an eviction that a
+/// PodDisruptionBudget does not allow, and the next pass asks again, until the drain timeout.
+/// Pods already going and pods that finished are left alone (the node's removal releases the
+/// finished ones).
+async fn evict_pods(ctx: &Context, pool: &Ec2NodePool, node: &str) -> Result<()> {
+    let pods: Api<Pod> = Api::all(ctx.client.clone());
+    let on_node = pods
+        .list(&ListParams::default().fields(&format!("spec.nodeName={node}")))
+        .await?;
+    let mut evicted = Vec::new();
+    let mut refused = Vec::new();
+    for pod in on_node.items {
+        let phase = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.phase.as_deref())
+            .unwrap_or("Pending");
+        if pod.metadata.deletion_timestamp.is_some() || matches!(phase, "Succeeded" | "Failed") {
+            continue;
+        }
+        let (namespace, name) = (pod.namespace().unwrap_or_default(), pod.name_any());
+        let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
+        match api.evict(&name, &EvictParams::default()).await {
+            Ok(_) => evicted.push(format!("{namespace}/{name}")),
+            Err(kube::Error::Api(status)) if status.code == 429 => {
+                refused.push(format!("{namespace}/{name} ({})", status.message));
+            }
+            Err(kube::Error::Api(status)) if status.is_not_found() => {}
+            Err(error) => return Err(error.into()),
+        }
+    }
+    if !evicted.is_empty() {
+        let note = format!(
+            "evicted {} pod(s) from {node}: {}",
+            evicted.len(),
+            evicted.join(", ")
+        );
+        publish(ctx, pool, EventType::Normal, "EvictedPods", note, "ScaleDown").await;
+    }
+    if !refused.is_empty() {
+        let note = format!(
+            "{node}: {} pod(s) not evicted yet, retrying until the drain timeout: {}",
+            refused.len(),
+            refused.join(", ")
+        );
+        publish(
+            ctx,
+            pool,
+            EventType::Warning,
+            "EvictionRefused",
+            note,
+            "ScaleDown",
+        )
+        .await;
     }
     Ok(())
 }
@@ -787,8 +851,8 @@ async fn template_condition(
 }
 
 /// Terminates the pool's instances whose pod no longer exists (after `sync.orphanGraceSeconds`,
-/// so a launch in flight is never mistaken for one) and drops bindings of pods that are gone.
-/// Only instances carrying this cluster's and pool's tags are ever looked at.
+/// so a launch in flight is never mistaken for one) and retires the records of pods that are
+/// gone. Only instances carrying this cluster's and pool's tags are ever looked at.
 async fn collect_orphans(ctx: &Context, pool: &Ec2NodePool) -> Result<()> {
     let name = pool.name_any();
     let pods: Api<Pod> = Api::all(ctx.client.clone());
@@ -796,17 +860,18 @@ async fn collect_orphans(ctx: &Context, pool: &Ec2NodePool) -> Result<()> {
     // API server's work after a restart.
     let metadata = pods.list_metadata(&ListParams::default()).await?.items;
     let live: HashSet<String> = metadata.iter().filter_map(|p| p.uid()).collect();
-    // The instance each pod runs on, as recorded on the pod or in its binding.
-    let mut recorded: HashMap<String, String> = pool
-        .status
-        .iter()
-        .flat_map(|s| s.bindings.values())
-        .flat_map(|pods| pods.iter())
-        .filter_map(|(uid, b)| Some((uid.clone(), b.instance_id.clone()?)))
-        .collect();
+    let records = ctx.records.of_pool(&name);
+    // The instance each pod runs on, as its record names it (or a pod of an operator before
+    // records, its annotation).
+    let mut recorded: HashMap<String, String> = HashMap::new();
     for pod in &metadata {
         if let (Some(uid), Some(id)) = (pod.uid(), pod.annotations().get(annotations::INSTANCE_ID)) {
             recorded.insert(uid, id.clone());
+        }
+    }
+    for record in &records {
+        if let (Some(uid), Some(id)) = (record.pod_uid(), record.instance_id()) {
+            recorded.insert(uid.to_string(), id.to_string());
         }
     }
     let grace = i64::from(ctx.config.sync.orphan_grace_seconds) * 1000;
@@ -869,27 +934,20 @@ async fn collect_orphans(ctx: &Context, pool: &Ec2NodePool) -> Result<()> {
         )
         .await;
     }
-    let bindings = pool
-        .status
-        .as_ref()
-        .map(|s| s.bindings.clone())
-        .unwrap_or_default();
-    let mut stale = serde_json::Map::new();
-    for (node, pods) in &bindings {
-        let gone: serde_json::Map<String, Value> = pods
-            .keys()
-            .filter(|uid| !live.contains(*uid))
-            .map(|uid| (uid.clone(), Value::Null))
-            .collect();
-        if !gone.is_empty() {
-            stale.insert(node.clone(), Value::Object(gone));
-        }
-    }
-    if !stale.is_empty() {
-        let patch = json!({"status": {"bindings": stale}});
-        api(ctx)
-            .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await?;
+    // Records of pods that are gone (a pod deleted while no operator ran): their instances
+    // are terminated above, or now if they were younger than the grace.
+    let stale = records.iter().filter(|r| {
+        let old = r
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .is_some_and(|t| now - t.0.as_millisecond() >= grace);
+        old && r.metadata.deletion_timestamp.is_none() && r.pod_uid().is_some_and(|uid| !live.contains(uid))
+    });
+    for record in stale {
+        let ids = super::instance::terminate_instances_of(ctx, record).await?;
+        records::retire(&ctx.client, &record.name_any(), &ctx.metrics.record_writes).await?;
+        tracing::info!(record = %record.name_any(), instances = ?ids, "retired the record of a pod that no longer exists");
     }
     Ok(())
 }
@@ -921,10 +979,27 @@ async fn cleanup(pool: &Ec2NodePool, ctx: &Context) -> Result<Action> {
         ctx.compute.terminate_instances(&warm).await?;
         tracing::info!(pool = %name, instances = ?warm, "terminated the warm instances of a deleted pool");
     }
+    // Every record of the pool goes, each after its instance (the pods' were terminated with
+    // their nodes, the warm ones above).
+    let records: Api<Ec2Instance> = Api::all(ctx.client.clone());
+    let listed = records
+        .list(&ListParams::default().labels(&format!("{}={name}", labels::POOL)))
+        .await?;
+    let mut owned: Vec<Ec2Instance> = listed.items;
+    for record in ctx.records.of_pool(&name) {
+        if !owned.iter().any(|r| r.name_any() == record.name_any()) {
+            owned.push((*record).clone());
+        }
+    }
+    for record in &owned {
+        super::instance::terminate_instances_of(ctx, record).await?;
+        records::retire(&ctx.client, &record.name_any(), &ctx.metrics.record_writes).await?;
+    }
     let note = format!(
-        "removed {} node(s) and their ENIs, terminated {} warm instance(s)",
+        "removed {} node(s) and their ENIs, terminated {} warm instance(s), removed {} instance record(s)",
         enis.len(),
-        warm.len()
+        warm.len(),
+        owned.len()
     );
     publish(ctx, pool, EventType::Normal, "PoolDeleted", note, "Delete").await;
     Ok(Action::await_change())

@@ -273,6 +273,7 @@ async fn apply(template: &Ec2PodTemplate, ctx: &Context) -> Result<Action> {
 /// The pods that use a template: named by their `ec2-kubelet.io/template` annotation, or bound
 /// to a pool whose `templateRef` is the template.
 pub async fn users(ctx: &Context, template: &Ec2PodTemplate) -> Result<Vec<String>> {
+    ctx.records.ready().await;
     let namespace = template.namespace().unwrap_or_default();
     let name = template.name_any();
     let pools: Api<Ec2NodePool> = Api::all(ctx.client.clone());
@@ -286,13 +287,14 @@ pub async fn users(ctx: &Context, template: &Ec2PodTemplate) -> Result<Vec<Strin
         if !uses {
             continue;
         }
-        for bindings in pool.status.map(|s| s.bindings).unwrap_or_default().into_values() {
-            users.extend(
-                bindings
-                    .into_values()
-                    .map(|b| format!("{}/{}", b.namespace, b.name)),
-            );
-        }
+        let pool_name = pool.name_any();
+        users.extend(
+            ctx.records
+                .of_pool(&pool_name)
+                .iter()
+                .filter_map(|r| r.spec.pod.as_ref())
+                .map(|p| format!("{}/{}", p.namespace, p.name)),
+        );
     }
     let pods: Api<Pod> = Api::all(ctx.client.clone());
     // Only annotations matter: the metadata list costs a fraction of a full one.

@@ -2,6 +2,7 @@
 //! well-known names (labels, annotations, EC2 tags) the operator writes and reads.
 
 mod conditions;
+mod instance;
 mod pool;
 pub mod reference;
 mod template;
@@ -15,6 +16,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 pub use conditions::{ConditionStatus, set_condition};
+pub use instance::{Ec2Instance, Ec2InstanceSpec, Ec2InstanceStatus, InstancePhase, PodRef};
 pub use pool::{
     AgentSettings, BindingPhase, Ec2NodePool, Ec2NodePoolSpec, Ec2NodePoolStatus, NodeCapacity, NodeTaint,
     PodBinding, PoolNodeStatus, SecretRef, TaintEffect, TemplateRef, WarmInstance, WarmPool, WarmState,
@@ -125,7 +127,30 @@ pub mod annotations {
 pub mod labels {
     pub const POOL: &str = "ec2-kubelet.io/pool";
     pub const NODE_INDEX: &str = "ec2-kubelet.io/node-index";
+    /// On `Ec2Instance` records (with `POOL`): the pod's node, namespace, name and UID, and
+    /// whether the instance waits warm. A value a label cannot hold (over 63 characters) is
+    /// left out: the UID label always fits.
+    pub const NODE: &str = "ec2-kubelet.io/node";
+    pub const POD_NAMESPACE: &str = "ec2-kubelet.io/pod-namespace";
+    pub const POD_NAME: &str = "ec2-kubelet.io/pod-name";
+    pub const POD_UID: &str = "ec2-kubelet.io/pod-uid";
+    pub const WARM: &str = "ec2-kubelet.io/warm";
+
+    /// `value` as a label value, if it can be one (at most 63 characters of `[A-Za-z0-9-_.]`,
+    /// alphanumeric at both ends).
+    pub fn value(value: &str) -> Option<&str> {
+        let ok = value.len() <= 63
+            && value
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            && value.chars().next().is_none_or(|c| c.is_ascii_alphanumeric())
+            && value.chars().last().is_none_or(|c| c.is_ascii_alphanumeric());
+        ok.then_some(value)
+    }
 }
+
+/// The finalizer on every `Ec2Instance` record: its instance is terminated before it goes.
+pub const INSTANCE_FINALIZER: &str = "ec2-kubelet.io/terminate-instance";
 
 /// EC2 tags the operator writes on every ENI and instance it creates, and reads back after a restart.
 pub mod tags {
@@ -137,6 +162,8 @@ pub mod tags {
     pub const POD_UID: &str = "ec2-kubelet.io/pod-uid";
     pub const POD: &str = "ec2-kubelet.io/pod";
     pub const WARM: &str = "ec2-kubelet.io/warm";
+    /// The name of the instance's `Ec2Instance` record.
+    pub const RECORD: &str = "ec2-kubelet.io/record";
     /// The agent's port on the instance, so a restarted operator reaches it without the template.
     pub const AGENT_PORT: &str = "ec2-kubelet.io/agent-port";
     /// The nonce of the instance's bootstrap token: a token is only good for the instance
@@ -147,7 +174,7 @@ pub mod tags {
 
 /// The CRDs of this crate, as installed in a cluster.
 pub fn crds() -> Vec<CustomResourceDefinition> {
-    vec![Ec2NodePool::crd(), Ec2PodTemplate::crd()]
+    vec![Ec2NodePool::crd(), Ec2PodTemplate::crd(), Ec2Instance::crd()]
 }
 
 /// File name of a CRD under `crds/`: `<plural>.<group>.yaml`.

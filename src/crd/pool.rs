@@ -276,19 +276,19 @@ pub struct Ec2NodePoolStatus {
     /// Nodes whose Ready condition is True.
     #[serde(default)]
     pub ready_nodes: i32,
-    /// Pods bound to the pool's nodes.
+    /// Pods bound to the pool's nodes (recounted every second).
     #[serde(default)]
     pub pods: i32,
     /// Virtual nodes, keyed by node name.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub nodes: BTreeMap<String, PoolNodeStatus>,
-    /// Pod-to-instance bindings, keyed by node name then pod UID. Written with JSON merge
-    /// patches per node and pod, so node tasks never overwrite each other.
+    /// Deprecated: where operators before `Ec2Instance` records kept the pod-to-instance
+    /// bindings (node name -> pod UID -> binding). An upgraded operator moves each into a
+    /// record and clears this; it never writes it.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub bindings: BTreeMap<String, BTreeMap<String, PodBinding>>,
-    /// Warm instances waiting for a pod, keyed by instance id. A pod claims one by removing it
-    /// here and adding its binding in one write that carries the status's resourceVersion, so
-    /// no two pods (nor two replicas) ever get the same instance.
+    /// Deprecated: where operators before `Ec2Instance` records kept the warm instances (by
+    /// instance id). An upgraded operator moves each into a record and clears this.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub warm: BTreeMap<String, WarmInstance>,
     /// Warm instances whose agent is Ready.

@@ -231,10 +231,12 @@ pub(crate) async fn pod_agent(
         .map_err(|e| Reply::unavailable(format!("reading pod {namespace}/{name}: {e}")))?
         .filter(|pod| pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node))
         .ok_or_else(not_found)?;
-    let instance_id = pod
-        .annotations()
-        .get(annotations::INSTANCE_ID)
-        .cloned()
+    // The pod's record names its instance (a pod of an operator before records: its annotation).
+    let instance_id = ctx
+        .records
+        .of_pod(pod.metadata.uid.as_deref().unwrap_or_default())
+        .and_then(|r| r.instance_id().map(String::from))
+        .or_else(|| pod.annotations().get(annotations::INSTANCE_ID).cloned())
         .ok_or_else(|| Reply::no_instance(&pod, namespace, name, None))?;
     let instance = ctx
         .compute

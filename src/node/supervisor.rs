@@ -146,6 +146,11 @@ impl Tasks {
 /// Keeps the node tasks of this replica in line with the pools until `stop` turns true, then
 /// stops them (each releases its ownership lease).
 pub async fn run(ctx: Arc<Context>, mut stop: watch::Receiver<bool>) {
+    // Pod workers read their pods' instances from the records: not before the first list.
+    tokio::select! {
+        _ = stopped(&mut stop) => return,
+        _ = ctx.records.ready() => {}
+    }
     let pools: Api<Ec2NodePool> = Api::all(ctx.client.clone());
     let (reader, writer) = reflector::store();
     let events = reflector(writer, watcher(pools, watcher::Config::default()))

@@ -11,7 +11,7 @@ use crate::events::EventType;
 use futures::StreamExt;
 use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, ServiceAccount};
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Resource, ResourceExt};
 use serde_json::{Value, json};
@@ -22,12 +22,13 @@ use super::writer::StatusWriter;
 use super::{spec, status};
 use crate::agent_client::AgentChannel;
 use crate::cloud::{self, Instance, LaunchRequest};
-use crate::crd::{Ec2PodTemplate, annotations, tags};
+use crate::crd::{Ec2PodTemplate, InstancePhase, PodRef, annotations, tags};
 use crate::faults;
 use crate::launch::plan;
 use crate::launch::settings::{self, InvalidSetting};
 use crate::runtime::VirtualNode;
 use crate::runtime::backoff::Backoff;
+use crate::runtime::records;
 use crate::runtime::{Context, Error, Result};
 use crate::task::stopped;
 use ec2_kubelet_protocol::v1::{LaunchPodRequest, TerminatePodRequest, WatchPodStatusRequest};
@@ -44,18 +45,37 @@ fn pods(ctx: &Context, namespace: &str) -> Api<Pod> {
     Api::namespaced(ctx.client.clone(), namespace)
 }
 
-/// Writes (or with `None`, removes) the pod's binding in the pool status, keyed by node and UID
-/// (batched with the other pods of the pool); returns once it is durable.
-async fn set_binding(ctx: &Context, node: &VirtualNode, uid: &str, binding: Option<Value>) -> Result<()> {
-    ctx.bindings
-        .of(&ctx.client, &node.pool, &ctx.metrics.binding_writes)
-        .set(&node.name, uid, binding)
-        .await
-        .map_err(Error::from)
+/// The name of the pod's `Ec2Instance` record: the one its instance is tagged with, else the
+/// one this replica's store has for the pod, else the pod's UID (a cold launch's name).
+fn record_name(ctx: &Context, uid: &str, instance: Option<&Instance>) -> String {
+    if let Some(name) = instance.and_then(|i| i.tag(tags::RECORD)) {
+        return name.to_string();
+    }
+    ctx.records
+        .of_pod(uid)
+        .map(|r| r.name_any())
+        .unwrap_or_else(|| uid.to_string())
 }
 
-/// The instance already launched for this pod, found by its `pod-uid` tag in a snapshot of the
-/// pool's instances taken after `asked` (one `DescribeInstances` serves every pod that asks
+/// Removes the pod's record (its instance is terminated or never existed).
+async fn retire_record(ctx: &Context, uid: &str, instance: Option<&Instance>) -> Result<()> {
+    let name = record_name(ctx, uid, instance);
+    records::retire(&ctx.client, &name, &ctx.metrics.record_writes).await
+}
+
+/// The instance the pod's record names (or, for a pod of an operator before records, its
+/// `instance-id` annotation).
+fn recorded_instance(ctx: &Context, pod: &Pod) -> Option<String> {
+    let uid = pod.metadata.uid.as_deref().unwrap_or_default();
+    ctx.records
+        .of_pod(uid)
+        .and_then(|r| r.instance_id().map(String::from))
+        .or_else(|| pod.annotations().get(annotations::INSTANCE_ID).cloned())
+}
+
+/// The instance already launched for this pod, found by its `pod-uid` tag (or as the instance
+/// its record names: a warm claim cut short before the re-tag) in a snapshot of the pool's
+/// instances taken after `asked` (one `DescribeInstances` serves every pod that asks
 /// meanwhile). Should there be two (a launch EC2 did not fold into the first), the one the pod
 /// records, else the oldest: the pool controller terminates the other.
 async fn existing_instance(
@@ -68,7 +88,8 @@ async fn existing_instance(
     let instances = ctx.pool_instances(&node.pool, asked).await?;
     let mut found: Vec<&Instance> = instances
         .iter()
-        .filter(|i| i.tag(tags::POD_UID) == Some(uid) && i.state.is_alive())
+        .filter(|i| i.state.is_alive())
+        .filter(|i| i.tag(tags::POD_UID) == Some(uid) || Some(i.instance_id.as_str()) == recorded)
         .collect();
     found.sort_by_key(|i| (Some(i.instance_id.as_str()) != recorded, i.launch_time));
     Ok(found.first().map(|i| (*i).clone()))
@@ -323,7 +344,7 @@ async fn spot_interrupted(
     release_when_deleted(shared, pod_rx).await
 }
 
-/// Stops the pod on its agent, terminates the instance, removes the binding and releases the
+/// Stops the pod on its agent, terminates the instance, removes its record and releases the
 /// pod object with grace 0.
 async fn finish_deletion(
     shared: &Shared,
@@ -358,7 +379,7 @@ async fn finish_deletion(
         let subject = format!("{}/{}", pod.namespace().unwrap_or_default(), pod.name_any());
         faults::point(faults::POD_TERMINATED, &subject).await;
     }
-    set_binding(ctx, &shared.node, &uid, None).await?;
+    retire_record(ctx, &uid, instance).await?;
     let namespace = pod.namespace().unwrap_or_default();
     let params = DeleteParams::default()
         .grace_period(0)
@@ -408,7 +429,8 @@ async fn launch(shared: &Shared, pod_rx: &mut watch::Receiver<Pod>) -> Result<Op
         }
     };
     if crate::warm::enabled(&node.spec) {
-        // Served warm: the claim wrote the binding; the agent is already up.
+        // Served warm: the claim wrote the pod into the warm instance's record; the agent is
+        // already up.
         if let Some(claimed) = crate::warm::claim(ctx, &request, &fallbacks).await? {
             let note = format!(
                 "claimed warm instance {} ({}, warm for {} s): {why}",
@@ -420,9 +442,16 @@ async fn launch(shared: &Shared, pod_rx: &mut watch::Receiver<Pod>) -> Result<Op
             return Ok(Some(claimed.instance));
         }
     }
-    let binding = json!({"namespace": request.namespace, "name": request.name,
-        "instanceType": request.instance_type, "phase": "Launching", "launchTime": now()});
-    set_binding(ctx, node, &request.pod_uid, Some(binding)).await?;
+    // The record first: a crash after RunInstances finds the instance through it and its tags.
+    let pod_ref = PodRef {
+        namespace: request.namespace.clone(),
+        name: request.name.clone(),
+        uid: request.pod_uid.clone(),
+    };
+    let spec = records::spec_of_request(&request, Some(pod_ref));
+    let record = records::new_record(&request.pod_uid, spec, &node.pool_uid);
+    records::create(&ctx.client, &record, &ctx.metrics.record_writes).await?;
+    request.tags.insert(tags::RECORD.into(), request.pod_uid.clone());
     request.known_absent = true;
     let types: Vec<String> = std::iter::once(request.instance_type.clone())
         .chain(fallbacks)
@@ -707,6 +736,55 @@ async fn mirror(
     }
 }
 
+/// How much of the instance the pod's record has, as far as this worker knows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Noted {
+    Nothing,
+    Booting,
+    Running,
+}
+
+/// How long a cold-launched instance's record waits for its agent before it is written as
+/// Booting: an agent that answers sooner gets one write, Running with everything.
+const BOOTING_AFTER: Duration = Duration::from_secs(1);
+
+/// Writes the instance and `phase` into the pod's record. A record that is gone (deleted by
+/// hand, or a pod of an operator before records) is written again first.
+async fn note_instance(
+    shared: &Shared,
+    pod: &PodRef,
+    instance: &Instance,
+    phase: InstancePhase,
+) -> Result<()> {
+    let ctx = &shared.ctx;
+    let name = record_name(ctx, &pod.uid, Some(instance));
+    let launch_time = jiff::Timestamp::from_millisecond(instance.launch_time)
+        .ok()
+        .map(|t| t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string());
+    let at = now();
+    let (ready, reason, message) = match phase {
+        InstancePhase::Booting => ("False", "Booting", "waiting for the agent to answer"),
+        _ => ("True", "AgentReady", "the agent runs the pod"),
+    };
+    let mut status = json!({"phase": phase.as_str(), "instanceId": instance.instance_id,
+        "instanceType": instance.instance_type, "privateIp": instance.private_ip,
+        "launchTime": launch_time,
+        "conditions": [{"type": "Ready", "status": ready, "reason": reason, "message": message,
+            "lastTransitionTime": at}]});
+    if phase == InstancePhase::Running {
+        status["readyTime"] = json!(at);
+    }
+    let writes = &ctx.metrics.record_writes;
+    if records::set_status(&ctx.client, &name, status.clone(), writes).await? {
+        return Ok(());
+    }
+    let spec = records::spec_of_instance(&shared.node, instance, pod.clone());
+    let record = records::new_record(&name, spec, &shared.node.pool_uid);
+    records::create(&ctx.client, &record, writes).await?;
+    records::set_status(&ctx.client, &name, status, writes).await?;
+    Ok(())
+}
+
 /// Runs the pod on its instance: records the instance, waits for the agent, hands the pod
 /// over, mirrors its status, rides out agent outages up to `sync.agentLostSeconds`, and on
 /// deletion stops and terminates everything.
@@ -718,24 +796,31 @@ async fn attach(
 ) -> Result<()> {
     let ctx = &shared.ctx;
     let node = &shared.node;
-    let (uid, namespace, name, recorded) = {
+    let pod = {
         let pod = pod_rx.borrow();
-        let recorded = pod.annotations().get(annotations::INSTANCE_ID) == Some(&instance.instance_id);
-        (
-            pod.uid().unwrap_or_default(),
-            pod.namespace().unwrap_or_default(),
-            pod.name_any(),
-            recorded,
-        )
+        PodRef {
+            namespace: pod.namespace().unwrap_or_default(),
+            name: pod.name_any(),
+            uid: pod.uid().unwrap_or_default(),
+        }
     };
-    if !recorded {
-        let binding = json!({"namespace": namespace, "name": name,
-            "instanceId": instance.instance_id, "instanceType": instance.instance_type,
-            "privateIp": instance.private_ip, "phase": "Booting"});
-        Box::pin(set_binding(ctx, node, &uid, Some(binding))).await?;
-        let annotate = json!({"metadata": {"annotations": {annotations::INSTANCE_ID: instance.instance_id}}});
-        let api = pods(ctx, &namespace);
-        Box::pin(api.patch(&name, &PatchParams::default(), &Patch::Merge(&annotate))).await?;
+    let noted = match ctx.records.of_pod(&pod.uid) {
+        Some(record) if record.instance_id() == Some(instance.instance_id.as_str()) => match record.phase() {
+            Some(InstancePhase::Running) => Noted::Running,
+            Some(_) => Noted::Booting,
+            None => Noted::Nothing,
+        },
+        _ => Noted::Nothing,
+    };
+    if instance.tag(tags::POD_UID) != Some(pod.uid.as_str()) {
+        // A warm claim that a crash cut short before the instance was re-tagged.
+        let new_tags = crate::warm::pod_tags(&pod, &node.name);
+        let id = &instance.instance_id;
+        Box::pin(
+            ctx.gate
+                .call(&node.pool, || ctx.compute.tag_instance(id, &new_tags)),
+        )
+        .await?;
     }
     let port = instance
         .tag(tags::AGENT_PORT)
@@ -747,41 +832,52 @@ async fn attach(
         pod_ip: instance.private_ip.clone(),
         host_ip: node.private_ip.clone(),
     };
-    let outcome = run_on(shared, pod_rx, &instance, &endpoint, &placement, bound_at).await;
+    let outcome = run_on(
+        shared, pod_rx, &pod, &instance, &endpoint, &placement, noted, bound_at,
+    )
+    .await;
     // The instance is done with (or the worker retries and dials again).
     ctx.agents.forget(&endpoint, &instance.instance_id);
     outcome
 }
 
 /// The part of [`attach`] that talks to the agent at `endpoint`.
+#[allow(clippy::too_many_arguments)]
 async fn run_on(
     shared: &Shared,
     pod_rx: &mut watch::Receiver<Pod>,
+    pod: &PodRef,
     instance: &Instance,
     endpoint: &str,
     placement: &status::Placement,
+    mut noted: Noted,
     mut bound_at: Option<tokio::time::Instant>,
 ) -> Result<()> {
     let ctx = &shared.ctx;
     let node = &shared.node;
-    let (uid, mut recorded_running) = {
-        let pod = pod_rx.borrow();
-        // The binding says Running before the pod's status ever does (it is written before the
-        // status is mirrored), so a Running pod re-attached after a restart writes nothing.
-        let on_this_instance = pod.annotations().get(annotations::INSTANCE_ID) == Some(&instance.instance_id);
-        let running = pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
-        (pod.uid().unwrap_or_default(), on_this_instance && running)
-    };
     let mut unreachable_since = None;
     loop {
-        let waited = Box::pin(wait_for_agent(
-            shared,
-            pod_rx,
-            instance,
-            endpoint,
-            unreachable_since,
-        ))
-        .await?;
+        let waited = {
+            let mut wait = Box::pin(wait_for_agent(
+                shared,
+                pod_rx,
+                instance,
+                endpoint,
+                unreachable_since,
+            ));
+            match noted {
+                // The record learns the instance now, or with Running if the agent answers soon.
+                Noted::Nothing => tokio::select! {
+                    waited = &mut wait => waited?,
+                    _ = tokio::time::sleep(BOOTING_AFTER) => {
+                        Box::pin(note_instance(shared, pod, instance, InstancePhase::Booting)).await?;
+                        noted = Noted::Booting;
+                        wait.await?
+                    }
+                },
+                _ => wait.await?,
+            }
+        };
         let mut agent = match waited {
             AgentWait::Ready(agent) => agent,
             AgentWait::Lost(why) => {
@@ -792,7 +888,7 @@ async fn run_on(
             }
         };
         if unreachable_since.take().is_some() {
-            tracing::info!(pod = %pod_rx.borrow().name_any(), instance_id = %instance.instance_id, "the agent answers again");
+            tracing::info!(pod = %pod.name, instance_id = %instance.instance_id, "the agent answers again");
         }
         // The copy of the pod lives in the boxed future, not in the worker's.
         Box::pin(async {
@@ -800,9 +896,11 @@ async fn run_on(
             hand_over(shared, &pod, &mut agent, instance).await
         })
         .await?;
-        if !recorded_running {
-            Box::pin(set_binding(ctx, node, &uid, Some(json!({"phase": "Running"})))).await?;
-            recorded_running = true;
+        // The record says Running before the pod's status ever does (it is written before the
+        // status is mirrored), so a Running pod re-attached after a restart writes nothing.
+        if noted != Noted::Running {
+            Box::pin(note_instance(shared, pod, instance, InstancePhase::Running)).await?;
+            noted = Noted::Running;
         }
         match mirror(shared, pod_rx, &mut agent, placement, &mut bound_at).await? {
             Mirror::Deleting => {
@@ -818,8 +916,7 @@ async fn run_on(
                 return Box::pin(spot_interrupted(shared, pod_rx, instance, at)).await;
             }
             Mirror::Lost(why) => {
-                let pod = pod_rx.borrow().name_any();
-                tracing::warn!(%pod, instance_id = %instance.instance_id, %why, "lost the agent");
+                tracing::warn!(pod = %pod.name, instance_id = %instance.instance_id, %why, "lost the agent");
                 let labels = crate::metrics::PoolLabels {
                     pool: node.pool.clone(),
                 };
@@ -845,13 +942,13 @@ async fn drive(shared: &Shared, pod_rx: &mut watch::Receiver<Pod>) -> Result<()>
         let pod = pod_rx.borrow();
         (
             pod.uid().unwrap_or_default(),
-            pod.annotations().get(annotations::INSTANCE_ID).cloned(),
+            recorded_instance(&shared.ctx, &pod),
             failed_by_us(&pod),
             deleting(&pod),
             finished(&pod),
         )
     };
-    // A pod without an instance yet needs a snapshot taken after its binding could have been
+    // A pod without an instance yet needs a snapshot taken after its record could have been
     // written (or it might launch twice); for a pod whose instance is recorded, any recent
     // snapshot tells whether that instance is alive, so after a restart one `DescribeInstances`
     // per pool serves every pod that comes back (a stale answer is caught by `wait_for_agent`).
@@ -908,20 +1005,18 @@ struct Worker {
     handle: JoinHandle<()>,
 }
 
-/// A pod object deleted outright (grace 0, or its namespace went): its instance and binding
+/// A pod object deleted outright (grace 0, or its namespace went): its instance and record
 /// must still go.
 async fn cleanup_deleted(shared: &Shared, pod: &Pod) -> Result<()> {
     let uid = pod.uid().unwrap_or_default();
     let asked = std::time::Instant::now();
-    let recorded = pod
-        .annotations()
-        .get(annotations::INSTANCE_ID)
-        .map(String::as_str);
-    if let Some(instance) = existing_instance(&shared.ctx, &shared.node, &uid, recorded, asked).await? {
+    let recorded = recorded_instance(&shared.ctx, pod);
+    let found = existing_instance(&shared.ctx, &shared.node, &uid, recorded.as_deref(), asked).await?;
+    if let Some(instance) = &found {
         terminate(shared, &instance.instance_id).await?;
         tracing::info!(pod = %pod.name_any(), instance_id = %instance.instance_id, "terminated the instance of a deleted pod");
     }
-    set_binding(&shared.ctx, &shared.node, &uid, None).await
+    retire_record(&shared.ctx, &uid, found.as_ref()).await
 }
 
 /// One pod's worker: drives the pod, retrying failures with jittered exponential backoff (cut

@@ -2,7 +2,6 @@
 //! for what a user sees in events and metrics, and when a failure is tried again.
 
 use super::backoff;
-use super::bindings::BindingError;
 
 /// What can go wrong in a controller, named for what a user sees in events and metrics.
 #[derive(Debug, thiserror::Error)]
@@ -32,8 +31,6 @@ pub enum Error {
     WorkerStopped,
     #[error("{0}")]
     InUse(String),
-    #[error("pool status: {0}")]
-    Binding(#[from] BindingError),
     /// A compare-and-swap write lost to other writers every time it tried.
     #[error("{object}: the status kept changing under {attempts} compare-and-swap writes")]
     Contended { object: String, attempts: usize },
@@ -50,7 +47,6 @@ impl Error {
             Error::Agent { .. } => "AgentUnreachable",
             Error::WorkerStopped => "WorkerStopped",
             Error::InUse(_) => "InUse",
-            Error::Binding(error) => error.reason(),
             Error::Contended { .. } => "StatusContended",
         }
     }
@@ -71,7 +67,6 @@ impl Error {
             }
             Error::Cloud(error) => error.is_retryable(),
             Error::InvalidSpec { .. } => false,
-            Error::Binding(error) => error.is_retryable(),
             Error::Agent { .. } | Error::WorkerStopped | Error::InUse(_) | Error::Contended { .. } => true,
         }
     }

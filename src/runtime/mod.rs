@@ -1,12 +1,12 @@
 //! The runtime layer: what the controllers, node tasks, pod workers, warm pools, the kubelet
 //! API and enrollment share, below all of them. The `Context` (client, compute, config, event
 //! recorder, metrics, agent connections, replica identity), the `Error`, the retry gate and
-//! backoff, leases, the batched binding writers and the virtual node a task runs.
+//! backoff, leases, the `Ec2Instance` records and the virtual node a task runs.
 
 pub mod backoff;
-pub mod bindings;
 pub mod error;
 pub mod lease;
+pub mod records;
 pub mod virtual_node;
 
 use std::sync::Arc;
@@ -34,8 +34,8 @@ pub struct Context {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Connections to agents, shared by every caller of one agent.
     pub agents: crate::agent_client::Connections,
-    /// Batched binding writes, one writer per pool.
-    pub bindings: bindings::BindingWriters,
+    /// The `Ec2Instance` records, as this replica's watch sees them.
+    pub records: records::Records,
     /// Each pool's instances and ENIs, read in shared batches.
     pub instances: crate::cloud::snapshot::Snapshots<Vec<crate::cloud::Instance>>,
     pub enis: crate::cloud::snapshot::Snapshots<Vec<crate::cloud::Eni>>,
@@ -53,7 +53,7 @@ impl Context {
             gate: backoff::CloudGate::default().counting(metrics.throttled.clone()),
             metrics,
             agents: Default::default(),
-            bindings: Default::default(),
+            records: Default::default(),
             instances: Default::default(),
             enis: Default::default(),
         }

@@ -1139,7 +1139,7 @@ pub async fn check_invariants(
     pool: &str,
 ) -> Result<(usize, usize), String> {
     use ec2_kubelet::cloud::{Compute, InstanceFilter};
-    use ec2_kubelet::crd::{Ec2NodePool, tags};
+    use ec2_kubelet::crd::{Ec2Instance, tags};
     use k8s_openapi::api::core::v1::Pod;
     use kube::ResourceExt;
     use kube::api::Api;
@@ -1149,16 +1149,19 @@ pub async fn check_invariants(
         .await
         .map_err(|e| e.to_string())?
         .items;
-    let pool = Api::<Ec2NodePool>::all(client.clone())
-        .get(pool)
+    // (record name, pod UID, instance id) of the pool's records.
+    let records: Vec<(String, String, Option<String>)> = Api::<Ec2Instance>::all(client.clone())
+        .list(&Default::default())
         .await
-        .map_err(|e| e.to_string())?;
-    let bindings: Vec<(String, String)> = pool
-        .status
-        .map(|s| s.bindings)
-        .unwrap_or_default()
+        .map_err(|e| e.to_string())?
+        .items
         .into_iter()
-        .flat_map(|(node, pods)| pods.into_keys().map(move |uid| (node.clone(), uid)))
+        .filter(|r| r.spec.pool == pool)
+        .map(|r| {
+            let uid = r.pod_uid().unwrap_or_default().to_string();
+            let id = r.instance_id().map(String::from);
+            (r.name_any(), uid, id)
+        })
         .collect();
     let instances = compute
         .describe_instances(&InstanceFilter::Cluster)
@@ -1191,20 +1194,31 @@ pub async fn check_invariants(
         if phase != "Running" {
             return Err(format!("pod {name} is {phase:?}"));
         }
-        let on = live
+        let on: Vec<&str> = live
             .iter()
             .filter(|i| i.tag(tags::POD_UID) == Some(uid.as_str()))
-            .count();
-        if on != 1 {
-            return Err(format!("pod {name} has {on} live instances"));
+            .map(|i| i.instance_id.as_str())
+            .collect();
+        if on.len() != 1 {
+            return Err(format!("pod {name} has {} live instances", on.len()));
         }
-        let bound = bindings.iter().filter(|(_, b)| *b == uid).count();
-        if bound != 1 {
-            return Err(format!("pod {name} has {bound} bindings"));
+        let recorded: Vec<&Option<String>> = records
+            .iter()
+            .filter(|(_, b, _)| *b == uid)
+            .map(|(_, _, id)| id)
+            .collect();
+        if recorded.len() != 1 {
+            return Err(format!("pod {name} has {} records", recorded.len()));
+        }
+        if recorded[0].as_deref() != Some(on[0]) {
+            return Err(format!(
+                "pod {name} runs on {} but its record says {:?}",
+                on[0], recorded[0]
+            ));
         }
     }
-    if let Some((node, uid)) = bindings.iter().find(|(_, uid)| !uids.contains(uid)) {
-        return Err(format!("binding {uid} on {node} has no pod"));
+    if let Some((record, uid, _)) = records.iter().find(|(_, uid, _)| !uids.contains(uid)) {
+        return Err(format!("record {record} names pod {uid}, which does not exist"));
     }
     if let Some(orphan) = live
         .iter()
@@ -1263,4 +1277,38 @@ pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
+}
+
+/// The `Ec2Instance` record of the pod with this UID, if any (by its `pod-uid` label: a
+/// claimed warm instance's record is not named after the pod).
+pub async fn record_of(client: &kube::Client, uid: &str) -> Option<ec2_kubelet::crd::Ec2Instance> {
+    let records: kube::Api<ec2_kubelet::crd::Ec2Instance> = kube::Api::all(client.clone());
+    let selector = format!("{}={uid}", ec2_kubelet::crd::labels::POD_UID);
+    records
+        .list(&kube::api::ListParams::default().labels(&selector))
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .next()
+}
+
+/// Every `Ec2Instance` record of the cluster.
+pub async fn all_records(client: &kube::Client) -> Vec<ec2_kubelet::crd::Ec2Instance> {
+    let records: kube::Api<ec2_kubelet::crd::Ec2Instance> = kube::Api::all(client.clone());
+    records
+        .list(&kube::api::ListParams::default())
+        .await
+        .unwrap()
+        .items
+}
+
+/// The id of the instance the pod's `Ec2Instance` record names.
+pub async fn instance_of(client: &kube::Client, pod: &k8s_openapi::api::core::v1::Pod) -> String {
+    let uid = pod.metadata.uid.as_deref().expect("a created pod");
+    let record = record_of(client, uid).await.expect("the pod's record");
+    record
+        .instance_id()
+        .expect("the record names an instance")
+        .to_string()
 }
