@@ -24,10 +24,14 @@ use crate::task::stopped;
 /// How the operator introduces itself to the API server (audit logs, API priority and fairness).
 pub const USER_AGENT: &str = concat!("ec2-kubelet/", env!("CARGO_PKG_VERSION"));
 
-/// A Kubernetes client for the operator: `config` with the operator's User-Agent.
+/// A Kubernetes client for the operator: `config` with the operator's User-Agent, and without
+/// kube's own retry of 429 and 503 answers (up to 15 times, minutes in all): every caller has
+/// its own backoff (`Retry-After` included), and a 429 can be an answer to act on, such as an
+/// eviction a PodDisruptionBudget refuses.
 pub fn client(mut config: kube::Config) -> kube::Result<kube::Client> {
     let agent = hyper::header::HeaderValue::from_static(USER_AGENT);
     config.headers.push((hyper::header::USER_AGENT, agent));
+    config.default_retry = false;
     kube::Client::try_from(config)
 }
 

@@ -351,11 +351,7 @@ async fn tend(ctx: &Context, cached: &Ec2NodePool, memory: &mut Memory) -> Resul
         i.state.is_alive()
             && i.tag(tags::WARM) == Some("true")
             && instance_age(i) > lost_after
-            && !ctx
-                .records
-                .of_pool(&name)
-                .iter()
-                .any(|r| crate::controller::instance::belongs(i, r))
+            && !ctx.records.of_pool(&name).iter().any(|r| records::belongs(i, r))
     }) {
         let ids = [instance.instance_id.clone()];
         ctx.gate
@@ -375,10 +371,7 @@ async fn tend(ctx: &Context, cached: &Ec2NodePool, memory: &mut Memory) -> Resul
             .as_ref()
             .map(|t| t.0)
             .unwrap_or_else(jiff::Timestamp::now);
-        let found = instances
-            .iter()
-            .find(|i| crate::controller::instance::belongs(i, &record))
-            .cloned();
+        let found = instances.iter().find(|i| records::belongs(i, &record)).cloned();
         let Some(instance) = found.filter(|i| i.state.is_alive()) else {
             // Launched and gone, or never launched (the record's write outlived its launch).
             if age(created) > Duration::from_secs(5) {
@@ -548,7 +541,7 @@ async fn retire(ctx: &Context, record: &Ec2Instance, why: &str) -> Result<()> {
         Err(kube::Error::Api(status)) if status.code == 409 || status.is_not_found() => return Ok(()),
         Err(error) => return Err(error.into()),
     }
-    let ids = crate::controller::instance::terminate_instances_of(ctx, record).await?;
+    let ids = records::terminate_instances_of(ctx, record).await?;
     records::retire(&ctx.client, &name, &ctx.metrics.record_writes).await?;
     tracing::info!(pool = %record.spec.pool, record = %name, instances = ?ids, %why, "terminated a warm instance");
     Ok(())

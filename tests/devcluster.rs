@@ -951,3 +951,56 @@ async fn pod_logs_are_proxied_to_the_node_kubelet_endpoint() {
         "log line for /containerLogs/default/p/app?&tailLines=5\n".replace("?&", "?")
     );
 }
+
+#[tokio::test]
+async fn objects_and_requests_over_the_real_size_limits_are_refused_as_kube_apiserver_does() {
+    let cluster = start(false).await;
+    let client = cluster.client();
+    let config_maps: Api<ConfigMap> = Api::default_namespaced(client.clone());
+    let sized = |name: &str, bytes: usize| -> ConfigMap {
+        serde_json::from_value(json!({"metadata": {"name": name}, "data": {"blob": "x".repeat(bytes)}}))
+            .unwrap()
+    };
+    // Under both limits: stored.
+    config_maps
+        .create(&PostParams::default(), &sized("small", 1024 * 1024))
+        .await
+        .unwrap();
+    // Over etcd's 1.5 MiB per value (but under 3 MiB): the 500 kube-apiserver passes on.
+    match config_maps
+        .create(&PostParams::default(), &sized("large", 2 * 1024 * 1024))
+        .await
+    {
+        Err(kube::Error::Api(status)) => {
+            assert_eq!(status.code, 500);
+            assert!(
+                status.message.contains("etcdserver: request is too large"),
+                "{status:?}"
+            );
+        }
+        other => panic!("a 2 MiB object was not refused: {other:?}"),
+    }
+    // Over the API server's 3 MiB per request: 413 before anything is decoded.
+    match config_maps
+        .create(&PostParams::default(), &sized("huge", 3 * 1024 * 1024 + 1))
+        .await
+    {
+        Err(kube::Error::Api(status)) => {
+            assert_eq!(
+                (status.code, status.reason.as_str()),
+                (413, "RequestEntityTooLarge")
+            );
+            assert_eq!(status.message, "Request entity too large: limit is 3145728");
+        }
+        other => panic!("a 3 MiB request was not refused: {other:?}"),
+    }
+    // A patch that would grow a stored object past 1.5 MiB is refused too; it stays as it was.
+    let grow = json!({"data": {"more": "y".repeat(700 * 1024)}});
+    let refused = config_maps
+        .patch("small", &PatchParams::default(), &Patch::Merge(&grow))
+        .await
+        .unwrap_err();
+    assert!(refused.to_string().contains("request is too large"), "{refused}");
+    let kept = config_maps.get("small").await.unwrap();
+    assert!(!kept.data.unwrap().contains_key("more"));
+}

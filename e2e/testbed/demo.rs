@@ -434,8 +434,12 @@ pub async fn start(options: &DemoOptions) -> Result<Demo, String> {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    let pool = pools.get("default").await.map_err(|e| e.to_string())?;
-    let bindings = pool.status.map(|s| s.bindings).unwrap_or_default();
+    let records: Api<ec2_kubelet::crd::Ec2Instance> = Api::all(client.clone());
+    let records = records
+        .list(&Default::default())
+        .await
+        .map_err(|e| e.to_string())?
+        .items;
     println!();
     println!(
         "{:<10} {:<8} {:<24} {:<22} {:<10} POD IP",
@@ -443,7 +447,8 @@ pub async fn start(options: &DemoOptions) -> Result<Demo, String> {
     );
     for pod in &running {
         let uid = pod.uid().unwrap_or_default();
-        let binding = bindings.values().find_map(|b| b.get(&uid));
+        let record = records.iter().find(|r| r.pod_uid() == Some(uid.as_str()));
+        let record_status = record.and_then(|r| r.status.clone()).unwrap_or_default();
         let status = pod.status.clone().unwrap_or_default();
         println!(
             "{:<10} {:<8} {:<24} {:<22} {:<10} {}",
@@ -453,8 +458,8 @@ pub async fn start(options: &DemoOptions) -> Result<Demo, String> {
                 .as_ref()
                 .and_then(|s| s.node_name.clone())
                 .unwrap_or_default(),
-            binding.and_then(|b| b.instance_id.clone()).unwrap_or_default(),
-            binding.and_then(|b| b.instance_type.clone()).unwrap_or_default(),
+            record_status.instance_id.unwrap_or_default(),
+            record_status.instance_type.unwrap_or_default(),
             status.pod_ip.unwrap_or_default(),
         );
     }

@@ -945,7 +945,7 @@ async fn collect_orphans(ctx: &Context, pool: &Ec2NodePool) -> Result<()> {
         old && r.metadata.deletion_timestamp.is_none() && r.pod_uid().is_some_and(|uid| !live.contains(uid))
     });
     for record in stale {
-        let ids = super::instance::terminate_instances_of(ctx, record).await?;
+        let ids = records::terminate_instances_of(ctx, record).await?;
         records::retire(&ctx.client, &record.name_any(), &ctx.metrics.record_writes).await?;
         tracing::info!(record = %record.name_any(), instances = ?ids, "retired the record of a pod that no longer exists");
     }
@@ -992,7 +992,7 @@ async fn cleanup(pool: &Ec2NodePool, ctx: &Context) -> Result<Action> {
         }
     }
     for record in &owned {
-        super::instance::terminate_instances_of(ctx, record).await?;
+        records::terminate_instances_of(ctx, record).await?;
         records::retire(&ctx.client, &record.name_any(), &ctx.metrics.record_writes).await?;
     }
     let note = format!(

@@ -232,9 +232,16 @@ pub(crate) async fn pod_agent(
         .filter(|pod| pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node))
         .ok_or_else(not_found)?;
     // The pod's record names its instance (a pod of an operator before records: its annotation).
-    let instance_id = ctx
-        .records
-        .of_pod(pod.metadata.uid.as_deref().unwrap_or_default())
+    let uid = pod.metadata.uid.clone().unwrap_or_default();
+    let record = match ctx.records.of_pod(&uid) {
+        Some(record) => Some(record),
+        // Not in this replica's store (yet): asked of the API server.
+        None => crate::runtime::records::find_of_pod(&ctx.client, &uid)
+            .await
+            .map_err(|e| Reply::unavailable(format!("reading the record of {namespace}/{name}: {e}")))?
+            .map(std::sync::Arc::new),
+    };
+    let instance_id = record
         .and_then(|r| r.instance_id().map(String::from))
         .or_else(|| pod.annotations().get(annotations::INSTANCE_ID).cloned())
         .ok_or_else(|| Reply::no_instance(&pod, namespace, name, None))?;

@@ -242,6 +242,20 @@ pub async fn create(client: &Client, record: &Ec2Instance, writes: &Counter) -> 
     }
 }
 
+/// The record of the pod with this UID, read from the API server (by name, then by label: a
+/// claimed warm instance's record is not named after its pod).
+pub async fn find_of_pod(client: &Client, uid: &str) -> kube::Result<Option<Ec2Instance>> {
+    let api = api(client);
+    if let Some(record) = api.get_opt(uid).await? {
+        return Ok(Some(record));
+    }
+    let selector = format!("{}={uid}", labels::POD_UID);
+    let listed = api
+        .list(&kube::api::ListParams::default().labels(&selector))
+        .await?;
+    Ok(listed.items.into_iter().next())
+}
+
 /// Merges `status` into the record's status. `Ok(false)` when the record does not exist.
 pub async fn set_status(client: &Client, name: &str, status: Value, writes: &Counter) -> Result<bool> {
     writes.inc();
@@ -276,6 +290,32 @@ pub async fn retire(client: &Client, name: &str, writes: &Counter) -> Result<()>
         Err(kube::Error::Api(status)) if status.is_not_found() => Ok(()),
         Err(error) => Err(Error::from(error)),
     }
+}
+
+/// Whether an instance belongs to `record`: named by its status, or tagged with its name (or,
+/// for an instance launched before records, with the pod UID it is named after).
+pub fn belongs(instance: &Instance, record: &Ec2Instance) -> bool {
+    let name = record.name_any();
+    record.instance_id() == Some(instance.instance_id.as_str())
+        || instance.tag(tags::RECORD) == Some(name.as_str())
+        || (instance.tag(tags::RECORD).is_none() && instance.tag(tags::POD_UID) == Some(name.as_str()))
+}
+
+/// Terminates the live instances of `record` (through its pool's gate); the ids it terminated.
+pub async fn terminate_instances_of(ctx: &super::Context, record: &Ec2Instance) -> Result<Vec<String>> {
+    let pool = &record.spec.pool;
+    let instances = ctx.pool_instances(pool, std::time::Instant::now()).await?;
+    let ids: Vec<String> = instances
+        .iter()
+        .filter(|i| i.state.is_alive() && belongs(i, record))
+        .map(|i| i.instance_id.clone())
+        .collect();
+    if !ids.is_empty() {
+        ctx.gate
+            .call(pool, || ctx.compute.terminate_instances(&ids))
+            .await?;
+    }
+    Ok(ids)
 }
 
 #[cfg(test)]

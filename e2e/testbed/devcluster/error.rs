@@ -139,6 +139,15 @@ impl ApiError {
         ApiError::new(403, "Forbidden", message)
     }
 
+    /// A request body over the API server's limit, in kube-apiserver's words.
+    pub fn entity_too_large(limit: usize) -> ApiError {
+        ApiError::new(
+            413,
+            "RequestEntityTooLarge",
+            format!("Request entity too large: limit is {limit}"),
+        )
+    }
+
     pub fn method_not_allowed(message: impl Into<String>) -> ApiError {
         ApiError::new(405, "MethodNotAllowed", message)
     }

@@ -99,6 +99,7 @@ impl DevCluster {
             watch_epoch,
             watch_gate: Arc::new(RwLock::new(())),
             audit: std::sync::Mutex::new(Vec::new()),
+            watch_bytes: Default::default(),
             auth,
         });
         let accept_state = state.clone();
@@ -142,6 +143,15 @@ impl DevCluster {
     /// rounds).
     pub fn take_audit(&self) -> Vec<server::AuditRecord> {
         std::mem::take(&mut *self.state.audit.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Bytes of watch events sent so far, by resource (`pods`, `ec2nodepools.ec2-kubelet.io`).
+    pub fn watch_bytes(&self) -> std::collections::BTreeMap<String, u64> {
+        self.state
+            .watch_bytes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The cluster CA, tokens and client certificates callers of kubelets authenticate with.

@@ -66,8 +66,10 @@ impl FaultProxy {
         mut upstream: kube::Config,
         options: FaultOptions,
     ) -> std::io::Result<FaultProxy> {
-        // Watches stay open as long as the client keeps them.
+        // Watches stay open as long as the client keeps them; the server's answers, 429 and 503
+        // included, go to the client as they are (kube's client would retry them itself).
         upstream.read_timeout = None;
+        upstream.default_retry = false;
         let upstream = kube::Client::try_from(upstream).map_err(std::io::Error::other)?;
         let listener = tokio::net::TcpListener::bind(listen).await?;
         let address = listener.local_addr()?;

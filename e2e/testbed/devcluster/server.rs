@@ -41,6 +41,8 @@ pub struct State {
     pub watch_gate: Arc<RwLock<()>>,
     /// Every resource request, when `options.audit` is on.
     pub audit: std::sync::Mutex<Vec<AuditRecord>>,
+    /// Bytes of watch events sent, by resource (`pods`, `ec2instances.ec2-kubelet.io`, ...).
+    pub watch_bytes: Arc<std::sync::Mutex<std::collections::BTreeMap<String, u64>>>,
     /// Cluster CA, kubelet-client identity, tokens.
     pub auth: super::auth::ClusterAuth,
 }
@@ -263,14 +265,20 @@ async fn read_body(request: Request<Incoming>) -> Result<(String, Bytes), ApiErr
         .unwrap_or_default()
         .trim()
         .to_string();
-    let bytes = request
-        .into_body()
+    let bytes = http_body_util::Limited::new(request.into_body(), MAX_REQUEST_BODY_BYTES)
         .collect()
         .await
-        .map_err(|e| ApiError::bad_request(format!("reading the request body: {e}")))?
+        .map_err(|e| match e.downcast_ref::<http_body_util::LengthLimitError>() {
+            Some(_) => ApiError::entity_too_large(MAX_REQUEST_BODY_BYTES),
+            None => ApiError::bad_request(format!("reading the request body: {e}")),
+        })?
         .to_bytes();
     Ok((content_type, bytes))
 }
+
+/// kube-apiserver's largest request body (`MaxRequestBodyBytes`, 3 MiB): a larger one is
+/// refused with 413 before it is decoded.
+pub const MAX_REQUEST_BODY_BYTES: usize = 3 * 1024 * 1024;
 
 fn parse_json(bytes: &[u8]) -> Result<Value, ApiError> {
     serde_json::from_slice(bytes)
@@ -558,6 +566,14 @@ fn bind(
     Ok(json_response(StatusCode::CREATED, &status, &[]))
 }
 
+/// `pods`, or `ec2instances.ec2-kubelet.io` for a resource of a group.
+fn qualified_name(group: &str, plural: &str) -> String {
+    match group {
+        "" => plural.to_string(),
+        group => format!("{plural}.{group}"),
+    }
+}
+
 pub(super) fn watch_line(kind: &str, object: &Value) -> Bytes {
     let mut line = serde_json::to_vec(&json!({"type": kind, "object": object})).unwrap_or_default();
     line.push(b'\n');
@@ -636,6 +652,8 @@ async fn watch_response(
     let kind = rt.kind.clone();
     let api_version = rt.api_version(&version);
     let storage = rt.storage.clone();
+    let sent = state.watch_bytes.clone();
+    let resource = qualified_name(&rt.group, &rt.resource);
     tokio::spawn(async move {
         let bookmark = |rv: u64, initial_end: bool| {
             let mut metadata = json!({"resourceVersion": rv.to_string()});
@@ -663,7 +681,10 @@ async fn watch_response(
                     }
                 }
             }?;
-            Some(watch_line(type_, &render(&change.object)))
+            let line = watch_line(type_, &render(&change.object));
+            let mut sent = sent.lock().unwrap_or_else(|p| p.into_inner());
+            *sent.entry(resource.clone()).or_default() += line.len() as u64;
+            Some(line)
         };
         for change in &backlog {
             last_rv = last_rv.max(change.rv);
