@@ -83,11 +83,11 @@ server=$("$kubectl" version -o json | python3 -c 'import json,sys; print(json.lo
 "$kubectl" create deployment web --image=local/shell --replicas=2 -- sh -c 'while true; do date; sleep 5; done'
 "$kubectl" patch deployment web -p '{"spec":{"template":{"spec":{"tolerations":[{"key":"virtual-kubelet.io/provider","operator":"Exists"}]}}}}'
 "$kubectl" rollout status deployment/web --timeout=120s || fail "the Deployment did not roll out"
-instances=$("$kubectl" get pods -l app=web -o jsonpath='{range .items[*]}{.metadata.annotations.ec2-kubelet\.io/instance-id}{"\n"}{end}' | sort -u | grep -c '^i-' || true)
+instances=$(pod_instances -l app=web | sort -u | grep -c '^i-' || true)
 [ "$instances" -eq 2 ] || fail "the Deployment's 2 pods are on $instances instances"
 
-# The nodes and pods as a user lists them.
-"$kubectl" get ecnp,nodes,pods -o wide
+# The nodes, pods and instance records as a user lists them.
+"$kubectl" get ecnp,nodes,pods,ec2instances -o wide
 
 # Ctrl-C: everything stops, every local instance is terminated.
 state_dirs=$(ls -d "${TMPDIR:-/tmp}"/ec2-kubelet-demo-* 2>/dev/null || true)

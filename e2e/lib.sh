@@ -88,6 +88,16 @@ for path in sorted(glob.glob(os.path.join(sys.argv[1], "instances", "*.json"))):
     print(instance["instance_id"], state, pod)
 PY
 }
+# The instance ids of the pods `kubectl get pods "$@"` lists, from their Ec2Instance records
+# (found by the pod's UID), sorted.
+pod_instances() {
+  local uid
+  for uid in $("$kubectl" get pods "$@" -o jsonpath='{range .items[*]}{.metadata.uid}{"\n"}{end}'); do
+    "$kubectl" get ec2instances -l "ec2-kubelet.io/pod-uid=$uid" -o jsonpath='{range .items[*]}{.status.instanceId}{"\n"}{end}'
+  done | sort
+}
+# How many Ec2Instance records there are.
+records_are() { [ "$("$kubectl" get ec2instances -o name | grep -c .)" -eq "$1" ]; }
 running_instances() { instances | awk '$2 == "running"' | wc -l; }
 launched_instances() { instances | wc -l; }
 enis() { ls "$cloud/enis" 2>/dev/null | grep -c '\.json$' || true; }

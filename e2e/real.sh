@@ -91,10 +91,8 @@ web_ready() {
   ready=$("$kubectl" -n "$app_ns" get pods -l app=web -o jsonpath='{range .items[*]}{.metadata.deletionTimestamp}{"|"}{.status.phase}{"|"}{.status.conditions[?(@.type=="Ready")].status}{"\n"}{end}')
   [ "$(echo "$ready" | grep -c '^|Running|True$')" -eq "$want" ] && [ "$(echo "$ready" | grep -c .)" -eq "$want" ]
 }
-# The instance ids of the Deployment's pods (from their annotation), sorted.
-web_instances() {
-  "$kubectl" -n "$app_ns" get pods -l app=web -o jsonpath='{range .items[*]}{.metadata.annotations.ec2-kubelet\.io/instance-id}{"\n"}{end}' | sort
-}
+# The instance ids of the Deployment's pods (from their Ec2Instance records), sorted.
+web_instances() { pod_instances -n "$app_ns" -l app=web; }
 running_is() { [ "$(running_instances)" -eq "$1" ]; }
 instance_gone() { ! grep -q "^$1 running" <<<"$(instances)"; }
 being_deleted() { [ -n "$("$kubectl" -n "$app_ns" get "$1" -o jsonpath='{.metadata.deletionTimestamp}')" ]; }
@@ -215,6 +213,10 @@ wait_for 60 "3 pods Running and Ready" web_ready 3
 [ "$(web_instances | uniq | grep -c .)" -eq 3 ] || fail "the 3 pods are not on 3 instances: $(web_instances)"
 wait_for 30 "3 instances running" running_is 3
 "$kubectl" -n "$app_ns" get pods -o wide
+# Every pod's instance in its record, as a user lists them.
+"$kubectl" get ec2instances -o wide
+records=$("$kubectl" get ec2instances -l "ec2-kubelet.io/pod-namespace=$app_ns" -o jsonpath='{range .items[*]}{.status.phase} {.status.instanceId}{"\n"}{end}')
+[ "$(grep -c '^Running i-' <<<"$records")" -eq 3 ] || fail "3 Running records with an instance expected: $records"
 
 phase "kubectl logs -f, exec and attach through the API server's kubelet proxy"
 pods=$(web_pods)
@@ -327,6 +329,7 @@ phase "deleting the pool, helm uninstall: nothing left"
 "$kubectl" delete ec2nodepool default --timeout=120s
 wait_for 60 "no virtual node" node_count_is 0
 wait_for 30 "no ENI" eni_count_is 0
+wait_for 30 "no Ec2Instance record left" records_are 0
 wait_for 60 "the serving certificates gone with their nodes (garbage collector)" serving_certificates_are 0
 if grep -a 'forbidden: User "system:serviceaccount' "$operator_log"; then
   fail "the RBAC authorizer refused the chart's ServiceAccount a request (above)"

@@ -159,7 +159,11 @@ fn lines_with<'a>(text: &'a str, needle: &str) -> Vec<&'a str> {
 fn kubectl_applies_gets_describes_logs_and_deletes() {
     let fixture = Fixture::start(true);
     let created = fixture.kubectl(&["apply", "-f", "crds/"]);
-    assert_eq!(lines_with(&created, " created").len(), 2, "{created}");
+    assert_eq!(
+        lines_with(&created, " created").len(),
+        ec2_kubelet::crd::crds().len(),
+        "{created}"
+    );
     fixture.kubectl(&[
         "wait",
         "--for=condition=Established",
@@ -321,7 +325,7 @@ fn helm_installs_upgrades_and_uninstalls_the_chart() {
     let crds = fixture.kubectl(&["get", "crds", "-o", "name"]);
     assert_eq!(
         lines_with(&crds, "ec2-kubelet.io").len(),
-        2,
+        ec2_kubelet::crd::crds().len(),
         "helm installs the chart's crds/: {crds}"
     );
     assert_eq!(release_secrets(&fixture, "ec2-kubelet").len(), 1);

@@ -609,6 +609,7 @@ impl Bench {
         // Settle: the node tasks and pool reconciles of the setup are not the pods' cost.
         tokio::time::sleep(Duration::from_secs(2)).await;
         self.cluster.take_audit();
+        let watched_before = self.cluster.watch_bytes();
         let before = self.cloud.counters();
         let cpu_before = cpu_seconds("operator");
         let start = Instant::now();
@@ -635,8 +636,24 @@ impl Bench {
         let cpu = cpu_seconds("operator") - cpu_before;
         let calls = self.cloud.counters().since(&before);
         let writes = operator_writes(&self.cluster.take_audit());
+        // Bytes every watcher (the operator's, and this bench's own pod watch) was sent.
+        let watched: BTreeMap<String, u64> = self
+            .cluster
+            .watch_bytes()
+            .into_iter()
+            .map(|(resource, bytes)| {
+                let earlier = watched_before.get(&resource).copied().unwrap_or(0);
+                (resource, bytes - earlier)
+            })
+            .filter(|(_, bytes)| *bytes > 0)
+            .collect();
+        let watched_total: u64 = watched.values().sum();
         json!({
             "pods": count, "nodes": nodes.len(),
+            "watch_bytes_per_pod": watched_total as f64 / count as f64,
+            "watch_bytes_per_pod_by_resource": watched.iter()
+                .map(|(r, b)| (r.clone(), json!(*b as f64 / count as f64)))
+                .collect::<serde_json::Map<String, Value>>(),
             "create_seconds": created.as_secs_f64(),
             "all_running_seconds": all_running.as_secs_f64(),
             "pods_per_second": count as f64 / all_running.as_secs_f64(),
@@ -890,6 +907,18 @@ impl Bench {
             };
             let (run, terminate) = (accepted("RunInstances"), accepted("TerminateInstances"));
             let writes = figures["k8s_writes_per_pod"].as_f64().unwrap_or(0.0);
+            let watched = figures["watch_bytes_per_pod"].as_f64().unwrap_or(0.0);
+            println!(
+                "{name}: bytes sent to watchers {:.1} KiB/pod ({})",
+                watched / 1024.0,
+                figures["watch_bytes_per_pod_by_resource"]
+                    .as_object()
+                    .into_iter()
+                    .flatten()
+                    .map(|(r, b)| format!("{r} {:.1}", b.as_f64().unwrap_or(0.0) / 1024.0))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
             println!(
                 "{name}: RunInstances accepted {run:.2}/pod, TerminateInstances accepted {terminate:.2}/pod (target exactly 1: {}); k8s writes {writes:.2}/pod (target <= 8: {}); duplicates {}",
                 verdict((run - 1.0).abs() < 0.005 && (terminate - 1.0).abs() < 0.005),
