@@ -541,7 +541,7 @@ async fn retire(ctx: &Context, record: &Ec2Instance, why: &str) -> Result<()> {
         Err(kube::Error::Api(status)) if status.code == 409 || status.is_not_found() => return Ok(()),
         Err(error) => return Err(error.into()),
     }
-    let ids = records::terminate_instances_of(ctx, record).await?;
+    let ids = records::terminate_instances_of(ctx, &record.spec.pool, &[record], Instant::now()).await?;
     records::retire(&ctx.client, &name, &ctx.metrics.record_writes).await?;
     tracing::info!(pool = %record.spec.pool, record = %name, instances = ?ids, %why, "terminated a warm instance");
     Ok(())

@@ -16,8 +16,6 @@ use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 
-const IMAGE: &str = "ami-0123456789abcdef0";
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scale_down_evicts_the_nodes_pods_and_waits_for_their_disruption_budget() {
     let cluster = common::operator_cluster_on(Flavour::Real, Default::default(), &[]).await;
@@ -28,12 +26,7 @@ async fn scale_down_evicts_the_nodes_pods_and_waits_for_their_disruption_budget(
     // The drain never ends by its timeout here: only by evictions.
     config.sync.drain_timeout_seconds = 600;
     let replica = common::Replica::start(&cluster, config, local.clone(), "replica-a");
-    common::create_template(
-        &client,
-        "general",
-        json!({"imageId": IMAGE, "instanceType": "t3.micro", "agentPort": common::free_port()}),
-    )
-    .await;
+    common::create_general_template(&client).await;
     common::create_pool(
         &client,
         "drain",

@@ -7,7 +7,6 @@ mod common;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use ec2_kubelet::cloud::{Compute, InstanceFilter};
 use ec2_kubelet::crd::{Ec2Instance, Ec2NodePool, InstancePhase};
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
@@ -22,12 +21,7 @@ async fn bindings_and_warm_instances_in_the_pool_status_become_records_and_nothi
     let client = cluster.client();
     let dir = tempfile::tempdir().unwrap();
     let (local, _instances) = common::local_compute(&dir.path().join("local"));
-    common::create_template(
-        &client,
-        "general",
-        json!({"imageId": IMAGE, "instanceType": "t3.micro", "agentPort": common::free_port()}),
-    )
-    .await;
+    common::create_general_template(&client).await;
     common::create_pool(
         &client,
         "up",
@@ -146,19 +140,13 @@ async fn bindings_and_warm_instances_in_the_pool_status_become_records_and_nothi
         (record.phase() == Some(InstancePhase::Running)).then_some(())
     })
     .await;
-    let live: Vec<String> = local
-        .describe_instances(&InstanceFilter::Cluster)
-        .await
-        .unwrap()
-        .into_iter()
-        .filter(|i| i.state.is_alive())
-        .map(|i| i.instance_id)
-        .collect();
     let mut expected = vec![pod_instance.clone(), warm_instance.clone()];
     expected.sort();
-    let mut live_sorted = live.clone();
-    live_sorted.sort();
-    assert_eq!(live_sorted, expected, "no instance orphaned or added");
+    assert_eq!(
+        common::live_instance_ids(local.as_ref()).await,
+        expected,
+        "no instance orphaned or added"
+    );
     assert_eq!(cloud.launch_calls.load(Ordering::SeqCst), 0, "nothing relaunched");
     // And the moved warm instance serves a matching pod.
     let hot = common::virtual_pod("hot", Some("up"), &["sleep", "3600"], json!({}));

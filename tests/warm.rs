@@ -217,14 +217,7 @@ async fn a_warm_pool_keeps_instances_ready_serves_matching_pods_and_refills() {
         pools.get_opt("warm").await.unwrap().is_none().then_some(())
     })
     .await;
-    let left: Vec<String> = local
-        .describe_instances(&InstanceFilter::Cluster)
-        .await
-        .unwrap()
-        .into_iter()
-        .filter(|i| i.state.is_alive())
-        .map(|i| i.instance_id)
-        .collect();
+    let left = common::live_instance_ids(local.as_ref()).await;
     assert!(left.is_empty(), "instances left after the pool went: {left:?}");
     replica.stop().await;
 }

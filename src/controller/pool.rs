@@ -936,18 +936,25 @@ async fn collect_orphans(ctx: &Context, pool: &Ec2NodePool) -> Result<()> {
     }
     // Records of pods that are gone (a pod deleted while no operator ran): their instances
     // are terminated above, or now if they were younger than the grace.
-    let stale = records.iter().filter(|r| {
-        let old = r
-            .metadata
-            .creation_timestamp
-            .as_ref()
-            .is_some_and(|t| now - t.0.as_millisecond() >= grace);
-        old && r.metadata.deletion_timestamp.is_none() && r.pod_uid().is_some_and(|uid| !live.contains(uid))
-    });
-    for record in stale {
-        let ids = records::terminate_instances_of(ctx, record).await?;
+    let stale: Vec<&Ec2Instance> = records
+        .iter()
+        .map(|r| r.as_ref())
+        .filter(|r| {
+            let old = r
+                .metadata
+                .creation_timestamp
+                .as_ref()
+                .is_some_and(|t| now - t.0.as_millisecond() >= grace);
+            old && r.metadata.deletion_timestamp.is_none()
+                && r.pod_uid().is_some_and(|uid| !live.contains(uid))
+        })
+        .collect();
+    let ids = records::terminate_instances_of(ctx, &name, &stale, std::time::Instant::now()).await?;
+    for record in &stale {
         records::retire(&ctx.client, &record.name_any(), &ctx.metrics.record_writes).await?;
-        tracing::info!(record = %record.name_any(), instances = ?ids, "retired the record of a pod that no longer exists");
+    }
+    if !stale.is_empty() {
+        tracing::info!(pool = %name, records = stale.len(), instances = ?ids, "retired the records of pods that no longer exist");
     }
     Ok(())
 }
@@ -991,8 +998,9 @@ async fn cleanup(pool: &Ec2NodePool, ctx: &Context) -> Result<Action> {
             owned.push((*record).clone());
         }
     }
+    let all: Vec<&Ec2Instance> = owned.iter().collect();
+    records::terminate_instances_of(ctx, &name, &all, std::time::Instant::now()).await?;
     for record in &owned {
-        records::terminate_instances_of(ctx, record).await?;
         records::retire(&ctx.client, &record.name_any(), &ctx.metrics.record_writes).await?;
     }
     let note = format!(

@@ -80,7 +80,12 @@ impl Records {
             let event = match event {
                 Ok(event) => event,
                 Err(error) => {
-                    tracing::warn!(%error, "watching Ec2Instance records");
+                    if matches!(&error, watcher::Error::InitialListFailed(kube::Error::Api(s)) if s.code == 404)
+                    {
+                        tracing::error!(%error, "the Ec2Instance CRD is not installed: apply crds/ (`helm upgrade` does not update CRDs); node tasks wait for it");
+                    } else {
+                        tracing::warn!(%error, "watching Ec2Instance records");
+                    }
                     continue;
                 }
             };
@@ -301,13 +306,22 @@ pub fn belongs(instance: &Instance, record: &Ec2Instance) -> bool {
         || (instance.tag(tags::RECORD).is_none() && instance.tag(tags::POD_UID) == Some(name.as_str()))
 }
 
-/// Terminates the live instances of `record` (through its pool's gate); the ids it terminated.
-pub async fn terminate_instances_of(ctx: &super::Context, record: &Ec2Instance) -> Result<Vec<String>> {
-    let pool = &record.spec.pool;
-    let instances = ctx.pool_instances(pool, std::time::Instant::now()).await?;
+/// Terminates the live instances of `records` (all of `pool`), as one snapshot of the pool's
+/// instances taken at or after `not_before` finds them, in one call through the pool's gate;
+/// the ids it terminated.
+pub async fn terminate_instances_of(
+    ctx: &super::Context,
+    pool: &str,
+    records: &[&Ec2Instance],
+    not_before: std::time::Instant,
+) -> Result<Vec<String>> {
+    if records.is_empty() {
+        return Ok(Vec::new());
+    }
+    let instances = ctx.pool_instances(pool, not_before).await?;
     let ids: Vec<String> = instances
         .iter()
-        .filter(|i| i.state.is_alive() && belongs(i, record))
+        .filter(|i| i.state.is_alive() && records.iter().any(|r| belongs(i, r)))
         .map(|i| i.instance_id.clone())
         .collect();
     if !ids.is_empty() {
@@ -352,6 +366,39 @@ mod tests {
         records.state.write().unwrap().remove("warm-gpu-1");
         assert!(records.of_pod("uid-b").is_none());
         assert_eq!(records.len(), 3);
+    }
+
+    #[test]
+    fn an_instance_belongs_to_the_record_that_names_it_or_that_it_is_tagged_with() {
+        let instance = |id: &str, tags: &[(&str, &str)]| Instance {
+            instance_id: id.into(),
+            state: crate::cloud::InstanceState::Running,
+            instance_type: "t3.micro".into(),
+            private_ip: None,
+            launch_time: 0,
+            tags: tags.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        };
+        let mut named = record("uid-a", "gpu", Some("uid-a"));
+        named.status = Some(crate::crd::Ec2InstanceStatus {
+            instance_id: Some("i-1".into()),
+            ..Default::default()
+        });
+        assert!(belongs(&instance("i-1", &[]), &named), "named by the status");
+        let unnamed = record("warm-gpu-1", "gpu", None);
+        assert!(belongs(
+            &instance("i-2", &[(tags::RECORD, "warm-gpu-1")]),
+            &unnamed
+        ));
+        assert!(!belongs(
+            &instance("i-2", &[(tags::RECORD, "warm-gpu-9")]),
+            &unnamed
+        ));
+        // Launched before records: the pod UID the record is named after.
+        let old = record("uid-c", "gpu", Some("uid-c"));
+        assert!(belongs(&instance("i-3", &[(tags::POD_UID, "uid-c")]), &old));
+        // A claimed warm instance carries its pod's UID but another record's name.
+        let claimed = [(tags::POD_UID, "uid-c"), (tags::RECORD, "warm-gpu-1")];
+        assert!(!belongs(&instance("i-4", &claimed), &old));
     }
 
     #[test]

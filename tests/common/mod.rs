@@ -1312,3 +1312,29 @@ pub async fn instance_of(client: &kube::Client, pod: &k8s_openapi::api::core::v1
         .expect("the record names an instance")
         .to_string()
 }
+
+/// The template `default/general` most pool tests use: one image, `t3.micro`, an agent port
+/// of its own.
+pub async fn create_general_template(client: &kube::Client) {
+    create_template(
+        client,
+        "general",
+        serde_json::json!({"imageId": "ami-0123456789abcdef0", "instanceType": "t3.micro",
+            "agentPort": free_port()}),
+    )
+    .await;
+}
+
+/// The ids of the live instances the backend has (of this test's cluster), sorted.
+pub async fn live_instance_ids(compute: &dyn ec2_kubelet::cloud::Compute) -> Vec<String> {
+    let mut ids: Vec<String> = compute
+        .describe_instances(&ec2_kubelet::cloud::InstanceFilter::Cluster)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|i| i.state.is_alive())
+        .map(|i| i.instance_id)
+        .collect();
+    ids.sort();
+    ids
+}
