@@ -248,11 +248,23 @@ impl Tracker {
         tokio::spawn(async move {
             let api: Api<Pod> = Api::namespaced(client, NAMESPACE);
             let mut events = std::pin::pin!(watcher(api, watcher::Config::default()).default_backoff());
+            // The pods a re-list returned so far, while one is under way: a pod deleted while
+            // the watch was down (410 Gone, then a re-list) never gets a Delete event.
+            let mut relisted: Option<std::collections::HashSet<String>> = None;
             while let Some(event) = events.next().await {
                 let now = Instant::now();
                 let mut pods = pods.lock().unwrap();
                 match event {
+                    Ok(watcher::Event::Init) => relisted = Some(Default::default()),
+                    Ok(watcher::Event::InitDone) => {
+                        if let Some(listed) = relisted.take() {
+                            pods.retain(|name, _| listed.contains(name));
+                        }
+                    }
                     Ok(watcher::Event::Apply(pod) | watcher::Event::InitApply(pod)) => {
+                        if let Some(listed) = relisted.as_mut() {
+                            listed.insert(pod.name_any());
+                        }
                         let phase = pod
                             .status
                             .as_ref()
@@ -574,6 +586,7 @@ impl Bench {
             .into_keys()
             .filter(|n| n.starts_with(&format!("{prefix}-")))
             .collect();
+        let total = names.len();
         futures::stream::iter(names)
             .for_each_concurrent(64, |name| {
                 let api = api.clone();
@@ -589,7 +602,7 @@ impl Bench {
                 Duration::from_secs(self.args.timeout_seconds),
                 |pods| {
                     let left = pods.keys().filter(|n| n.starts_with(&prefix)).count();
-                    (usize::from(left == 0), 1)
+                    (total.saturating_sub(left), total)
                 },
             )
             .await;

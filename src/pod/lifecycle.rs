@@ -1016,7 +1016,13 @@ async fn cleanup_deleted(shared: &Shared, pod: &Pod) -> Result<()> {
         terminate(shared, &instance.instance_id).await?;
         tracing::info!(pod = %pod.name_any(), instance_id = %instance.instance_id, "terminated the instance of a deleted pod");
     }
-    retire_record(&shared.ctx, &uid, found.as_ref()).await
+    // Most pods were released by their worker, record first: a record is retired here only if
+    // one is known (one this replica's watch has not seen go yet costs a 404; one it has not
+    // seen at all is retired by the garbage collector).
+    if found.is_some() || shared.ctx.records.of_pod(&uid).is_some() {
+        retire_record(&shared.ctx, &uid, found.as_ref()).await?;
+    }
+    Ok(())
 }
 
 /// One pod's worker: drives the pod, retrying failures with jittered exponential backoff (cut
