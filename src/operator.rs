@@ -61,8 +61,8 @@ async fn run_controller(ctx: Arc<Context>) {
     let nodes: Api<Node> = Api::all(ctx.client.clone());
     let templates: Api<Ec2PodTemplate> = Api::all(ctx.client.clone());
     let (reader, writer) = reflector::store();
-    // Bindings and counts in the status change with every pod: they trigger nothing (the
-    // periodic resync recounts); spec, deletion and node readiness do.
+    // The counts in the status change with every pod: they trigger nothing (the counts task
+    // writes them); spec, deletion and node readiness do.
     let pool_events = watcher(pools, watcher::Config::default())
         .default_backoff()
         .reflect(writer)

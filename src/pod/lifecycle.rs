@@ -1,5 +1,5 @@
 //! The pod half of a virtual node: every pod bound to the node gets one worker that launches
-//! its instance (idempotently, recorded in the pool's bindings and in EC2 tags), hands the pod
+//! its instance (idempotently, recorded in its `Ec2Instance` record and in EC2 tags), hands the pod
 //! to the instance's agent, mirrors the agent's status stream into the pod, and on deletion
 //! stops the pod, terminates the instance and releases the pod object (grace 0), as a kubelet.
 
@@ -1051,9 +1051,15 @@ fn vanished<'a>(workers: impl Iterator<Item = &'a String>, listed: &HashSet<Stri
     workers.filter(|uid| !listed.contains(*uid)).cloned().collect()
 }
 
-/// A pod object is gone: its worker stops, and its instance and binding are cleaned up.
+/// A pod object is gone: its worker stops, and its instance and record are cleaned up (unless
+/// its worker released it itself).
 fn deleted(shared: &Arc<Shared>, worker: Option<Worker>, pod: Pod) {
     if let Some(worker) = worker {
+        if worker.handle.is_finished() {
+            // Its worker released the pod itself (a worker ends only then): instance
+            // terminated, record retired. Nothing is left to clean up.
+            return;
+        }
         worker.handle.abort();
     }
     let shared = shared.clone();
@@ -1089,7 +1095,8 @@ pub async fn run(ctx: Arc<Context>, node: VirtualNode, mut stop: watch::Receiver
                 None => break,
             },
         };
-        workers.retain(|_, w| !w.handle.is_finished());
+        // A finished worker stays until its pod's Delete event: it tells that event that the
+        // pod was released already.
         let pod = match event {
             watcher::Event::Apply(pod) => pod,
             watcher::Event::InitApply(pod) => {
