@@ -173,12 +173,9 @@ pub struct Claimed {
 pub async fn claim(ctx: &Context, request: &LaunchRequest, fallbacks: &[String]) -> Result<Option<Claimed>> {
     let pool = &request.pool;
     let labels = crate::metrics::PoolLabels { pool: pool.clone() };
-    let mut candidates: Vec<Arc<Ec2Instance>> = ctx
+    let mut candidates = ctx
         .records
-        .of_pool(pool)
-        .into_iter()
-        .filter(|r| matches(r, request, fallbacks))
-        .collect();
+        .of_pool_where(pool, |r| matches(r, request, fallbacks));
     candidates.sort_by_key(|r| preference(r, request, fallbacks));
     let api: Api<Ec2Instance> = Api::all(ctx.client.clone());
     let pod = PodRef {
@@ -281,7 +278,7 @@ pub async fn run(ctx: Arc<Context>, pools: Store<Ec2NodePool>) {
         ticker.tick().await;
         for pool in pools.state() {
             let name = pool.name_any();
-            let has_warm = ctx.records.of_pool(&name).iter().any(|r| waiting(r));
+            let has_warm = !ctx.records.of_pool_where(&name, waiting).is_empty();
             if !enabled(&pool.spec) && !has_warm {
                 continue;
             }
@@ -337,22 +334,23 @@ async fn tend(ctx: &Context, cached: &Ec2NodePool, memory: &mut Memory) -> Resul
     let sync = &ctx.config.sync;
     let lost_after = Duration::from_secs(u64::from(sync.agent_lost_seconds.max(1)));
     let instances = ctx.pool_instances(&name, Instant::now() - TEND_EVERY).await?;
-    let warm: Vec<Arc<Ec2Instance>> = ctx
-        .records
-        .of_pool(&name)
-        .into_iter()
-        .filter(|r| waiting(r))
-        .collect();
+    let warm = ctx.records.of_pool_where(&name, waiting);
 
     // Warm instances no record names (their record was deleted, or they were launched by an
     // operator before records and not listed in its status): terminated once they are older
     // than any record write that could still be on its way.
-    for instance in instances.iter().filter(|i| {
-        i.state.is_alive()
-            && i.tag(tags::WARM) == Some("true")
-            && instance_age(i) > lost_after
-            && !ctx.records.of_pool(&name).iter().any(|r| records::belongs(i, r))
-    }) {
+    let unrecorded: Vec<&Instance> = instances
+        .iter()
+        .filter(|i| i.state.is_alive() && i.tag(tags::WARM) == Some("true") && instance_age(i) > lost_after)
+        .collect();
+    let pool_records = match unrecorded.is_empty() {
+        true => Vec::new(),
+        false => ctx.records.of_pool(&name),
+    };
+    for instance in unrecorded
+        .into_iter()
+        .filter(|i| !pool_records.iter().any(|r| records::belongs(i, r)))
+    {
         let ids = [instance.instance_id.clone()];
         ctx.gate
             .call(&name, || ctx.compute.terminate_instances(&ids))
@@ -493,12 +491,7 @@ async fn tend(ctx: &Context, cached: &Ec2NodePool, memory: &mut Memory) -> Resul
 
 /// `(ready, booting)` warm instances of a pool, from the records.
 pub fn counts(ctx: &Context, pool: &str) -> (i32, i32) {
-    let warm: Vec<Arc<Ec2Instance>> = ctx
-        .records
-        .of_pool(pool)
-        .into_iter()
-        .filter(|r| waiting(r))
-        .collect();
+    let warm = ctx.records.of_pool_where(pool, waiting);
     let ready = warm
         .iter()
         .filter(|r| r.phase() == Some(InstancePhase::Ready))

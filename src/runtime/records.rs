@@ -127,10 +127,16 @@ impl Records {
 
     /// The records of a pool.
     pub fn of_pool(&self, pool: &str) -> Vec<Arc<Ec2Instance>> {
+        self.of_pool_where(pool, |_| true)
+    }
+
+    /// The records of a pool that `keep` keeps (only those are cloned: the warm pools and the
+    /// counts ask every second for a few records among thousands).
+    pub fn of_pool_where(&self, pool: &str, keep: impl Fn(&Ec2Instance) -> bool) -> Vec<Arc<Ec2Instance>> {
         self.read()
             .by_name
             .values()
-            .filter(|r| r.spec.pool == pool)
+            .filter(|r| r.spec.pool == pool && keep(r))
             .cloned()
             .collect()
     }
