@@ -974,20 +974,9 @@ async fn cleanup(pool: &Ec2NodePool, ctx: &Context) -> Result<Action> {
     for node in leftover.items {
         remove_node_objects(ctx, &node.name_any()).await?;
     }
-    // Warm instances (recorded or not): no pod of the pool can claim them any more.
-    let warm: Vec<String> = ctx
-        .pool_instances(&name, std::time::Instant::now())
-        .await?
-        .iter()
-        .filter(|i| i.state.is_alive() && i.tag(tags::WARM) == Some("true"))
-        .map(|i| i.instance_id.clone())
-        .collect();
-    if !warm.is_empty() {
-        ctx.compute.terminate_instances(&warm).await?;
-        tracing::info!(pool = %name, instances = ?warm, "terminated the warm instances of a deleted pool");
-    }
     // Every record of the pool goes, each after its instance (the pods' were terminated with
-    // their nodes, the warm ones above).
+    // their nodes), and every warm instance, recorded or not: no pod of the pool can claim
+    // them any more. One snapshot, one TerminateInstances.
     let records: Api<Ec2Instance> = Api::all(ctx.client.clone());
     let listed = records
         .list(&ListParams::default().labels(&format!("{}={name}", labels::POOL)))
@@ -998,15 +987,28 @@ async fn cleanup(pool: &Ec2NodePool, ctx: &Context) -> Result<Action> {
             owned.push((*record).clone());
         }
     }
-    let all: Vec<&Ec2Instance> = owned.iter().collect();
-    records::terminate_instances_of(ctx, &name, &all, std::time::Instant::now()).await?;
+    let instances = ctx.pool_instances(&name, std::time::Instant::now()).await?;
+    let doomed: Vec<&crate::cloud::Instance> = instances
+        .iter()
+        .filter(|i| i.state.is_alive())
+        .filter(|i| i.tag(tags::WARM) == Some("true") || owned.iter().any(|r| records::belongs(i, r)))
+        .collect();
+    let warm = doomed
+        .iter()
+        .filter(|i| i.tag(tags::WARM) == Some("true"))
+        .count();
+    let ids: Vec<String> = doomed.iter().map(|i| i.instance_id.clone()).collect();
+    if !ids.is_empty() {
+        ctx.compute.terminate_instances(&ids).await?;
+        tracing::info!(pool = %name, instances = ?ids, "terminated the remaining instances of a deleted pool");
+    }
     for record in &owned {
         records::retire(&ctx.client, &record.name_any(), &ctx.metrics.record_writes).await?;
     }
     let note = format!(
         "removed {} node(s) and their ENIs, terminated {} warm instance(s), removed {} instance record(s)",
         enis.len(),
-        warm.len(),
+        warm,
         owned.len()
     );
     publish(ctx, pool, EventType::Normal, "PoolDeleted", note, "Delete").await;
