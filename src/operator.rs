@@ -19,6 +19,7 @@ use crate::crd::{Ec2NodePool, Ec2PodTemplate, labels};
 use crate::node::supervisor;
 use crate::runtime::Context;
 use crate::runtime::lease::LeaseLock;
+use crate::runtime::synced::Synced;
 use crate::task::stopped;
 
 /// How the operator introduces itself to the API server (audit logs, API priority and fairness).
@@ -60,20 +61,27 @@ async fn run_controller(ctx: Arc<Context>) {
     let pools: Api<Ec2NodePool> = Api::all(ctx.client.clone());
     let nodes: Api<Node> = Api::all(ctx.client.clone());
     let templates: Api<Ec2PodTemplate> = Api::all(ctx.client.clone());
+    // Only the Controller waits on a store's own readiness; the rest wait on these (see
+    // runtime::synced: a store wakes one waiter).
+    let (pools_synced, nodes_synced, pods_synced) = (Synced::default(), Synced::default(), Synced::default());
     let (reader, writer) = reflector::store();
     // The counts in the status change with every pod: they trigger nothing (the counts task
     // writes them); spec, deletion and node readiness do.
+    let observed = pools_synced.clone();
     let pool_events = watcher(pools, watcher::Config::default())
         .default_backoff()
         .reflect(writer)
+        .inspect_ok(move |event| observed.observe(event))
         .applied_objects()
         .predicate_filter(pool_trigger, Default::default());
     // The controller reads the pools' nodes from this store. Node heartbeats change nothing for
     // the pool: readiness and cordoning do.
     let (node_reader, node_writer) = reflector::store();
+    let observed = nodes_synced.clone();
     let node_events = watcher(nodes, watcher::Config::default().labels(labels::POOL))
         .default_backoff()
         .reflect(node_writer)
+        .inspect_ok(move |event| observed.observe(event))
         .touched_objects()
         .predicate_filter(node_trigger, Default::default());
     // And every pod's node and phase from this one (not whole pods: pool::PodPlacement). Pod
@@ -82,10 +90,20 @@ async fn run_controller(ctx: Arc<Context>) {
     let pod_events = watcher(Api::<Pod>::all(ctx.client.clone()), watcher::Config::default())
         .default_backoff()
         .map_ok(pool::PodPlacement::event);
-    let pod_store = reflector::reflector(pod_writer, pod_events).for_each(|_| std::future::ready(()));
-    let warm_pools = crate::warm::run(ctx.clone(), reader.clone());
+    let observed = pods_synced.clone();
+    let pod_store = reflector::reflector(pod_writer, pod_events).for_each(move |event| {
+        if let Ok(event) = &event {
+            observed.observe(event);
+        }
+        std::future::ready(())
+    });
+    let warm_pools = crate::warm::run(ctx.clone(), reader.clone(), pools_synced.clone());
     let finalizer = crate::controller::instance::run(ctx.clone());
-    let counts = crate::controller::counts::run(ctx.clone(), reader.clone(), pod_reader.clone());
+    let counts = crate::controller::counts::run(
+        ctx.clone(),
+        (reader.clone(), pools_synced),
+        (pod_reader.clone(), pods_synced.clone()),
+    );
     // Serving certificates are issued while this replica leads.
     let _serving = serving_certificates_from_csr(&ctx.config)
         .then(|| crate::task::AbortOnDrop(tokio::spawn(crate::kubelet::serving::run(ctx.clone()))));
@@ -116,6 +134,7 @@ async fn run_controller(ctx: Arc<Context>) {
                 ctx,
                 nodes: node_reader,
                 pods: pod_reader,
+                synced: (nodes_synced, pods_synced),
             }),
         )
         .for_each(|result| async move {

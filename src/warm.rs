@@ -26,6 +26,7 @@ use serde_json::json;
 use crate::cloud::{Instance, InstanceState, LaunchRequest};
 use crate::crd::{Ec2Instance, Ec2NodePool, Ec2PodTemplate, InstancePhase, PodRef, annotations, tags};
 use crate::launch::settings;
+use crate::runtime::synced::Synced;
 use crate::runtime::{Context, Result, records};
 
 /// How often every warm pool is looked after.
@@ -268,8 +269,8 @@ struct Memory {
 
 /// Tends every warm pool until the stream of pools ends (in the replica that holds the
 /// controller lease).
-pub async fn run(ctx: Arc<Context>, pools: Store<Ec2NodePool>) {
-    let _ = pools.wait_until_ready().await;
+pub async fn run(ctx: Arc<Context>, pools: Store<Ec2NodePool>, synced: Synced) {
+    synced.wait().await;
     ctx.records.ready().await;
     let mut memory = Memory::default();
     let mut ticker = tokio::time::interval(TEND_EVERY);

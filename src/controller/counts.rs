@@ -15,6 +15,7 @@ use serde_json::{Map, Value, json};
 use super::pool::PodPlacement;
 use crate::crd::{Ec2NodePool, Ec2NodePoolStatus};
 use crate::runtime::Context;
+use crate::runtime::synced::Synced;
 
 const EVERY: Duration = Duration::from_secs(1);
 
@@ -41,10 +42,13 @@ pub fn patch(status: &Ec2NodePoolStatus, on_node: &HashMap<String, i32>, warm: (
 }
 
 /// Recounts every pool each second until the task is dropped (in the leader).
-pub async fn run(ctx: Arc<Context>, pools: Store<Ec2NodePool>, pods: Store<PodPlacement>) {
-    if pools.wait_until_ready().await.is_err() || pods.wait_until_ready().await.is_err() {
-        return;
-    }
+pub async fn run(
+    ctx: Arc<Context>,
+    (pools, pools_synced): (Store<Ec2NodePool>, Synced),
+    (pods, pods_synced): (Store<PodPlacement>, Synced),
+) {
+    pools_synced.wait().await;
+    pods_synced.wait().await;
     ctx.records.ready().await;
     let api: Api<Ec2NodePool> = Api::all(ctx.client.clone());
     let mut ticker = tokio::time::interval(EVERY);

@@ -24,6 +24,7 @@ use crate::cloud::{Eni, EniRequest, InstanceFilter};
 use crate::crd::{
     ConditionStatus, Ec2Instance, Ec2NodePool, Ec2NodePoolSpec, annotations, labels, set_condition, tags,
 };
+use crate::runtime::synced::Synced;
 use crate::runtime::{Context, Error, Result, records};
 use crate::runtime::{NODE_LEASE_NAMESPACE, node_name};
 
@@ -247,6 +248,8 @@ pub struct PoolContext {
     pub nodes: Store<Node>,
     /// Every pod's node and phase.
     pub pods: Store<PodPlacement>,
+    /// Whether `nodes` and `pods` have taken in their first list.
+    pub synced: (Synced, Synced),
 }
 
 /// A pod as the pool controller keeps it: where it runs and how far it got. Full objects, even
@@ -360,13 +363,8 @@ async fn observe(pc: &PoolContext, pool: &Ec2NodePool) -> Result<Observed> {
     let name = pool.name_any();
     let enis = pc.ctx.pool_enis(&name, std::time::Instant::now()).await?.to_vec();
     // A store that has not synced yet would read as a pool without pods: never drain on that.
-    let synced = async {
-        pc.nodes.wait_until_ready().await?;
-        pc.pods.wait_until_ready().await
-    };
-    if synced.await.is_err() {
-        return Err(Error::WorkerStopped);
-    }
+    pc.synced.0.wait().await;
+    pc.synced.1.wait().await;
     let nodes: Vec<NodeView> = pc
         .nodes
         .state()
@@ -963,6 +961,7 @@ async fn collect_orphans(ctx: &Context, pool: &Ec2NodePool) -> Result<()> {
 async fn cleanup(pool: &Ec2NodePool, ctx: &Context) -> Result<Action> {
     let name = pool.name_any();
     let enis = ctx.compute.describe_enis(&name).await?;
+    tracing::info!(pool = %name, enis = enis.len(), "cleaning up a deleted pool");
     for eni in &enis {
         remove_node(ctx, &node_name(&eni.private_ip, &name), &eni.eni_id).await?;
     }
@@ -1011,6 +1010,7 @@ async fn cleanup(pool: &Ec2NodePool, ctx: &Context) -> Result<Action> {
         warm,
         owned.len()
     );
+    tracing::info!(pool = %name, "{note}; the pool goes");
     publish(ctx, pool, EventType::Normal, "PoolDeleted", note, "Delete").await;
     Ok(Action::await_change())
 }

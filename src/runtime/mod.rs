@@ -7,6 +7,7 @@ pub mod backoff;
 pub mod error;
 pub mod lease;
 pub mod records;
+pub mod synced;
 pub mod virtual_node;
 
 use std::sync::Arc;

@@ -379,7 +379,7 @@ pub const OPERATOR_NAMESPACE: &str = "ec2-kubelet-system";
 
 /// A test cluster (see [`cluster`]) ready for the operator: our CRDs installed and established,
 /// and the operator namespace created. Also routes the operator's logs to the test output
-/// (`RUST_LOG=ec2_kubelet=debug`). `scheduler` turns the dev cluster's scheduler on or off
+/// (`warn,ec2_kubelet=info` unless `RUST_LOG` says otherwise). `scheduler` turns the dev cluster's scheduler on or off
 /// (the real control plane's always runs).
 pub async fn operator_cluster(scheduler: bool) -> TestCluster {
     operator_cluster_with(ec2_kubelet_testbed::devcluster::DevClusterOptions {
@@ -405,8 +405,12 @@ pub async fn operator_cluster_on(
 ) -> TestCluster {
     use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
     use kube::api::{Api, PostParams};
+    // Without RUST_LOG, the operator's info and everyone's warnings: captured per test, and
+    // printed with a failing test's output, so a failure in CI carries the operator's story.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,ec2_kubelet=info"));
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_env_filter(filter)
         .with_test_writer()
         .try_init();
     let cluster = TestCluster::start_on(flavour, options, control_plane_args).await;
