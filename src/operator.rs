@@ -67,11 +67,18 @@ async fn run_controller(ctx: Arc<Context>) {
     let (reader, writer) = reflector::store();
     // The counts in the status change with every pod: they trigger nothing (the counts task
     // writes them); spec, deletion and node readiness do.
-    let observed = pools_synced.clone();
+    // Every pod and pool event turns this: the counts task recounts on it.
+    let (touched, touched_rx) = watch::channel(0u64);
+    let touched = Arc::new(touched);
+    let touch = |touched: &watch::Sender<u64>| touched.send_modify(|n| *n = n.wrapping_add(1));
+    let (observed, pools_touched) = (pools_synced.clone(), touched.clone());
     let pool_events = watcher(pools, watcher::Config::default())
         .default_backoff()
         .reflect(writer)
-        .inspect_ok(move |event| observed.observe(event))
+        .inspect_ok(move |event| {
+            observed.observe(event);
+            touch(&pools_touched);
+        })
         .applied_objects()
         .predicate_filter(pool_trigger, Default::default());
     // The controller reads the pools' nodes from this store. Node heartbeats change nothing for
@@ -94,6 +101,7 @@ async fn run_controller(ctx: Arc<Context>) {
     let pod_store = reflector::reflector(pod_writer, pod_events).for_each(move |event| {
         if let Ok(event) = &event {
             observed.observe(event);
+            touch(&touched);
         }
         std::future::ready(())
     });
@@ -103,6 +111,7 @@ async fn run_controller(ctx: Arc<Context>) {
         ctx.clone(),
         (reader.clone(), pools_synced),
         (pod_reader.clone(), pods_synced.clone()),
+        touched_rx,
     );
     // Serving certificates are issued while this replica leads.
     let _serving = serving_certificates_from_csr(&ctx.config)

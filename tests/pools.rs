@@ -248,6 +248,16 @@ async fn pools_get_ready_nodes_scale_with_drain_survive_restarts_and_clean_up() 
         .await
         .unwrap();
     common::phase_of(&pods, "busy", "Running").await;
+    // The counts follow the pod (recounted on change), not the pool's 30 s resync.
+    let counted = |total: i32| {
+        let (client, highest) = (client.clone(), highest.clone());
+        async move {
+            let status = pools(&client).get("web").await.ok()?.status?;
+            let on_node = status.nodes.get(&highest).map_or(0, |n| n.pods);
+            (status.pods == total && on_node == total).then_some(())
+        }
+    };
+    common::eventually(10, "the pool to count the pod", || counted(1)).await;
     let node_api: Api<Node> = Api::all(client.clone());
     pools(&client)
         .patch(
@@ -268,6 +278,7 @@ async fn pools_get_ready_nodes_scale_with_drain_survive_restarts_and_clean_up() 
         async move { pods.get_opt("busy").await.ok()?.is_none().then_some(()) }
     })
     .await;
+    common::eventually(10, "the pool to count no pod", || counted(0)).await;
     common::eventually(30, "the evicted pod's instance terminated", || {
         let compute = compute.clone();
         async move {

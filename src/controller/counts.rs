@@ -1,7 +1,9 @@
 //! The pool's counts, kept fresh: pods per node and in all, and warm instances Ready and
-//! booting, recounted every second from the stores the leader already keeps (pods' placements,
-//! the records) and written only when they changed. The pool controller's reconcile (on spec,
-//! node readiness and resync) would leave them stale for up to its resync interval.
+//! booting, recounted from the stores the leader already keeps (pods' placements, the records,
+//! the pools) when one of them changed, at most once a second, and written only when they
+//! changed. The pool controller's reconcile (on spec, node readiness and resync) would leave
+//! them stale for up to its resync interval; a recount every second would walk every pod of a
+//! quiet cluster for nothing.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -11,6 +13,7 @@ use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::reflector::Store;
 use serde_json::{Map, Value, json};
+use tokio::sync::watch;
 
 use super::pool::PodPlacement;
 use crate::crd::{Ec2NodePool, Ec2NodePoolStatus};
@@ -41,20 +44,35 @@ pub fn patch(status: &Ec2NodePoolStatus, on_node: &HashMap<String, i32>, warm: (
     )
 }
 
-/// Recounts every pool each second until the task is dropped (in the leader).
+/// Recounts every pool after a change, at most once a second, until the task is dropped (in
+/// the leader). `touched` turns changed with every pod or pool event; the records have their
+/// own.
 pub async fn run(
     ctx: Arc<Context>,
     (pools, pools_synced): (Store<Ec2NodePool>, Synced),
     (pods, pods_synced): (Store<PodPlacement>, Synced),
+    mut touched: watch::Receiver<u64>,
 ) {
     pools_synced.wait().await;
     pods_synced.wait().await;
     ctx.records.ready().await;
+    let mut records = ctx.records.changes();
     let api: Api<Ec2NodePool> = Api::all(ctx.client.clone());
-    let mut ticker = tokio::time::interval(EVERY);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut first = true;
     loop {
-        ticker.tick().await;
+        if !first {
+            // What changed during the last pass and this pause is seen here: a burst of
+            // changes costs one pass a second.
+            tokio::time::sleep(EVERY).await;
+            let ended = tokio::select! {
+                changed = touched.changed() => changed.is_err(),
+                changed = records.changed() => changed.is_err(),
+            };
+            if ended {
+                return;
+            }
+        }
+        first = false;
         let mut on_node: HashMap<String, i32> = HashMap::new();
         for pod in pods.state() {
             if let Some(node) = &pod.node {

@@ -276,7 +276,7 @@ pub struct Ec2NodePoolStatus {
     /// Nodes whose Ready condition is True.
     #[serde(default)]
     pub ready_nodes: i32,
-    /// Pods bound to the pool's nodes (recounted every second).
+    /// Pods bound to the pool's nodes (recounted within a second of a change).
     #[serde(default)]
     pub pods: i32,
     /// Virtual nodes, keyed by node name.

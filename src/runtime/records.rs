@@ -58,6 +58,8 @@ impl State {
 pub struct Records {
     state: Arc<RwLock<State>>,
     ready: watch::Sender<bool>,
+    /// Counts the changes the store took in (see [`Records::changes`]).
+    changes: watch::Sender<u64>,
 }
 
 impl Default for Records {
@@ -65,6 +67,7 @@ impl Default for Records {
         Records {
             state: Default::default(),
             ready: watch::channel(false).0,
+            changes: watch::channel(0).0,
         }
     }
 }
@@ -89,6 +92,7 @@ impl Records {
                     continue;
                 }
             };
+            let changed = !matches!(event, watcher::Event::Init | watcher::Event::InitApply(_));
             let mut state = self.state.write().unwrap_or_else(|p| p.into_inner());
             match event {
                 watcher::Event::Apply(record) => state.insert(record),
@@ -101,7 +105,15 @@ impl Records {
                     self.ready.send_replace(true);
                 }
             }
+            if changed {
+                self.changes.send_modify(|n| *n = n.wrapping_add(1));
+            }
         }
+    }
+
+    /// Turns changed whenever the store changed (a record applied or deleted, a re-list done).
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     /// Waits until the first list has been read.
@@ -131,7 +143,7 @@ impl Records {
     }
 
     /// The records of a pool that `keep` keeps (only those are cloned: the warm pools and the
-    /// counts ask every second for a few records among thousands).
+    /// counts ask often for a few records among thousands).
     pub fn of_pool_where(&self, pool: &str, keep: impl Fn(&Ec2Instance) -> bool) -> Vec<Arc<Ec2Instance>> {
         self.read()
             .by_name
