@@ -55,6 +55,53 @@ impl<T> Snapshots<T> {
     }
 }
 
+/// A pool's instances as one `DescribeInstances` returned them, indexed by instance id and by
+/// the pod UID they are tagged with: ten thousand pod workers recovering at once each find
+/// their instance in a hash map, not by walking all ten thousand (which cost seconds of CPU in
+/// one large pool).
+#[derive(Debug, Default)]
+pub struct PoolInstances {
+    all: Vec<super::Instance>,
+    by_id: HashMap<String, usize>,
+    by_pod: HashMap<String, Vec<usize>>,
+}
+
+impl PoolInstances {
+    pub fn new(all: Vec<super::Instance>) -> PoolInstances {
+        let mut by_id = HashMap::with_capacity(all.len());
+        let mut by_pod: HashMap<String, Vec<usize>> = HashMap::with_capacity(all.len());
+        for (index, instance) in all.iter().enumerate() {
+            by_id.insert(instance.instance_id.clone(), index);
+            if let Some(uid) = instance.tag(crate::crd::tags::POD_UID) {
+                by_pod.entry(uid.to_string()).or_default().push(index);
+            }
+        }
+        PoolInstances { all, by_id, by_pod }
+    }
+
+    /// The instance with this id.
+    pub fn get(&self, instance_id: &str) -> Option<&super::Instance> {
+        self.by_id.get(instance_id).map(|&index| &self.all[index])
+    }
+
+    /// The instances tagged with this pod UID.
+    pub fn of_pod(&self, uid: &str) -> impl Iterator<Item = &super::Instance> {
+        self.by_pod
+            .get(uid)
+            .into_iter()
+            .flatten()
+            .map(|&index| &self.all[index])
+    }
+}
+
+impl std::ops::Deref for PoolInstances {
+    type Target = [super::Instance];
+
+    fn deref(&self) -> &[super::Instance] {
+        &self.all
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -92,5 +139,31 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(*value, 2);
+    }
+
+    #[test]
+    fn pool_instances_are_found_by_id_and_by_pod() {
+        let instance = |id: &str, pod: Option<&str>| super::super::Instance {
+            instance_id: id.into(),
+            state: super::super::InstanceState::Running,
+            instance_type: "t3.micro".into(),
+            private_ip: None,
+            launch_time: 0,
+            tags: pod
+                .map(|uid| [(crate::crd::tags::POD_UID.to_string(), uid.to_string())].into())
+                .unwrap_or_default(),
+        };
+        let pool = PoolInstances::new(vec![
+            instance("i-1", Some("a")),
+            instance("i-2", None),
+            instance("i-3", Some("a")),
+            instance("i-4", Some("b")),
+        ]);
+        assert_eq!(pool.len(), 4);
+        assert_eq!(pool.get("i-2").map(|i| i.instance_id.as_str()), Some("i-2"));
+        assert!(pool.get("i-9").is_none());
+        let of_a: Vec<&str> = pool.of_pod("a").map(|i| i.instance_id.as_str()).collect();
+        assert_eq!(of_a, ["i-1", "i-3"]);
+        assert_eq!(pool.of_pod("c").count(), 0);
     }
 }

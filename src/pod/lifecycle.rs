@@ -18,6 +18,7 @@ use serde_json::{Value, json};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use super::kept::KeptPod;
 use super::writer::StatusWriter;
 use super::{spec, status};
 use crate::agent_client::AgentChannel;
@@ -87,9 +88,9 @@ async fn existing_instance(
 ) -> Result<Option<Instance>> {
     let instances = ctx.pool_instances(&node.pool, asked).await?;
     let mut found: Vec<&Instance> = instances
-        .iter()
+        .of_pod(uid)
+        .chain(recorded.and_then(|id| instances.get(id)))
         .filter(|i| i.state.is_alive())
-        .filter(|i| i.tag(tags::POD_UID) == Some(uid) || Some(i.instance_id.as_str()) == recorded)
         .collect();
     found.sort_by_key(|i| (Some(i.instance_id.as_str()) != recorded, i.launch_time));
     Ok(found.first().map(|i| (*i).clone()))
@@ -275,9 +276,9 @@ async fn fail_pod(shared: &Shared, pod: &Pod, reason: &str, message: &str) {
 }
 
 /// Waits until the pod is deleted, then finishes the deletion (no instance left to stop).
-async fn release_when_deleted(shared: &Shared, pod_rx: &mut watch::Receiver<Pod>) -> Result<()> {
-    let _ = pod_rx.wait_for(deleting).await;
-    let pod = pod_rx.borrow().clone();
+async fn release_when_deleted(shared: &Shared, pod_rx: &mut watch::Receiver<KeptPod>) -> Result<()> {
+    let _ = pod_rx.wait_for(KeptPod::deleting).await;
+    let pod = pod_rx.borrow().pod()?;
     finish_deletion(shared, &pod, None, None).await
 }
 
@@ -297,11 +298,11 @@ async fn terminate(shared: &Shared, instance_id: &str) -> Result<()> {
 /// released once deleted.
 async fn instance_lost(
     shared: &Shared,
-    pod_rx: &mut watch::Receiver<Pod>,
+    pod_rx: &mut watch::Receiver<KeptPod>,
     instance_id: Option<&str>,
     why: &str,
 ) -> Result<()> {
-    let pod = pod_rx.borrow().clone();
+    let pod = pod_rx.borrow().pod()?;
     fail_pod(shared, &pod, "InstanceLost", why).await;
     if let Some(instance_id) = instance_id {
         terminate(shared, instance_id).await?;
@@ -314,11 +315,11 @@ async fn instance_lost(
 /// condition and an event; the instance is terminated and the pod released once deleted.
 async fn spot_interrupted(
     shared: &Shared,
-    pod_rx: &mut watch::Receiver<Pod>,
+    pod_rx: &mut watch::Receiver<KeptPod>,
     instance: &Instance,
     at_unix_ms: i64,
 ) -> Result<()> {
-    let pod = pod_rx.borrow().clone();
+    let pod = pod_rx.borrow().pod()?;
     let at = jiff::Timestamp::from_millisecond(at_unix_ms)
         .map(|t| t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string())
         .unwrap_or_else(|_| "soon".into());
@@ -397,11 +398,11 @@ async fn finish_deletion(
 /// [`finish_deletion`] of the pod as its watch channel has it now.
 async fn finish_deletion_of(
     shared: &Shared,
-    pod_rx: &watch::Receiver<Pod>,
+    pod_rx: &watch::Receiver<KeptPod>,
     instance: Option<&Instance>,
     agent: Option<&mut AgentChannel>,
 ) -> Result<()> {
-    let pod = pod_rx.borrow().clone();
+    let pod = pod_rx.borrow().pod()?;
     finish_deletion(shared, &pod, instance, agent).await
 }
 
@@ -412,10 +413,10 @@ async fn finish_deletion_of(
 /// Called only after [`drive`] found no live instance of the pod in a snapshot taken since, so
 /// the backend skips its own look-up (capacity errors launch nothing; any other error sends the
 /// worker back through `drive`).
-async fn launch(shared: &Shared, pod_rx: &mut watch::Receiver<Pod>) -> Result<Option<Instance>> {
+async fn launch(shared: &Shared, pod_rx: &mut watch::Receiver<KeptPod>) -> Result<Option<Instance>> {
     let ctx = &shared.ctx;
     let node = &shared.node;
-    let pod = pod_rx.borrow().clone();
+    let pod = pod_rx.borrow().pod()?;
     let Launch {
         mut request,
         fallbacks,
@@ -457,8 +458,8 @@ async fn launch(shared: &Shared, pod_rx: &mut watch::Receiver<Pod>) -> Result<Op
         .chain(fallbacks)
         .collect();
     for (i, instance_type) in types.iter().enumerate() {
-        if deleting(&pod_rx.borrow()) {
-            let pod = pod_rx.borrow().clone();
+        if pod_rx.borrow().deleting() {
+            let pod = pod_rx.borrow().pod()?;
             finish_deletion(shared, &pod, None, None).await?;
             return Ok(None);
         }
@@ -546,7 +547,7 @@ enum AgentWait {
 /// agent stopped answering), Ready goes False after `sync.agentUnreachableSeconds`.
 async fn wait_for_agent(
     shared: &Shared,
-    pod_rx: &mut watch::Receiver<Pod>,
+    pod_rx: &mut watch::Receiver<KeptPod>,
     instance: &Instance,
     endpoint: &str,
     since: Option<tokio::time::Instant>,
@@ -561,7 +562,7 @@ async fn wait_for_agent(
     // As the last look at the instance found it: EC2 has not started it yet.
     let mut pending = instance.state == crate::cloud::InstanceState::Pending;
     loop {
-        if deleting(&pod_rx.borrow()) {
+        if pod_rx.borrow().deleting() {
             return Ok(AgentWait::Deleting);
         }
         if let Some(client) = shared
@@ -590,7 +591,7 @@ async fn wait_for_agent(
         }
         if !unready && now_ >= start + unready_after {
             unready = true;
-            let pod = pod_rx.borrow().clone();
+            let pod = pod_rx.borrow().pod()?;
             let previous = serde_json::to_value(pod.status.clone().unwrap_or_default()).unwrap_or_default();
             let message = format!(
                 "the agent of {} has not answered for {} s",
@@ -609,7 +610,7 @@ async fn wait_for_agent(
             // pool shares it.
             let not_before = std::time::Instant::now() - check_every;
             let found = shared.ctx.pool_instances(&shared.node.pool, not_before).await?;
-            match found.iter().find(|i| i.instance_id == instance.instance_id) {
+            match found.get(&instance.instance_id) {
                 Some(current) if current.state.is_alive() => {
                     pending = current.state == crate::cloud::InstanceState::Pending;
                 }
@@ -686,12 +687,12 @@ fn fingerprint(value: &Value) -> u64 {
 /// changes) until the pod is deleted or the stream breaks.
 async fn mirror(
     shared: &Shared,
-    pod_rx: &mut watch::Receiver<Pod>,
+    pod_rx: &mut watch::Receiver<KeptPod>,
     agent: &mut AgentChannel,
     placement: &status::Placement,
     bound_at: &mut Option<tokio::time::Instant>,
 ) -> Result<Mirror> {
-    let uid = pod_rx.borrow().uid().unwrap_or_default();
+    let uid = pod_rx.borrow().uid().to_string();
     let opened = Box::pin(agent.watch_pod_status(WatchPodStatusRequest { pod_uid: uid })).await;
     let mut stream = match opened {
         Ok(stream) => stream.into_inner(),
@@ -700,7 +701,7 @@ async fn mirror(
     // A fingerprint of the last status sent, not the status itself: one is kept per pod.
     let mut last: Option<u64> = None;
     loop {
-        if deleting(&pod_rx.borrow()) {
+        if pod_rx.borrow().deleting() {
             return Ok(Mirror::Deleting);
         }
         tokio::select! {
@@ -712,7 +713,7 @@ async fn mirror(
                     return Ok(Mirror::SpotInterrupted(report.spot_interruption_at_unix_ms));
                 }
                 Some(Ok(report)) => {
-                    let pod = pod_rx.borrow().clone();
+                    let pod = pod_rx.borrow().pod()?;
                     let spec_json = serde_json::to_value(pod.spec.clone().unwrap_or_default()).unwrap_or_default();
                     let previous = serde_json::to_value(pod.status.clone().unwrap_or_default()).unwrap_or_default();
                     let new = status::pod_status(&report, &spec_json, &previous, placement, &now());
@@ -790,7 +791,7 @@ async fn note_instance(
 /// deletion stops and terminates everything.
 async fn attach(
     shared: &Shared,
-    pod_rx: &mut watch::Receiver<Pod>,
+    pod_rx: &mut watch::Receiver<KeptPod>,
     instance: Instance,
     bound_at: Option<tokio::time::Instant>,
 ) -> Result<()> {
@@ -799,9 +800,9 @@ async fn attach(
     let pod = {
         let pod = pod_rx.borrow();
         PodRef {
-            namespace: pod.namespace().unwrap_or_default(),
-            name: pod.name_any(),
-            uid: pod.uid().unwrap_or_default(),
+            namespace: pod.namespace().to_string(),
+            name: pod.name().to_string(),
+            uid: pod.uid().to_string(),
         }
     };
     let noted = match ctx.records.of_pod(&pod.uid) {
@@ -845,7 +846,7 @@ async fn attach(
 #[allow(clippy::too_many_arguments)]
 async fn run_on(
     shared: &Shared,
-    pod_rx: &mut watch::Receiver<Pod>,
+    pod_rx: &mut watch::Receiver<KeptPod>,
     pod: &PodRef,
     instance: &Instance,
     endpoint: &str,
@@ -892,7 +893,7 @@ async fn run_on(
         }
         // The copy of the pod lives in the boxed future, not in the worker's.
         Box::pin(async {
-            let pod = pod_rx.borrow().clone();
+            let pod = pod_rx.borrow().pod()?;
             hand_over(shared, &pod, &mut agent, instance).await
         })
         .await?;
@@ -932,14 +933,14 @@ const RECORDED_SNAPSHOT_AGE: Duration = Duration::from_secs(30);
 
 /// Drives one pod from bound to gone. Returns when the pod is released, or with an error the
 /// caller retries.
-async fn drive(shared: &Shared, pod_rx: &mut watch::Receiver<Pod>) -> Result<()> {
+async fn drive(shared: &Shared, pod_rx: &mut watch::Receiver<KeptPod>) -> Result<()> {
     // A worker spends its life awaiting inside `attach` (the status stream), and its task is as
     // large as the largest state it can be in: the steps taken once (launch, deletion, losses)
     // are boxed so that they take memory only while they run, and no copy of the pod is held
     // across an await (the watch channel has it).
     let bound_at = tokio::time::Instant::now();
     let (uid, recorded, failed, deleted, done) = {
-        let pod = pod_rx.borrow();
+        let pod = pod_rx.borrow().pod()?;
         (
             pod.uid().unwrap_or_default(),
             recorded_instance(&shared.ctx, &pod),
@@ -1001,7 +1002,7 @@ async fn drive(shared: &Shared, pod_rx: &mut watch::Receiver<Pod>) -> Result<()>
 }
 
 struct Worker {
-    pod: watch::Sender<Pod>,
+    pod: watch::Sender<KeptPod>,
     handle: JoinHandle<()>,
 }
 
@@ -1027,19 +1028,19 @@ async fn cleanup_deleted(shared: &Shared, pod: &Pod) -> Result<()> {
 
 /// One pod's worker: drives the pod, retrying failures with jittered exponential backoff (cut
 /// short when the pod is deleted meanwhile).
-async fn work(shared: Arc<Shared>, mut pod_rx: watch::Receiver<Pod>) {
+async fn work(shared: Arc<Shared>, mut pod_rx: watch::Receiver<KeptPod>) {
     let mut backoff = Backoff::default();
     loop {
         match drive(&shared, &mut pod_rx).await {
             Ok(()) => return,
             Err(error) => {
                 let delay = backoff.next_delay();
-                let pod = pod_rx.borrow().name_any();
+                let pod = pod_rx.borrow().name().to_string();
                 tracing::warn!(%error, %pod, retry_in = ?delay, "pod worker failed; retrying");
-                let already_deleting = deleting(&pod_rx.borrow());
+                let already_deleting = pod_rx.borrow().deleting();
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
-                    _ = pod_rx.wait_for(deleting), if !already_deleting => {}
+                    _ = pod_rx.wait_for(KeptPod::deleting), if !already_deleting => {}
                 }
             }
         }
@@ -1120,9 +1121,14 @@ pub async fn run(ctx: Arc<Context>, node: VirtualNode, mut stop: watch::Receiver
                 let listed = relisted.take().unwrap_or_default();
                 for uid in vanished(workers.keys(), &listed) {
                     if let Some(worker) = workers.remove(&uid) {
-                        let pod = worker.pod.borrow().clone();
-                        tracing::info!(pod = %pod.name_any(), "the pod was deleted while the watch was down");
-                        deleted(&shared, Some(worker), pod);
+                        let pod = worker.pod.borrow().pod();
+                        match pod {
+                            Ok(pod) => {
+                                tracing::info!(pod = %pod.name_any(), "the pod was deleted while the watch was down");
+                                deleted(&shared, Some(worker), pod);
+                            }
+                            Err(error) => tracing::error!(%error, %uid, "decoding a deleted pod's last copy"),
+                        }
                     }
                 }
                 continue;
@@ -1131,10 +1137,10 @@ pub async fn run(ctx: Arc<Context>, node: VirtualNode, mut stop: watch::Receiver
         let uid = pod.uid().unwrap_or_default();
         match workers.get(&uid) {
             Some(worker) => {
-                worker.pod.send_replace(pod);
+                worker.pod.send_replace(KeptPod::new(pod));
             }
             None => {
-                let (tx, rx) = watch::channel(pod);
+                let (tx, rx) = watch::channel(KeptPod::new(pod));
                 let handle = tokio::spawn(work(shared.clone(), rx));
                 workers.insert(uid, Worker { pod: tx, handle });
             }

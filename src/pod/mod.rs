@@ -2,6 +2,7 @@
 //! and how it is written (writer). The lifecycle driver (launch, status stream, deletion,
 //! recovery) builds on these and on the launch planning of `crate::launch`.
 
+pub mod kept;
 pub mod lifecycle;
 pub mod spec;
 pub mod status;

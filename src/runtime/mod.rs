@@ -38,7 +38,7 @@ pub struct Context {
     /// The `Ec2Instance` records, as this replica's watch sees them.
     pub records: records::Records,
     /// Each pool's instances and ENIs, read in shared batches.
-    pub instances: crate::cloud::snapshot::Snapshots<Vec<crate::cloud::Instance>>,
+    pub instances: crate::cloud::snapshot::Snapshots<crate::cloud::snapshot::PoolInstances>,
     pub enis: crate::cloud::snapshot::Snapshots<Vec<crate::cloud::Eni>>,
 }
 
@@ -66,9 +66,15 @@ impl Context {
         &self,
         pool: &str,
         not_before: std::time::Instant,
-    ) -> Result<Arc<Vec<crate::cloud::Instance>>> {
+    ) -> Result<Arc<crate::cloud::snapshot::PoolInstances>> {
         let filter = crate::cloud::InstanceFilter::Pool(pool.to_string());
-        let fetch = || self.gate.call(pool, || self.compute.describe_instances(&filter));
+        let fetch = || async {
+            let all = self
+                .gate
+                .call(pool, || self.compute.describe_instances(&filter))
+                .await?;
+            Ok::<_, crate::cloud::Error>(crate::cloud::snapshot::PoolInstances::new(all))
+        };
         Ok(self.instances.get(pool, not_before, fetch).await?)
     }
 
