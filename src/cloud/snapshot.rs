@@ -6,24 +6,37 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 type Slot<T> = Arc<tokio::sync::Mutex<Option<(Instant, Arc<T>)>>>;
 
 /// Snapshots by key (a pool name).
 pub struct Snapshots<T> {
     slots: Mutex<HashMap<String, Slot<T>>>,
+    /// How long a snapshot is kept after its fetch started (`None`: until the next one).
+    retain: Option<Duration>,
 }
 
 impl<T> Default for Snapshots<T> {
     fn default() -> Self {
         Snapshots {
             slots: Mutex::new(HashMap::new()),
+            retain: None,
         }
     }
 }
 
-impl<T> Snapshots<T> {
+impl<T: Send + Sync + 'static> Snapshots<T> {
+    /// Snapshots dropped `retain` after their fetch started: no caller accepts an older one,
+    /// and a pool's instances at 10,000 pods are megabytes a quiet operator would keep for
+    /// nothing.
+    pub fn retaining(retain: Duration) -> Self {
+        Snapshots {
+            slots: Mutex::new(HashMap::new()),
+            retain: Some(retain),
+        }
+    }
+
     /// The snapshot of `key` taken by a fetch that started at or after `not_before`; callers
     /// that arrive while a fetch runs wait for it, or for the next one if it started too early.
     pub async fn get<E, Fut>(
@@ -51,6 +64,18 @@ impl<T> Snapshots<T> {
         let started = Instant::now();
         let value = Arc::new(fetch().await?);
         *snapshot = Some((started, value.clone()));
+        if let Some(retain) = self.retain {
+            let slot = Arc::downgrade(&slot);
+            tokio::spawn(async move {
+                tokio::time::sleep(retain).await;
+                if let Some(slot) = slot.upgrade() {
+                    let mut snapshot = slot.lock().await;
+                    if snapshot.as_ref().is_some_and(|(taken, _)| *taken == started) {
+                        *snapshot = None;
+                    }
+                }
+            });
+        }
         Ok(value)
     }
 }
@@ -139,6 +164,27 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(*value, 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retained_snapshot_goes_after_its_time() {
+        let snapshots: Snapshots<usize> = Snapshots::retaining(std::time::Duration::from_secs(30));
+        let fetches = AtomicUsize::new(0);
+        let fetch = || async { Ok::<_, ()>(fetches.fetch_add(1, Ordering::SeqCst) + 1) };
+        let asked = Instant::now();
+        assert_eq!(*snapshots.get("pool", asked, fetch).await.unwrap(), 1);
+        tokio::time::sleep(std::time::Duration::from_secs(29)).await;
+        assert_eq!(
+            *snapshots.get("pool", asked, fetch).await.unwrap(),
+            1,
+            "still kept"
+        );
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        assert_eq!(
+            *snapshots.get("pool", asked, fetch).await.unwrap(),
+            2,
+            "dropped: fetched again although the caller would take an old one"
+        );
     }
 
     #[test]

@@ -929,7 +929,7 @@ async fn run_on(
 }
 
 /// How old a snapshot of the pool's instances may be to tell whether a recorded instance lives.
-const RECORDED_SNAPSHOT_AGE: Duration = Duration::from_secs(30);
+const RECORDED_SNAPSHOT_AGE: Duration = crate::runtime::SNAPSHOT_RETAIN;
 
 /// Drives one pod from bound to gone. Returns when the pod is released, or with an error the
 /// caller retries.

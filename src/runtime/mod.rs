@@ -21,6 +21,10 @@ use crate::events::Recorder;
 pub use error::{Error, Result, retry_after};
 pub use virtual_node::{NODE_LEASE_NAMESPACE, VirtualNode, node_name};
 
+/// How long a pool's instance snapshot is kept: as old as any caller takes one (a recorded
+/// pod's check after a restart); older ones are dropped, not kept until the next fetch.
+pub const SNAPSHOT_RETAIN: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Everything a reconcile or a node task needs.
 pub struct Context {
     pub client: Client,
@@ -55,7 +59,7 @@ impl Context {
             metrics,
             agents: Default::default(),
             records: Default::default(),
-            instances: Default::default(),
+            instances: crate::cloud::snapshot::Snapshots::retaining(SNAPSHOT_RETAIN),
             enis: Default::default(),
         }
     }
