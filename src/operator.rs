@@ -64,13 +64,13 @@ async fn run_controller(ctx: Arc<Context>) {
     // Only the Controller waits on a store's own readiness; the rest wait on these (see
     // runtime::synced: a store wakes one waiter).
     let (pools_synced, nodes_synced, pods_synced) = (Synced::default(), Synced::default(), Synced::default());
-    let (reader, writer) = reflector::store();
-    // The counts in the status change with every pod: they trigger nothing (the counts task
-    // writes them); spec, deletion and node readiness do.
     // Every pod and pool event turns this: the counts task recounts on it.
     let (touched, touched_rx) = watch::channel(0u64);
     let touched = Arc::new(touched);
     let touch = |touched: &watch::Sender<u64>| touched.send_modify(|n| *n = n.wrapping_add(1));
+    let (reader, writer) = reflector::store();
+    // The counts in the status change with every pod: they trigger nothing (the counts task
+    // writes them); spec, deletion and node readiness do.
     let (observed, pools_touched) = (pools_synced.clone(), touched.clone());
     let pool_events = watcher(pools, watcher::Config::default())
         .default_backoff()
