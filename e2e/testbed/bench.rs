@@ -10,7 +10,6 @@
 //! and its heap is attributed by a counting allocator; the process RSS includes all three.
 
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::PathBuf;
@@ -23,6 +22,7 @@ use ec2_kubelet::config::OperatorConfig;
 use ec2_kubelet::crd::{Ec2NodePool, Ec2PodTemplate};
 use ec2_kubelet::runtime::Context;
 use ec2_kubelet_testbed::devcluster::{AuditRecord, DevCluster, DevClusterOptions};
+use ec2_kubelet_testbed::heap::{self, Class};
 use ec2_kubelet_testbed::sim::{RateLimits, SimCloud, SimOptions};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod};
@@ -34,18 +34,15 @@ use tokio::runtime::Runtime;
 use tokio::sync::watch;
 
 // ---------------------------------------------------------------------------------------------
-// Memory attribution: every allocation records which runtime's thread made it.
+// Memory attribution: every allocation records which runtime's thread made it (or the simulator,
+// for the tables it keeps from calls on the operator's threads: `heap::as_simulator`).
 
-const OTHER: u8 = 0;
-const OPERATOR: u8 = 1;
-const CLUSTER: u8 = 2;
-const SIM: u8 = 3;
+const OTHER: Class = Class::Other;
+const OPERATOR: Class = Class::Operator;
+const CLUSTER: Class = Class::Cluster;
+const SIM: Class = Class::Simulator;
 
-static LIVE: [AtomicIsize; 4] = [const { AtomicIsize::new(0) }; 4];
-
-thread_local! {
-    static CLASS: Cell<u8> = const { Cell::new(OTHER) };
-}
+static LIVE: [AtomicIsize; heap::CLASSES] = [const { AtomicIsize::new(0) }; heap::CLASSES];
 
 /// The system allocator, with a header before each block naming the class of the thread that
 /// allocated it, so live bytes are counted per runtime.
@@ -63,7 +60,7 @@ unsafe impl GlobalAlloc for Attributing {
         if base.is_null() {
             return base;
         }
-        let class = CLASS.with(Cell::get);
+        let class = heap::current() as u8;
         // SAFETY: `header` >= 16 bytes precede the returned pointer inside the block.
         unsafe { *base.add(header - 1) = class };
         LIVE[class as usize].fetch_add(layout.size() as isize, Ordering::Relaxed);
@@ -89,15 +86,15 @@ unsafe impl GlobalAlloc for Attributing {
 #[global_allocator]
 static ALLOCATOR: Attributing = Attributing;
 
-fn live_mib(class: u8) -> f64 {
+fn live_mib(class: Class) -> f64 {
     LIVE[class as usize].load(Ordering::Relaxed) as f64 / (1024.0 * 1024.0)
 }
 
-fn runtime(name: &'static str, class: u8, threads: usize) -> Runtime {
+fn runtime(name: &'static str, class: Class, threads: usize) -> Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads)
         .thread_name(name)
-        .on_thread_start(move || CLASS.with(|c| c.set(class)))
+        .on_thread_start(move || heap::set_thread_class(class))
         .enable_all()
         .build()
         .expect("a tokio runtime")

@@ -18,6 +18,7 @@ use tokio::sync::watch;
 use tokio_stream::wrappers::{TcpListenerStream, WatchStream};
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::heap;
 use ec2_kubelet::agent_client::INSTANCE_HEADER;
 use ec2_kubelet::cloud::{
     Compute, Eni, EniRequest, Error, ImageInfo, ImageQuery, Instance, InstanceFilter, InstanceState,
@@ -344,12 +345,16 @@ impl SimCloud {
                 })
                 .take()
         };
-        let mut state = lock(&self.state);
-        *state.counters.calls.entry(action.into()).or_insert(0) += 1;
+        heap::as_simulator(|| {
+            let mut state = lock(&self.state);
+            *state.counters.calls.entry(action.into()).or_insert(0) += 1;
+            if !allowed {
+                *state.counters.throttled.entry(action.into()).or_insert(0) += 1;
+            }
+        });
         if allowed {
             Ok(())
         } else {
-            *state.counters.throttled.entry(action.into()).or_insert(0) += 1;
             Err(Error::Throttled {
                 action: action.into(),
             })
@@ -416,7 +421,7 @@ impl Compute for SimCompute {
             index: request.index,
             tags: eni_tags(&self.cloud.options.cluster, request),
         };
-        state.enis.insert(eni.eni_id.clone(), eni.clone());
+        heap::as_simulator(|| state.enis.insert(eni.eni_id.clone(), eni.clone()));
         Ok(eni)
     }
 
@@ -444,11 +449,11 @@ impl Compute for SimCompute {
     }
 
     async fn launch_instance(&self, request: &LaunchRequest) -> Result<Instance> {
-        {
+        heap::as_simulator(|| {
             let mut state = lock(&self.cloud.state);
             let timeline = state.timelines.entry(request.pod_uid.clone()).or_default();
             timeline.run_instances.get_or_insert_with(Instant::now);
-        }
+        });
         self.cloud.call("RunInstances").await?;
         if !ec2_kubelet::cloud::local::offered(&request.instance_type) {
             return Err(Error::InstanceTypeNotFound {
@@ -485,18 +490,21 @@ impl Compute for SimCompute {
             tags: instance_tags(&options.cluster, request),
         };
         let server = (n as usize) % self.cloud.servers.len();
-        state
-            .by_pod
-            .insert(request.pod_uid.clone(), instance.instance_id.clone());
-        state.instances.insert(
-            instance.instance_id.clone(),
-            SimInstance {
-                instance: instance.clone(),
-                booted_at: Instant::now() + boot_latency + jitter,
-                server,
-                pods: HashMap::new(),
-            },
-        );
+        // The simulated cloud's copy is the simulator's; the one returned is the operator's.
+        heap::as_simulator(|| {
+            state
+                .by_pod
+                .insert(request.pod_uid.clone(), instance.instance_id.clone());
+            state.instances.insert(
+                instance.instance_id.clone(),
+                SimInstance {
+                    instance: instance.clone(),
+                    booted_at: Instant::now() + boot_latency + jitter,
+                    server,
+                    pods: HashMap::new(),
+                },
+            );
+        });
         state.counters.instances_launched += 1;
         let timeline = state.timelines.entry(request.pod_uid.clone()).or_default();
         timeline.instances += 1;
@@ -542,9 +550,9 @@ impl Compute for SimCompute {
                 resource: format!("instance {instance_id}"),
             });
         };
-        found.instance.tags.extend(new_tags.clone());
+        heap::as_simulator(|| found.instance.tags.extend(new_tags.clone()));
         if let Some(uid) = new_tags.get(tags::POD_UID) {
-            state.by_pod.insert(uid.clone(), instance_id.to_string());
+            heap::as_simulator(|| state.by_pod.insert(uid.clone(), instance_id.to_string()));
         }
         Ok(())
     }

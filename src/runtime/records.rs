@@ -19,6 +19,7 @@ use serde_json::{Value, json};
 use tokio::sync::watch;
 
 use super::VirtualNode;
+use super::synced::Synced;
 use super::{Error, Result};
 use crate::cloud::{Instance, LaunchRequest};
 use crate::crd::{Ec2Instance, Ec2InstanceSpec, Ec2NodePool, INSTANCE_FINALIZER, PodRef, labels, tags};
@@ -61,7 +62,7 @@ impl State {
 #[derive(Clone)]
 pub struct Records {
     state: Arc<RwLock<State>>,
-    ready: watch::Sender<bool>,
+    ready: Synced,
     /// Counts the changes the store took in (see [`Records::changes`]).
     changes: watch::Sender<u64>,
 }
@@ -70,7 +71,7 @@ impl Default for Records {
     fn default() -> Self {
         Records {
             state: Default::default(),
-            ready: watch::channel(false).0,
+            ready: Synced::default(),
             changes: watch::channel(0).0,
         }
     }
@@ -106,7 +107,7 @@ impl Records {
                 watcher::Event::InitDone => {
                     *state = relist.take().unwrap_or_default();
                     drop(state);
-                    self.ready.send_replace(true);
+                    self.ready.mark();
                 }
             }
             if changed {
@@ -122,8 +123,7 @@ impl Records {
 
     /// Waits until the first list has been read.
     pub async fn ready(&self) {
-        let mut rx = self.ready.subscribe();
-        let _ = rx.wait_for(|ready| *ready).await;
+        self.ready.wait().await;
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {

@@ -27,8 +27,13 @@ impl Synced {
     /// the store (after `reflect`), so that waiters find the listed objects there.
     pub fn observe<K>(&self, event: &watcher::Event<K>) {
         if matches!(event, watcher::Event::InitDone) {
-            self.0.send_if_modified(|synced| !std::mem::replace(synced, true));
+            self.mark();
         }
+    }
+
+    /// Marks the store synced: for a store that takes in its list itself.
+    pub fn mark(&self) {
+        self.0.send_if_modified(|synced| !std::mem::replace(synced, true));
     }
 
     /// Whether the first list is in.
