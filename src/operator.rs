@@ -25,15 +25,59 @@ use crate::task::stopped;
 /// How the operator introduces itself to the API server (audit logs, API priority and fairness).
 pub const USER_AGENT: &str = concat!("ec2-kubelet/", env!("CARGO_PKG_VERSION"));
 
+/// Idle connections to the API server kept for reuse. kube speaks HTTP/1.1, one request per
+/// connection at a time, and its default pool keeps every connection a burst opened (hundreds
+/// after a few thousand pods start at once, each with its buffers on both ends) for as long as
+/// the server keeps it open. client-go keeps 25 (`MaxIdleConnsPerHost`); watches are not idle
+/// and do not count.
+pub const IDLE_CONNECTIONS: usize = 25;
+
+/// How long an idle connection is kept (hyper's and Go's default).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
 /// A Kubernetes client for the operator: `config` with the operator's User-Agent, and without
 /// kube's own retry of 429 and 503 answers (up to 15 times, minutes in all): every caller has
 /// its own backoff (`Retry-After` included), and a 429 can be an answer to act on, such as an
 /// eviction a PodDisruptionBudget refuses.
+///
+/// The HTTP stack is kube's default one (TLS, the config's timeouts, base URI, credentials and
+/// headers) with a bounded connection pool ([`IDLE_CONNECTIONS`]). Through a proxy, kube's own
+/// stack is used as it is.
 pub fn client(mut config: kube::Config) -> kube::Result<kube::Client> {
+    use kube::client::ConfigExt;
+    use tower::ServiceBuilder;
+
     let agent = hyper::header::HeaderValue::from_static(USER_AGENT);
     config.headers.push((hyper::header::USER_AGENT, agent));
     config.default_retry = false;
-    kube::Client::try_from(config)
+    if config.proxy_url.is_some() {
+        return kube::Client::try_from(config);
+    }
+    if rustls::crypto::CryptoProvider::get_default().is_none() {
+        // As kube does: the process's provider, unless one is installed (an error means one was,
+        // meanwhile).
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    }
+    let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+    http.enforce_http(false);
+    let mut connector =
+        hyper_timeout::TimeoutConnector::new(config.rustls_https_connector_with_connector(http)?);
+    connector.set_connect_timeout(config.connect_timeout);
+    connector.set_read_timeout(config.read_timeout);
+    connector.set_write_timeout(config.write_timeout);
+    connector.set_reset_reader_on_write(config.reset_reader_on_write);
+    let http = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .pool_timer(hyper_util::rt::TokioTimer::new())
+        .pool_idle_timeout(IDLE_TIMEOUT)
+        .pool_max_idle_per_host(IDLE_CONNECTIONS)
+        .build(connector);
+    let service = ServiceBuilder::new()
+        .layer(config.base_uri_layer())
+        .option_layer(config.auth_layer()?)
+        .layer(config.extra_headers_layer()?)
+        .map_err(tower::BoxError::from)
+        .service(http);
+    Ok(kube::Client::new(service, config.default_namespace))
 }
 
 /// The lease whose holder runs the pool controller.
@@ -403,5 +447,99 @@ pub async fn compute(
             let compute = LocalCompute::new(options).map_err(|e| format!("local compute backend: {e}"))?;
             Ok(Arc::new(compute))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Answers every request on every connection with `{}`, once `release` says so, and counts
+    /// the connections open.
+    async fn serve(
+        listener: tokio::net::TcpListener,
+        open: Arc<AtomicUsize>,
+        release: watch::Receiver<bool>,
+    ) {
+        loop {
+            let Ok((mut socket, _)) = listener.accept().await else {
+                return;
+            };
+            let (open, mut release) = (open.clone(), release.clone());
+            open.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                'connection: loop {
+                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match socket.read(&mut chunk).await {
+                            Ok(0) | Err(_) => break 'connection,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    buf.clear();
+                    let _ = release.wait_for(|go| *go).await;
+                    let answer =
+                        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}";
+                    if socket.write_all(answer).await.is_err() {
+                        break;
+                    }
+                }
+                open.fetch_sub(1, Ordering::SeqCst);
+            });
+        }
+    }
+
+    #[tokio::test]
+    async fn a_burst_of_requests_leaves_a_bounded_pool_of_connections() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let open = Arc::new(AtomicUsize::new(0));
+        let (release, released) = watch::channel(false);
+        tokio::spawn(serve(listener, open.clone(), released));
+        let client = client(kube::Config::new(url.parse().unwrap())).unwrap();
+        // Requests that are all in flight at once: one connection each (HTTP/1.1).
+        let burst = 4 * IDLE_CONNECTIONS;
+        let requests: Vec<_> = (0..burst)
+            .map(|_| {
+                let client = client.clone();
+                tokio::spawn(async move {
+                    let request = hyper::Request::get("/version").body(Vec::new()).unwrap();
+                    client.request_text(request).await
+                })
+            })
+            .collect();
+        // A guard against a hang, not a measurement.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while open.load(Ordering::SeqCst) < burst {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "only {} connections opened",
+                open.load(Ordering::SeqCst)
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        release.send_replace(true);
+        for request in requests {
+            assert_eq!(request.await.unwrap().unwrap(), "{}");
+        }
+        // The connections past the pool's size are closed as they come back.
+        while open.load(Ordering::SeqCst) > IDLE_CONNECTIONS {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{} connections still open, {IDLE_CONNECTIONS} kept",
+                open.load(Ordering::SeqCst)
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // And the pool is used: another burst of as many requests opens no new connection.
+        let before = open.load(Ordering::SeqCst);
+        for _ in 0..IDLE_CONNECTIONS {
+            let request = hyper::Request::get("/version").body(Vec::new()).unwrap();
+            assert_eq!(client.request_text(request).await.unwrap(), "{}");
+        }
+        assert_eq!(open.load(Ordering::SeqCst), before);
     }
 }
