@@ -368,22 +368,29 @@ struct Bench {
 
 /// Kubernetes writes by the operator (User-Agent `ec2-kubelet/...`), by resource and verb.
 fn operator_writes(records: &[AuditRecord]) -> BTreeMap<String, u64> {
-    let mut writes = BTreeMap::new();
-    for record in records {
-        if !record.user_agent.starts_with("ec2-kubelet/") {
-            continue;
-        }
-        if !matches!(
-            record.verb.as_str(),
+    operator_tally(records, |verb| {
+        matches!(
+            verb,
             "create" | "update" | "patch" | "delete" | "deletecollection"
-        ) {
-            continue;
+        )
+    })
+}
+
+/// Every request of the operator, reads and watches included, by verb and resource.
+fn operator_requests(records: &[AuditRecord]) -> BTreeMap<String, u64> {
+    operator_tally(records, |_| true)
+}
+
+fn operator_tally(records: &[AuditRecord], counted: impl Fn(&str) -> bool) -> BTreeMap<String, u64> {
+    let mut tally = BTreeMap::new();
+    for record in records {
+        if record.user_agent.starts_with("ec2-kubelet/") && counted(&record.verb) {
+            *tally
+                .entry(format!("{} {}", record.verb, record.resource))
+                .or_insert(0) += 1;
         }
-        *writes
-            .entry(format!("{} {}", record.verb, record.resource))
-            .or_insert(0) += 1;
     }
-    writes
+    tally
 }
 
 fn total(map: &BTreeMap<String, u64>) -> u64 {
@@ -1058,6 +1065,7 @@ impl Bench {
             listed.items.len()
         };
         let before = self.cloud.counters();
+        self.cluster.take_audit();
         self.operator.take().expect("a running operator").kill();
         let restart = Instant::now();
         self.start_operator();
@@ -1099,6 +1107,7 @@ impl Bench {
         }
         let _ = fresh;
         let calls = self.cloud.counters().since(&before);
+        let requests = operator_requests(&self.cluster.take_audit());
         // Orphans: live instances whose pod is gone, and pods without a live instance.
         let seen = self.tracker.snapshot();
         let live_uids: std::collections::HashSet<String> = seen.values().map(|s| s.uid.clone()).collect();
@@ -1138,6 +1147,7 @@ impl Bench {
             verdict(orphan_instances + pods_without == 0)
         );
         println!("EC2 calls during recovery: {:?}", calls.calls);
+        println!("Kubernetes requests of the operator during recovery: {requests:?}");
         self.record(
             "recovery",
             json!({
@@ -1146,7 +1156,7 @@ impl Bench {
                 "first_pod_running_seconds": first_running_at.map(|d| d.as_secs_f64()),
                 "duplicate_launches": calls.duplicate_launches,
                 "orphan_instances": orphan_instances, "pods_without_instance": pods_without,
-                "ec2_calls": calls.calls,
+                "ec2_calls": calls.calls, "kubernetes_requests": requests,
             }),
         );
     }

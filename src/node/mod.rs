@@ -193,6 +193,10 @@ async fn register(ctx: &Context, node: &VirtualNode) -> Result<()> {
                 Err(error) => return Err(error.into()),
             }
         }
+        Some(existing) if registered_as(&existing, &object) => {
+            // A restart finds its nodes as it left them: no write (a kubelet too patches its
+            // node only for what changed).
+        }
         Some(_) => {
             let patch = json!({"metadata": {"labels": object["metadata"]["labels"],
                 "ownerReferences": object["metadata"]["ownerReferences"]}, "spec": {"taints": object["spec"]["taints"]}});
@@ -202,6 +206,30 @@ async fn register(ctx: &Context, node: &VirtualNode) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Whether `existing` already says what `register`'s patch of `wanted` (a `node_object`) would:
+/// every label of ours with our value, the same owner references and the same taints.
+fn registered_as(existing: &Node, wanted: &Value) -> bool {
+    let labels = existing.metadata.labels.clone().unwrap_or_default();
+    let labels_kept = wanted["metadata"]["labels"].as_object().is_some_and(|ours| {
+        ours.iter().all(|(key, value)| {
+            value
+                .as_str()
+                .is_some_and(|v| labels.get(key).map(String::as_str) == Some(v))
+        })
+    });
+    let owners = serde_json::to_value(existing.metadata.owner_references.clone().unwrap_or_default());
+    let taints = serde_json::to_value(
+        existing
+            .spec
+            .as_ref()
+            .and_then(|spec| spec.taints.clone())
+            .unwrap_or_default(),
+    );
+    labels_kept
+        && owners.is_ok_and(|owners| owners == wanted["metadata"]["ownerReferences"])
+        && taints.is_ok_and(|taints| taints == wanted["spec"]["taints"])
 }
 
 /// Renews (or creates) the node's heartbeat lease in `kube-node-lease`, as a kubelet does.
@@ -454,5 +482,33 @@ mod tests {
                 .unwrap()
                 .starts_with("v1.34.0-ec2-kubelet-")
         );
+    }
+
+    #[test]
+    fn a_node_as_registered_is_not_patched_again() {
+        let wanted = node_object(&virtual_node());
+        let mut existing: Node = serde_json::from_value(wanted.clone()).unwrap();
+        existing
+            .metadata
+            .labels
+            .get_or_insert_default()
+            .insert("topology.kubernetes.io/zone".into(), "set by someone else".into());
+        assert!(registered_as(&existing, &wanted), "other labels are left alone");
+
+        let mut relabelled = existing.clone();
+        relabelled
+            .metadata
+            .labels
+            .get_or_insert_default()
+            .insert("team".into(), "b".into());
+        assert!(!registered_as(&relabelled, &wanted), "a label of ours changed");
+
+        let mut untainted = existing.clone();
+        untainted.spec.get_or_insert_default().taints = None;
+        assert!(!registered_as(&untainted, &wanted), "our taint is missing");
+
+        let mut adopted = existing;
+        adopted.metadata.owner_references.get_or_insert_default()[0].uid = "another-pool".into();
+        assert!(!registered_as(&adopted, &wanted), "another owner");
     }
 }

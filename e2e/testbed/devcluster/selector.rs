@@ -1,5 +1,6 @@
 //! Label and field selectors with the API server's syntax and semantics.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use serde_json::Value;
@@ -285,8 +286,9 @@ fn unescape(value: &str) -> String {
 }
 
 /// The string value of a field as field selectors see it: missing is "", booleans print as
-/// `true`/`false`. `source` of an Event is its `source.component`.
-pub fn field_value(object: &Value, field: &str) -> String {
+/// `true`/`false`. `source` of an Event is its `source.component`. Borrowed where it can be: a
+/// field-selected list evaluates it once per stored object.
+pub fn field_value<'a>(object: &'a Value, field: &str) -> Cow<'a, str> {
     let path = if field == "source" {
         "source.component"
     } else {
@@ -297,11 +299,11 @@ pub fn field_value(object: &Value, field: &str) -> String {
         current = &current[part];
     }
     match current {
-        Value::String(s) => s.clone(),
-        Value::Bool(b) => b.to_string(),
-        Value::Number(n) => n.to_string(),
-        Value::Null if field == "spec.unschedulable" => "false".into(),
-        _ => String::new(),
+        Value::String(s) => Cow::Borrowed(s),
+        Value::Bool(b) => Cow::Borrowed(if *b { "true" } else { "false" }),
+        Value::Number(n) => Cow::Owned(n.to_string()),
+        Value::Null if field == "spec.unschedulable" => Cow::Borrowed("false"),
+        _ => Cow::Borrowed(""),
     }
 }
 

@@ -4,6 +4,7 @@
 //! finalizers, graceful pod deletion, namespace cascade, owner-reference garbage collection).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::ops::Bound;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use base64::Engine;
@@ -1244,9 +1245,13 @@ impl Inner {
         let mut continue_token = None;
         let mut remaining = None;
         if let Some(bucket) = self.objects.get(&rt.storage) {
+            // A continued list starts after its token's key, not at the first key.
+            let after = match &start {
+                Some(key) => Bound::Excluded(key),
+                None => Bound::Unbounded,
+            };
             let mut matching = bucket
-                .iter()
-                .filter(|(key, _)| start.as_ref().is_none_or(|s| *key > s))
+                .range((after, Bound::Unbounded))
                 .filter(|(key, _)| namespace.is_none_or(|n| key.0 == n))
                 .filter(|(_, object)| {
                     options.labels.matches_object(object) && options.fields.matches(object)
