@@ -211,20 +211,20 @@ async fn register(ctx: &Context, node: &VirtualNode) -> Result<()> {
 /// Whether `existing` already says what `register`'s patch of `wanted` (a `node_object`) would:
 /// every label of ours with our value, the same owner references and the same taints.
 fn registered_as(existing: &Node, wanted: &Value) -> bool {
-    let labels = existing.metadata.labels.clone().unwrap_or_default();
+    let labels = existing.metadata.labels.as_ref();
     let labels_kept = wanted["metadata"]["labels"].as_object().is_some_and(|ours| {
         ours.iter().all(|(key, value)| {
             value
                 .as_str()
-                .is_some_and(|v| labels.get(key).map(String::as_str) == Some(v))
+                .is_some_and(|v| labels.and_then(|labels| labels.get(key)).map(String::as_str) == Some(v))
         })
     });
-    let owners = serde_json::to_value(existing.metadata.owner_references.clone().unwrap_or_default());
+    let owners = serde_json::to_value(existing.metadata.owner_references.as_deref().unwrap_or_default());
     let taints = serde_json::to_value(
         existing
             .spec
             .as_ref()
-            .and_then(|spec| spec.taints.clone())
+            .and_then(|spec| spec.taints.as_deref())
             .unwrap_or_default(),
     );
     labels_kept
