@@ -193,43 +193,27 @@ async fn register(ctx: &Context, node: &VirtualNode) -> Result<()> {
                 Err(error) => return Err(error.into()),
             }
         }
-        Some(existing) if registered_as(&existing, &object) => {
+        Some(existing) => {
+            let patch = registration_patch(&object);
             // A restart finds its nodes as it left them: no write (a kubelet too patches its
             // node only for what changed).
-        }
-        Some(_) => {
-            let patch = json!({"metadata": {"labels": object["metadata"]["labels"],
-                "ownerReferences": object["metadata"]["ownerReferences"]}, "spec": {"taints": object["spec"]["taints"]}});
-            nodes
-                .patch(&node.name, &PatchParams::default(), &Patch::Merge(&patch))
-                .await?;
+            let unchanged = serde_json::to_value(&existing)
+                .is_ok_and(|current| !crate::pod::status::changes(&current, &patch));
+            if !unchanged {
+                nodes
+                    .patch(&node.name, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await?;
+            }
         }
     }
     Ok(())
 }
 
-/// Whether `existing` already says what `register`'s patch of `wanted` (a `node_object`) would:
-/// every label of ours with our value, the same owner references and the same taints.
-fn registered_as(existing: &Node, wanted: &Value) -> bool {
-    let labels = existing.metadata.labels.as_ref();
-    let labels_kept = wanted["metadata"]["labels"].as_object().is_some_and(|ours| {
-        ours.iter().all(|(key, value)| {
-            value
-                .as_str()
-                .is_some_and(|v| labels.and_then(|labels| labels.get(key)).map(String::as_str) == Some(v))
-        })
-    });
-    let owners = serde_json::to_value(existing.metadata.owner_references.as_deref().unwrap_or_default());
-    let taints = serde_json::to_value(
-        existing
-            .spec
-            .as_ref()
-            .and_then(|spec| spec.taints.as_deref())
-            .unwrap_or_default(),
-    );
-    labels_kept
-        && owners.is_ok_and(|owners| owners == wanted["metadata"]["ownerReferences"])
-        && taints.is_ok_and(|taints| taints == wanted["spec"]["taints"])
+/// What `register` brings an existing node to: the labels, owner and taints of `object` (a
+/// `node_object`).
+fn registration_patch(object: &Value) -> Value {
+    json!({"metadata": {"labels": object["metadata"]["labels"],
+        "ownerReferences": object["metadata"]["ownerReferences"]}, "spec": {"taints": object["spec"]["taints"]}})
 }
 
 /// Renews (or creates) the node's heartbeat lease in `kube-node-lease`, as a kubelet does.
@@ -487,13 +471,15 @@ mod tests {
     #[test]
     fn a_node_as_registered_is_not_patched_again() {
         let wanted = node_object(&virtual_node());
+        let patch = registration_patch(&wanted);
+        let changes = |node: &Node| crate::pod::status::changes(&serde_json::to_value(node).unwrap(), &patch);
         let mut existing: Node = serde_json::from_value(wanted.clone()).unwrap();
         existing
             .metadata
             .labels
             .get_or_insert_default()
             .insert("topology.kubernetes.io/zone".into(), "set by someone else".into());
-        assert!(registered_as(&existing, &wanted), "other labels are left alone");
+        assert!(!changes(&existing), "other labels are left alone");
 
         let mut relabelled = existing.clone();
         relabelled
@@ -501,14 +487,14 @@ mod tests {
             .labels
             .get_or_insert_default()
             .insert("team".into(), "b".into());
-        assert!(!registered_as(&relabelled, &wanted), "a label of ours changed");
+        assert!(changes(&relabelled), "a label of ours changed");
 
         let mut untainted = existing.clone();
         untainted.spec.get_or_insert_default().taints = None;
-        assert!(!registered_as(&untainted, &wanted), "our taint is missing");
+        assert!(changes(&untainted), "our taint is missing");
 
         let mut adopted = existing;
         adopted.metadata.owner_references.get_or_insert_default()[0].uid = "another-pool".into();
-        assert!(!registered_as(&adopted, &wanted), "another owner");
+        assert!(changes(&adopted), "another owner");
     }
 }
